@@ -1,0 +1,131 @@
+"""LLaVA-NeXT AnyRes: image -> crops for CLIP, and crop features -> one packed token sequence.
+
+Reproduces Hugging Face's `LlavaNextImageProcessorPil` and `pack_image_features` (SPEC.md §2, §4).
+Besides the packed tokens, `pack` returns where each token comes from, which Stage 1 of ToDRE
+(pivot on the thumbnail, newline tokens are not candidates) and the selection picture need.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+NEWLINE = -1  # source index of an `image_newline` token in `pack`'s output
+
+
+def select_best_resolution(height: int, width: int, pinpoints) -> tuple[int, int]:
+    """The pinpoint (h, w) that keeps the most image pixels, then wastes the fewest (SPEC §2)."""
+    best, best_effective, best_waste = None, 0, float("inf")
+    for h, w in pinpoints:
+        scale = min(w / width, h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        waste = w * h - effective
+        if effective > best_effective or (effective == best_effective and waste < best_waste):
+            best, best_effective, best_waste = (h, w), effective, waste
+    return best
+
+
+def resized_size(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:
+    """Size (h, w) of the image scaled to fit inside the target, aspect ratio kept (HF get_patch_output_size)."""
+    if target_w / width < target_h / height:
+        return min(math.ceil(height * target_w / width), target_h), target_w
+    return target_h, min(math.ceil(width * target_h / height), target_w)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited onto white, as HF's convert_to_rgb does."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def normalize(image: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """uint8 HWC -> float32 CHW, x/255 in float64 then (x - mean) / std in float32, like HF."""
+    x = (np.asarray(image, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def preprocess(image: Image.Image, pinpoints, crop_size: int = 336, mean=CLIP_MEAN, std=CLIP_STD):
+    """Image -> (pixel_values (1 + crops, 3, crop_size, crop_size), (H, W) of the RGB original).
+
+    Order: the thumbnail (the whole image squashed to crop_size x crop_size, aspect ratio NOT kept),
+    then the crops of the best-resolution canvas row-major (SPEC §2).
+    """
+    image = to_rgb(image)
+    width, height = image.size
+    best_h, best_w = select_best_resolution(height, width, pinpoints)
+    new_h, new_w = resized_size(height, width, best_h, best_w)
+    resized = np.asarray(image.resize((new_w, new_h), Image.Resampling.BICUBIC))
+    canvas = np.zeros((best_h, best_w, 3), dtype=np.uint8)  # centred black padding
+    top, left = (best_h - new_h) // 2, (best_w - new_w) // 2
+    canvas[top:top + new_h, left:left + new_w] = resized
+    thumbnail = image.resize((crop_size, crop_size), Image.Resampling.BICUBIC)
+    crops = [thumbnail] + [
+        canvas[y:y + crop_size, x:x + crop_size]
+        for y in range(0, best_h, crop_size) for x in range(0, best_w, crop_size)
+    ]
+    return torch.stack([normalize(c, mean, std) for c in crops]), (height, width)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the packed tokens of one image come from.
+
+    The crops' patch grids are laid side by side into a mosaic of (side*grid_h, side*grid_w) tokens;
+    `unpad` keeps mosaic rows [row0, row1) and columns [col0, col1), which undoes the black padding.
+    """
+    image_size: tuple[int, int]       # (H, W) of the original image
+    best_resolution: tuple[int, int]  # (h, w) pinpoint the image was fitted into
+    grid: tuple[int, int]             # crops per column and per row of the canvas
+    side: int                         # patch tokens per crop side (24 for CLIP-L/14 at 336)
+    rows: tuple[int, int]             # kept mosaic rows [row0, row1)
+    cols: tuple[int, int]             # kept mosaic columns [col0, col1)
+
+    @property
+    def num_tokens(self) -> int:
+        """Packed length: thumbnail tokens + kept mosaic rows, each with one newline token."""
+        return self.side ** 2 + (self.rows[1] - self.rows[0]) * (self.cols[1] - self.cols[0] + 1)
+
+
+def layout(image_size, pinpoints, crop_size: int = 336, patch_size: int = 14) -> Layout:
+    """Packing geometry of an image of size (H, W) (HF get_anyres_image_grid_shape + unpad_image)."""
+    height, width = image_size
+    best = select_best_resolution(height, width, pinpoints)
+    grid = (best[0] // crop_size, best[1] // crop_size)
+    side = crop_size // patch_size
+    mosaic_h, mosaic_w = side * grid[0], side * grid[1]
+    rows, cols = (0, mosaic_h), (0, mosaic_w)
+    if width / height > mosaic_w / mosaic_h:  # image wider than the canvas: padding was top and bottom
+        pad = (mosaic_h - int(round(height * mosaic_w / width, 7))) // 2
+        rows = (pad, mosaic_h - pad)
+    else:
+        pad = (mosaic_w - int(round(width * mosaic_h / height, 7))) // 2
+        cols = (pad, mosaic_w - pad)
+    return Layout((height, width), best, grid, side, rows, cols)
+
+
+def token_sources(lay: Layout) -> torch.Tensor:
+    """For each packed token, its index into the flattened (crops * side * side) features, or NEWLINE.
+
+    The thumbnail (crop 0) comes first, unchanged; then the unpadded mosaic row by row, each row
+    followed by one newline token (SPEC §4). Crop c >= 1 is the canvas cell (r, q) = divmod(c - 1, grid_w).
+    """
+    side, grid_w = lay.side, lay.grid[1]
+    r = torch.arange(*lay.rows)[:, None]
+    c = torch.arange(*lay.cols)[None, :]
+    crop = 1 + (r // side) * grid_w + (c // side)
+    mosaic = crop * side * side + (r % side) * side + (c % side)  # (rows, cols)
+    newline = torch.full((mosaic.shape[0], 1), NEWLINE)
+    return torch.cat([torch.arange(side * side), torch.cat([mosaic, newline], dim=1).flatten()])
+
+
+def pack(features: torch.Tensor, sources: torch.Tensor, image_newline: torch.Tensor) -> torch.Tensor:
+    """Crop features (crops, side*side, d) -> packed tokens (len(sources), d) in HF's order."""
+    flat = features.reshape(-1, features.shape[-1])
+    tokens = flat[sources.clamp(min=0)]
+    return torch.where((sources == NEWLINE)[:, None], image_newline.to(tokens.dtype), tokens)

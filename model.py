@@ -1,0 +1,410 @@
+"""LLaVA-NeXT with ToDRE: checkpoint loading, the vision -> projector -> packing path, and the
+prefill/decode loop in which both pruning stages happen in plain code.
+
+This is the only file that knows CLIP, AnyRes, Llama and ToDRE together.
+"""
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+import anyres
+import todre
+from clip import CLIPVisionConfig, VisionTower, layers_to_run
+from llama import KVCache, Llama, LlamaConfig
+
+DEFAULT_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
+# Only configs, tokenizer files and safetensors are ever downloaded or read: never pickles (SPEC §1).
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.*"]
+# Vicuna v1.5 conversation template, one line (SPEC §7).
+SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+IMAGE_PROMPT = SYSTEM + " USER: <image>\n{} ASSISTANT:"
+TEXT_PROMPT = SYSTEM + " USER: {} ASSISTANT:"
+
+
+class CheckpointError(Exception):
+    """The checkpoint cannot be found or does not match this model; the message says what to do."""
+
+
+class InputError(ValueError):
+    """A user input (prompt, image, setting) cannot be used; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class LlavaNextConfig:
+    text: LlamaConfig
+    vision: CLIPVisionConfig
+    image_grid_pinpoints: list
+    image_token_index: int
+    vision_feature_layer: int = -2
+    projector_bias: bool = True
+    crop_size: int = 336  # from preprocessor_config.json
+    image_mean: tuple = anyres.CLIP_MEAN
+    image_std: tuple = anyres.CLIP_STD
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> "LlavaNextConfig":
+        cfg = read_json(directory / "config.json")
+        if cfg.get("model_type") != "llava_next":
+            raise CheckpointError(f"{directory} holds a {cfg.get('model_type')!r} model, not LLaVA-NeXT (llava_next)")
+        if cfg.get("vision_feature_select_strategy", "default") != "default":
+            raise CheckpointError("only vision_feature_select_strategy 'default' (drop [CLS]) is supported")
+        if not isinstance(cfg.get("vision_feature_layer", -2), int) or cfg.get("projector_hidden_act", "gelu") != "gelu":
+            raise CheckpointError("only a single vision_feature_layer and a gelu projector are supported")
+        pre = read_json(directory / "preprocessor_config.json") if (directory / "preprocessor_config.json").exists() else {}
+        vision = CLIPVisionConfig.from_dict(cfg.get("vision_config", {}))
+        crop = pre.get("crop_size", vision.image_size)
+        text_cfg = cfg.get("text_config", {})
+        tie = cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False))
+        try:
+            text = LlamaConfig.from_dict({**text_cfg, "tie_word_embeddings": tie})
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        return cls(
+            text=text, vision=vision,
+            image_grid_pinpoints=cfg.get("image_grid_pinpoints") or pre.get("image_grid_pinpoints"),
+            image_token_index=cfg.get("image_token_index", cfg.get("image_token_id", 32000)),
+            vision_feature_layer=cfg.get("vision_feature_layer", -2),
+            projector_bias=cfg.get("multimodal_projector_bias", True),
+            crop_size=crop["height"] if isinstance(crop, dict) else crop,
+            image_mean=tuple(pre.get("image_mean", anyres.CLIP_MEAN)),
+            image_std=tuple(pre.get("image_std", anyres.CLIP_STD)),
+        )
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: is {path.parent} a LLaVA-NeXT checkpoint directory?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+
+
+@dataclass
+class ToDRE:
+    """Pruning settings. `ToDRE(retain=1.0, tau=0.0)` is the unpruned model."""
+    retain: float | int = 0.1         # Stage 1 budget: fraction of patch tokens, or a count; 1.0 = Stage 1 off
+    select: str = "kcenter"           # Stage 1 selector: "kcenter" (ToDRE) or "cls" (FasterVLM-style baseline)
+    tau: float = 0.03                 # Stage 2 threshold on both eq. 7 ratios; 0 = Stage 2 off
+    probe_layers: list | None = None  # None = todre.probe_layers(L): L/2, 5L/8, 6L/8, 7L/8
+    evict_layer: int | None = None    # force Stage 2 after this layer, whatever the ratios (benchmarks only)
+
+
+NO_PRUNING = ToDRE(retain=1.0, tau=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class VisualTokens:
+    """Visual tokens in LLM embedding space, with where each came from."""
+    tokens: torch.Tensor          # (n, d) packed tokens, in sequence order
+    sources: torch.Tensor         # (n,) index into cls_attn.flatten() (crop * t + patch), or anyres.NEWLINE
+    cls_attn: torch.Tensor        # (crops or frames, t) [CLS] -> patch attention of the feature layer
+    layout: anyres.Layout | None  # AnyRes packing geometry; None for video frames
+
+
+class LlavaNext(nn.Module):
+    def __init__(self, cfg: LlavaNextConfig):
+        super().__init__()
+        self.config = cfg
+        d_vision, d = cfg.vision.hidden_size, cfg.text.hidden_size
+        self.vision_tower = VisionTower(cfg.vision, layers_to_run(cfg.vision_feature_layer, cfg.vision.num_hidden_layers))
+        self.multi_modal_projector = nn.Module()
+        self.multi_modal_projector.linear_1 = nn.Linear(d_vision, d, bias=cfg.projector_bias)
+        self.multi_modal_projector.linear_2 = nn.Linear(d, d, bias=cfg.projector_bias)
+        self.image_newline = nn.Parameter(torch.zeros(d))
+        self.language_model = Llama(cfg.text)
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_newline.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.image_newline.dtype
+
+    def project(self, pixel_values: torch.Tensor):
+        """(crops, 3, S, S) -> patch tokens in LLM space (crops, t, d) and [CLS] attention (crops, t)."""
+        features, cls_attn = self.vision_tower(pixel_values.to(self.device), return_cls_attn=True)
+        p = self.multi_modal_projector
+        # 'default' feature strategy: drop [CLS] (SPEC §3); projector = linear_2(gelu(linear_1(x))) (SPEC §4).
+        return p.linear_2(F.gelu(p.linear_1(features[:, 1:]))), cls_attn
+
+    def encode_image(self, image: Image.Image) -> VisualTokens:
+        """An image -> AnyRes packed tokens: 576 thumbnail tokens, then the unpadded crop mosaic
+        with one image_newline token ending each row (SPEC §2, §4)."""
+        cfg = self.config
+        pixel_values, size = anyres.preprocess(image, cfg.image_grid_pinpoints, cfg.crop_size, cfg.image_mean, cfg.image_std)
+        features, cls_attn = self.project(pixel_values)
+        lay = anyres.layout(size, cfg.image_grid_pinpoints, cfg.crop_size, cfg.vision.patch_size)
+        sources = anyres.token_sources(lay).to(self.device)
+        return VisualTokens(anyres.pack(features, sources, self.image_newline), sources, cls_attn, lay)
+
+    def encode_frames(self, frames: list[Image.Image]) -> VisualTokens:
+        """Video frames -> each one 336x336 image without AnyRes, tokens frame after frame, no newlines."""
+        cfg = self.config
+        pixel_values = torch.stack([
+            anyres.normalize(anyres.to_rgb(f).resize((cfg.crop_size, cfg.crop_size), Image.Resampling.BICUBIC),
+                             cfg.image_mean, cfg.image_std)
+            for f in frames])
+        features, cls_attn = self.project(pixel_values)  # (frames, t, d)
+        sources = torch.arange(cls_attn.numel(), device=self.device)
+        return VisualTokens(features.flatten(0, 1), sources, cls_attn, None)
+
+    def select(self, visual: VisualTokens, settings: ToDRE) -> torch.Tensor:
+        """ToDRE Stage 1: indices into visual.tokens to keep, in sequence order (paper §4.1, SPEC §8).
+
+        Candidates are the patch tokens only: image_newline tokens are one repeated vector that
+        carries no image content, so they are never candidates and are dropped with Stage 1.
+        """
+        all_tokens = torch.arange(len(visual.sources), device=visual.sources.device)
+        if settings.retain == 1.0:  # Stage 1 off: the packed sequence as it is, newlines included
+            return all_tokens
+        candidates = all_tokens[visual.sources != anyres.NEWLINE]
+        k = todre.token_budget(len(candidates), settings.retain)
+        candidate_sources = visual.sources[candidates]
+        if settings.select == "kcenter":
+            pivot_source = todre.select_pivot(visual.cls_attn, anyres=visual.layout is not None)
+            pivot = int((candidate_sources == pivot_source).nonzero()[0, 0])
+            order = todre.greedy_k_center(visual.tokens[candidates], k, pivot)
+        elif settings.select == "cls":
+            order = todre.cls_top_k(visual.cls_attn.flatten()[candidate_sources], k)
+        else:
+            raise InputError(f"unknown selector {settings.select!r}: use 'kcenter' or 'cls'")
+        return candidates[order.sort().values]  # kept tokens enter the LLM in their original order
+
+    def embed(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
+        """(n,) ids -> (1, n, d) embeddings with the visual tokens scattered into the image positions."""
+        x = self.language_model.embed_tokens(input_ids)
+        is_visual = input_ids == self.config.image_token_index
+        if int(is_visual.sum()) != (0 if visual is None else len(visual)):
+            raise InputError(f"the prompt has {int(is_visual.sum())} image tokens for "
+                             f"{0 if visual is None else len(visual)} visual tokens")
+        if visual is not None:
+            x[is_visual] = visual.to(x.dtype)
+        return x[None]
+
+    def prefill(self, input_ids: torch.Tensor, visual: torch.Tensor | None, settings: ToDRE,
+                kv_cache: KVCache, all_logits: bool = False):
+        """Run the prompt through the decoder, filling kv_cache; ToDRE Stage 2 happens in this loop.
+
+        input_ids (n,) with one image token per row of `visual` (m, d). Returns (logits, info):
+        logits (1, t, vocab) for every remaining token if all_logits, else for the last one only.
+        """
+        lm, cfg = self.language_model, self.config
+        x = self.embed(input_ids, visual)
+        positions = torch.arange(len(input_ids), device=input_ids.device)
+        cos, sin = lm.rope(positions, x.dtype)
+        is_visual = input_ids == cfg.image_token_index
+        visual_pos = positions[is_visual]
+        # S = the tokens before the image, V = the image, T = the text after it (SPEC §9).
+        text_pos = positions[positions > visual_pos.max()] if len(visual_pos) else positions[:0]
+        stage2 = len(visual_pos) > 0 and (settings.tau > 0 or settings.evict_layer is not None)
+        probes = (settings.probe_layers or todre.probe_layers(len(lm.layers))) if stage2 and settings.tau > 0 else []
+        info = PrefillInfo(prompt_len=len(input_ids))
+
+        for i, layer in enumerate(lm.layers):
+            x, q = layer(x, cos, sin, kv_cache, i)
+            if not stage2 or info.evict_layer is not None:
+                continue
+            if i in probes:
+                keys, _ = kv_cache.get(i)
+                info.ratios[i] = todre.cross_modal_ratios(q[0], keys[0], visual_pos, text_pos)  # eq. 7
+            if i == settings.evict_layer or (i in info.ratios and all(r < settings.tau for r in info.ratios[i])):
+                # Both a_tv and a_vt < tau: visual tokens leave the residual stream and this layer's
+                # cache; later layers never see them. The rest keep their original positions.
+                keep = ~is_visual
+                x, cos, sin, positions = x[:, keep], cos[keep], sin[keep], positions[keep]
+                kv_cache.keep(i, positions)
+                info.evict_layer = i
+        info.positions = positions
+        return lm.logits(x if all_logits else x[:, -1:]), info
+
+    def decode_step(self, token: int, position: int, kv_cache: KVCache) -> torch.Tensor:
+        """One generated token at `position` -> next-token logits (vocab,)."""
+        x = self.language_model.embed_tokens(torch.tensor([[token]], device=self.device))
+        return self.language_model(x, torch.tensor([position], device=self.device), kv_cache)[0, -1]
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, visual: torch.Tensor | None, settings: ToDRE,
+                 max_new_tokens: int, temperature: float = 0.0, generator: torch.Generator | None = None,
+                 stats: "Stats | None" = None) -> Iterator[int]:
+        """Yield up to max_new_tokens token ids, stopping after EOS. Greedy when temperature == 0."""
+        stats = stats if stats is not None else Stats()
+        max_len = self.config.text.max_position_embeddings
+        if len(input_ids) + max_new_tokens > max_len:
+            raise InputError(f"the prompt ({len(input_ids)} tokens with the image) plus {max_new_tokens} new tokens "
+                             f"exceeds the model's {max_len}-token context: lower --max-new-tokens or --retain")
+        kv_cache = KVCache(len(self.language_model.layers), room=max_new_tokens)
+        start = now(self.device)
+        logits, stats.prefill = self.prefill(input_ids, visual, settings, kv_cache)
+        logits = logits[0, -1]
+        stats.prefill_s = now(self.device) - start
+        position = len(input_ids)  # decoding continues at n, the prefill length, evicted tokens included
+        start = now(self.device)
+        for step in range(max_new_tokens):
+            if temperature > 0:
+                token = int(torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator))
+            else:
+                token = int(logits.argmax())
+            stats.new_tokens = step + 1
+            yield token
+            if token == self.config.text.eos_token_id or step == max_new_tokens - 1:
+                break
+            logits = self.decode_step(token, position, kv_cache)
+            position += 1
+        stats.decode_s = now(self.device) - start
+        stats.kv_cache_bytes = kv_cache.nbytes()
+
+
+@dataclass
+class PrefillInfo:
+    prompt_len: int
+    ratios: dict = field(default_factory=dict)  # probe layer -> (a_tv, a_vt), eq. 7
+    evict_layer: int | None = None               # layer after which the visual tokens were removed
+    positions: torch.Tensor | None = None        # positions of the tokens left at the end of prefill
+
+
+@dataclass
+class Stats:
+    prefill: PrefillInfo | None = None
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    new_tokens: int = 0
+    kv_cache_bytes: int = 0
+
+
+def now(device: torch.device) -> float:
+    """Wall clock after the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt
+# ---------------------------------------------------------------------------------------------
+
+def prompt_ids(tokenizer, prompt: str, image_token: int, num_visual: int | None) -> torch.Tensor:
+    """Token ids of the Vicuna prompt (SPEC §7), its one <image> expanded to num_visual image tokens.
+
+    num_visual None: a text-only prompt. BOS comes from the tokenizer's own post-processor.
+    """
+    text = TEXT_PROMPT.format(prompt) if num_visual is None else IMAGE_PROMPT.format(prompt)
+    ids = tokenizer.encode(text).ids
+    if ids.count(image_token) != (0 if num_visual is None else 1):
+        raise InputError("the prompt must not contain the image placeholder '<image>' itself")
+    if num_visual is not None:
+        at = ids.index(image_token)
+        ids = ids[:at] + [image_token] * num_visual + ids[at + 1:]
+    return torch.tensor(ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+def resolve_checkpoint(model: str) -> Path:
+    """A local directory as it is, or a Hub id downloaded (configs, tokenizer, safetensors only)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise CheckpointError(f"{model} is not a checkpoint directory")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    try:
+        return Path(snapshot_download(repo_id=model, allow_patterns=HUB_FILES))
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{model} is neither a local directory nor a model on the Hugging Face Hub") from None
+    except (LocalEntryNotFoundError, OSError) as e:
+        raise CheckpointError(f"cannot download {model} from the Hugging Face Hub ({type(e).__name__}); "
+                              "if you are offline, pass a local checkpoint directory with --model DIR") from None
+    except HFValidationError:
+        raise CheckpointError(f"{model} is neither a local directory nor a valid Hub model id") from None
+
+
+def hub_key(key: str) -> str:
+    """A checkpoint tensor name -> our module's parameter name (SPEC §6). Every layout in one place:
+    - Hub (transformers 4.x): vision_tower.vision_model.*, multi_modal_projector.*, image_newline,
+      language_model.model.*, language_model.lm_head.weight
+    - transformers 5.x: model.vision_tower[.vision_model].*, model.multi_modal_projector.*,
+      model.image_newline, model.language_model.*, lm_head.weight
+    """
+    if key == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    key = key.removeprefix("model.")
+    key = key.replace("language_model.model.", "language_model.", 1)
+    return key.replace("vision_tower.vision_model.", "vision_tower.", 1)
+
+
+def unused_key(name: str, vision_layers_run: int) -> bool:
+    """Checkpoint tensors we deliberately never load: vision layers after the feature layer and the
+    post-LayerNorm (they never reach LLaVA), and buffers older checkpoints saved by mistake."""
+    if name.startswith("vision_tower.post_layernorm.") or name.endswith((".position_ids", ".rotary_emb.inv_freq")):
+        return True
+    prefix = "vision_tower.encoder.layers."
+    return name.startswith(prefix) and int(name[len(prefix):].split(".")[0]) >= vision_layers_run
+
+
+def load_weights(model: LlavaNext, directory: Path, device: torch.device, dtype: torch.dtype) -> None:
+    """Load every *.safetensors file in directory into model (built on the meta device), cast to dtype."""
+    from safetensors import SafetensorError, safe_open
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory} has no *.safetensors weights (pickled .bin weights are never loaded)")
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    state, unexpected, misshaped = {}, [], []
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    name = hub_key(key)
+                    if name not in expected:
+                        if not unused_key(name, len(model.vision_tower.encoder.layers)):
+                            unexpected.append(key)
+                        continue
+                    tensor = f.get_tensor(key)
+                    if tensor.shape != expected[name]:
+                        misshaped.append(f"{key} {tuple(tensor.shape)} (expected {tuple(expected[name])})")
+                    state[name] = tensor.to(dtype)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
+    if model.config.text.tie_word_embeddings and "language_model.embed_tokens.weight" in state:
+        state.setdefault("language_model.lm_head.weight", state["language_model.embed_tokens.weight"])
+    missing = sorted(set(expected) - set(state))
+    problems = [f"{label} ({len(names)}): {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+                for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if names]
+    if problems:
+        raise CheckpointError(f"weights in {directory} do not match config.json: " + "; ".join(problems))
+    model.load_state_dict(state, assign=True)
+
+
+def load(model_id: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a Hub id or a local directory."""
+    from tokenizers import Tokenizer
+    directory = resolve_checkpoint(model_id)
+    cfg = LlavaNextConfig.from_dir(directory)
+    try:
+        tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    except Exception as e:  # the tokenizers library raises a bare Exception on a missing or bad file
+        raise CheckpointError(f"cannot read {directory / 'tokenizer.json'} ({e})") from None
+    with torch.device("meta"):
+        model = LlavaNext(cfg)
+    load_weights(model, directory, torch.device(device), dtype)
+    return model.eval(), tokenizer

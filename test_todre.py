@@ -1,0 +1,715 @@
+"""Every claim of the project, checked against an independent reference.
+
+References: Hugging Face transformers (LlavaNext, its PIL image processor and processor, in eager
+attention mode), brute-force transcriptions of the paper's equations, and a dense masked forward
+built from transformers' own layers. The checkpoints are tiny random LLaVA-NeXTs made here.
+"""
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+import anyres
+import generate
+import model as llava
+import todre
+from llama import KVCache
+
+HERE = Path(__file__).parent
+PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+# (width, height) -> packed visual tokens, from SPEC.md §2 and §4 (measured there with transformers 5.23).
+SPEC_TOKEN_COUNTS = {(672, 672): 2928, (1000, 600): 1948, (600, 1000): 1968, (517, 301): 1608,
+                     (20, 20): 1176, (30, 900): 792}
+QUESTION = "What is in the image?"
+
+# Two decoder shapes: multi-head with 2 layers and vision feature layer -2 (the Hub's), grouped-query
+# with 8 layers (probe layers 4..7) and feature layer -1 (all vision layers run).
+SHAPES = {
+    "mha": dict(hidden=64, heads=4, kv_heads=4, layers=2, v_hidden=32, v_heads=4, v_layers=3, feature_layer=-2),
+    "gqa": dict(hidden=96, heads=6, kv_heads=2, layers=8, v_hidden=48, v_heads=4, v_layers=2, feature_layer=-1),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def make_tokenizer(directory: Path) -> Tokenizer:
+    """A small Llama-like BPE tokenizer (Metaspace, BOS by post-processor, <image> as an added token)."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    corpus = [llava.IMAGE_PROMPT.format(QUESTION), "the quick brown fox jumps over the lazy dog 0123456789 .,;:!?'\n"]
+    tok.train_from_iterator(corpus * 3, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.add_special_tokens(["<image>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(directory / "tokenizer.json"))
+    return tok
+
+
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    """Weights large enough that every part of the model moves the logits by O(1), so a wrong detail
+    cannot hide under 1e-4. Vision and projector matrices ~ N(0, 1/fan_in) keep the visual features
+    O(1), so 1e-5 on them is a real bound. Decoder matrices are 2x that (1.5x for queries and keys) so
+    greedy decoding does not collapse into one repeated token; sharper attention than that only
+    amplifies float32 rounding (eager vs fused softmax) past 1e-4 without testing anything more."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() == 1 and "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                scale = 1.0
+                if "language_model" in name:
+                    scale = 1.5 if name.endswith(("q_proj.weight", "k_proj.weight")) else 2.0
+                p.copy_(scale * torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+
+
+class Checkpoint:
+    """A tiny random LLaVA-NeXT saved by transformers, with HF's model/processor and ours loaded from it."""
+
+    def __init__(self, directory: Path, shape: str, seed: int):
+        s = SHAPES[shape]
+        directory.mkdir(parents=True, exist_ok=True)
+        image_token = make_tokenizer(directory).token_to_id("<image>")
+        text = tf.LlamaConfig(vocab_size=image_token + 16, hidden_size=s["hidden"], intermediate_size=2 * s["hidden"],
+                              num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                              num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-5,
+                              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        vision = tf.CLIPVisionConfig(hidden_size=s["v_hidden"], intermediate_size=2 * s["v_hidden"],
+                                     num_hidden_layers=s["v_layers"], num_attention_heads=s["v_heads"],
+                                     image_size=336, patch_size=14, projection_dim=32)
+        config = tf.LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=PINPOINTS,
+                                    image_token_index=image_token, vision_feature_layer=s["feature_layer"])
+        self.hf = tf.LlavaNextForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
+        randomize(self.hf, seed)
+        self.hf.save_pretrained(directory)
+        self.image_processor = tf.LlavaNextImageProcessorPil(
+            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=PINPOINTS)
+        self.image_processor.save_pretrained(directory)
+        hf_tokenizer = tf.PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"),
+                                                  bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+        self.processor = tf.LlavaNextProcessor(image_processor=self.image_processor, tokenizer=hf_tokenizer,
+                                               patch_size=14, vision_feature_select_strategy="default",
+                                               num_additional_image_tokens=1)
+        self.directory, self.shape = directory, shape
+        self.model, self.tokenizer = llava.load(str(directory))
+
+    def hf_inputs(self, image=None, question=QUESTION):
+        text = llava.IMAGE_PROMPT.format(question) if image is not None else llava.TEXT_PROMPT.format(question)
+        return self.processor(images=image, text=text, return_tensors="pt")
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def ckpt(request, tmp_path_factory):
+    return Checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=len(request.param))
+
+
+@pytest.fixture(scope="module")
+def gqa(tmp_path_factory):
+    return Checkpoint(tmp_path_factory.mktemp("gqa8"), "gqa", seed=3)
+
+
+def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent references
+# ---------------------------------------------------------------------------------------------
+
+def hf_packed_features(ckpt: Checkpoint, inputs) -> torch.Tensor:
+    return ckpt.hf.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output[0]
+
+
+def hf_cls_attention(ckpt: Checkpoint, pixel_values: torch.Tensor) -> torch.Tensor:
+    """[CLS] -> patch attention of the feature layer, head-averaged, from HF's eager attention weights."""
+    out = ckpt.hf.model.vision_tower(pixel_values, output_attentions=True)
+    s = SHAPES[ckpt.shape]
+    feature_layer_index = s["feature_layer"] % (s["v_layers"] + 1) - 1  # hidden_states[f] = output of layer f-1
+    return out.attentions[feature_layer_index][:, :, 0, 1:].mean(dim=1)  # (crops, 576)
+
+
+def hf_embeddings(ckpt: Checkpoint, input_ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    embeds = ckpt.hf.model.language_model.embed_tokens(input_ids[None]).clone()
+    embeds[0, input_ids == ckpt.model.config.image_token_index] = visual
+    return embeds
+
+
+def dense_forward(ckpt: Checkpoint, embeds: torch.Tensor, allowed) -> torch.Tensor:
+    """Logits from transformers' own Llama layers with an explicit (n, n) attention mask per layer:
+    `allowed(layer, n)` says which keys each query may see. Dense eager attention, no cache."""
+    lm, n = ckpt.hf.model.language_model, embeds.shape[1]
+    cos, sin = lm.rotary_emb(embeds, torch.arange(n)[None])
+    x = embeds
+    for i, layer in enumerate(lm.layers):
+        a, h = layer.self_attn, layer.input_layernorm(x)
+        shape = (1, n, -1, a.head_dim)
+        q, k = apply_rotary_pos_emb(a.q_proj(h).view(shape).transpose(1, 2), a.k_proj(h).view(shape).transpose(1, 2), cos, sin)
+        v = a.v_proj(h).view(shape).transpose(1, 2)
+        groups = q.shape[1] // k.shape[1]
+        scores = q @ repeat_kv(k, groups).transpose(2, 3) / math.sqrt(a.head_dim)
+        probs = scores.masked_fill(~allowed(i, n), float("-inf")).softmax(dim=-1)
+        x = x + a.o_proj((probs @ repeat_kv(v, groups)).transpose(1, 2).reshape(1, n, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return ckpt.hf.lm_head(lm.norm(x))
+
+
+def causal(layer, n):
+    return torch.ones(n, n, dtype=torch.bool).tril()
+
+
+def kcenter_bruteforce(x: torch.Tensor, k: int, pivot: int) -> list[int]:
+    """Algorithm 1 / eq. 4-5 transcribed literally: pairwise cosine similarities, explicit max and argmin."""
+    x = x.double()
+
+    def cos(a, b):
+        na, nb = a.norm(), b.norm()
+        return 0.0 if na == 0 or nb == 0 else float(a @ b / (na * nb))
+
+    chosen = [pivot]
+    while len(chosen) < k:
+        best, best_value = None, math.inf
+        for v in range(len(x)):
+            if v not in chosen:
+                value = max(cos(x[v], x[c]) for c in chosen)
+                if value < best_value:  # strict: the lowest index wins ties
+                    best, best_value = v, value
+        chosen.append(best)
+    return chosen
+
+
+def kcenter_matrix(x: torch.Tensor, k: int, pivot: int) -> list[int]:
+    """The same algorithm the DivPrune way: the full n x n cosine matrix (fine as a test reference)."""
+    unit = torch.nn.functional.normalize(x.double(), dim=-1)
+    sim = unit @ unit.T
+    chosen = [pivot]
+    while len(chosen) < k:
+        worst = sim[:, chosen].max(dim=1).values
+        worst[chosen] = math.inf
+        chosen.append(int(worst.argmin()))
+    return chosen
+
+
+def ratios_dense(q, k, visual, text):
+    """Eq. 7 over the explicitly built (n, n) causal attention matrix averaged over heads."""
+    heads, n, d = q.shape
+    keys = k.repeat_interleave(heads // k.shape[0], dim=0)
+    scores = (q @ keys.transpose(1, 2)) / math.sqrt(d)
+    attn = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf")).softmax(-1).mean(0)
+    a_tv = attn[text][:, visual].sum() / attn[text].sum()
+    a_vt = attn[visual][:, text].sum() / attn[visual].sum()
+    return float(a_tv), float(a_vt)
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaVA-NeXT equals Hugging Face
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", list(SPEC_TOKEN_COUNTS))
+def test_pixel_values_and_token_count_match_hf_processor(ckpt, size):
+    image = noise_image(*size)
+    ref = ckpt.hf_inputs(image)
+    pixel_values, (h, w) = anyres.preprocess(image, PINPOINTS)
+    assert (h, w) == (size[1], size[0])
+    torch.testing.assert_close(pixel_values, ref["pixel_values"][0], atol=1e-6, rtol=0)
+    hf_count = int((ref["input_ids"] == ckpt.model.config.image_token_index).sum())
+    assert anyres.layout((h, w), PINPOINTS).num_tokens == hf_count == SPEC_TOKEN_COUNTS[size]
+
+
+@pytest.mark.parametrize("size", [(672, 672), (517, 301), (600, 1000), (20, 20), (30, 900)])
+def test_packed_features_and_logits_match_hf(ckpt, size):
+    image = noise_image(*size, seed=1)
+    ref = ckpt.hf_inputs(image)
+    with torch.inference_mode():
+        visual = ckpt.model.encode_image(image)
+        torch.testing.assert_close(visual.tokens, hf_packed_features(ckpt, ref), atol=1e-5, rtol=0)
+        input_ids = llava.prompt_ids(ckpt.tokenizer, QUESTION, ckpt.model.config.image_token_index, len(visual.tokens))
+        assert torch.equal(input_ids, ref["input_ids"][0])
+        hf_logits = ckpt.hf(**ref).logits[0]
+        ours, _ = ckpt.model.prefill(input_ids, visual.tokens, llava.NO_PRUNING, KVCache(SHAPES[ckpt.shape]["layers"], 0), all_logits=True)
+    assert hf_logits.std() > 0.5  # the check below is meaningful: logits are O(1)
+    assert (ours[0] - hf_logits).abs().max() < 1e-4
+
+
+def test_image_changes_logits(ckpt):
+    """Guard against a model that ignores its image: two images must give clearly different logits."""
+    with torch.inference_mode():
+        logits = []
+        for seed in (1, 2):
+            visual = ckpt.model.encode_image(noise_image(336, 336, seed))
+            ids = llava.prompt_ids(ckpt.tokenizer, QUESTION, ckpt.model.config.image_token_index, len(visual.tokens))
+            logits.append(ckpt.model.prefill(ids, visual.tokens, llava.NO_PRUNING, KVCache(SHAPES[ckpt.shape]["layers"], 0))[0])
+    assert (logits[0] - logits[1]).abs().max() > 0.1
+
+
+def test_text_only_logits_match_hf(ckpt):
+    ref = ckpt.hf_inputs(None, "Tell me about the quick brown fox.")
+    input_ids = llava.prompt_ids(ckpt.tokenizer, "Tell me about the quick brown fox.", ckpt.model.config.image_token_index, None)
+    assert torch.equal(input_ids, ref["input_ids"][0])
+    with torch.inference_mode():
+        hf_logits = ckpt.hf(**ref).logits[0]
+        ours, _ = ckpt.model.prefill(input_ids, None, llava.NO_PRUNING, KVCache(SHAPES[ckpt.shape]["layers"], 0), all_logits=True)
+    assert (ours[0] - hf_logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("with_image", [True, False])
+def test_greedy_generation_matches_hf(ckpt, with_image):
+    image = noise_image(517, 301, seed=4) if with_image else None
+    ref = ckpt.hf_inputs(image)
+    with torch.inference_mode():
+        expected = ckpt.hf.generate(**ref, max_new_tokens=16, do_sample=False)[0, ref["input_ids"].shape[1]:].tolist()
+        visual = ckpt.model.encode_image(image).tokens if with_image else None
+        ids = llava.prompt_ids(ckpt.tokenizer, QUESTION, ckpt.model.config.image_token_index,
+                               len(visual) if with_image else None)
+        ours = list(ckpt.model.generate(ids, visual, llava.NO_PRUNING, max_new_tokens=16))
+    assert ours == expected
+    assert len(set(ours)) > 3  # a varied sequence, not one token repeated
+
+
+def resave(ckpt: Checkpoint, directory: Path, state: dict) -> Path:
+    """A copy of the checkpoint's JSON files with `state` as its only weights file."""
+    directory.mkdir()
+    for f in ckpt.directory.glob("*.json"):
+        shutil.copy(f, directory)
+    save_file({k: v.contiguous() for k, v in state.items()}, directory / "model.safetensors")
+    return directory
+
+
+def hf_runtime_state(ckpt: Checkpoint) -> dict:
+    """transformers 5's own parameter names: model.vision_tower.*, model.language_model.*, lm_head.weight."""
+    return {k: v.detach().clone() for k, v in ckpt.hf.state_dict().items()}
+
+
+def to_hub_layout(key: str) -> str:
+    """transformers 5 name -> the name in the Hub's llava-hf checkpoints (saved by transformers 4)."""
+    for new, old in [("model.vision_tower.", "vision_tower.vision_model."), ("model.language_model.", "language_model.model."),
+                     ("lm_head.", "language_model.lm_head."), ("model.", "")]:
+        if key.startswith(new):
+            return old + key[len(new):]
+    raise AssertionError(key)
+
+
+LAYOUTS = {
+    "transformers5": lambda k: k,
+    "transformers5_vision_model": lambda k: k.replace("model.vision_tower.", "model.vision_tower.vision_model."),
+    "hub": to_hub_layout,
+}
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, "hub_fp16"])
+def test_loader_accepts_every_key_layout(ckpt, tmp_path, layout):
+    """Each layout of SPEC §6 loads to the same weights (the fixture itself loaded save_pretrained's layout)."""
+    rename = LAYOUTS[layout.removesuffix("_fp16")]
+    state = {rename(k): v.half() if layout.endswith("fp16") else v for k, v in hf_runtime_state(ckpt).items()}
+    model, _ = llava.load(str(resave(ckpt, tmp_path / layout, state)))
+    ours = model.state_dict()
+    for name, tensor in ckpt.model.state_dict().items():
+        expected = tensor.half().float() if layout.endswith("fp16") else tensor
+        assert ours[name].dtype == torch.float32  # fp16 weights are cast to the requested dtype
+        assert torch.equal(ours[name], expected), name
+
+
+def test_loader_names_missing_unexpected_and_misshaped_keys(ckpt, tmp_path):
+    state = hf_runtime_state(ckpt)
+    del state["model.language_model.layers.0.mlp.up_proj.weight"]
+    with pytest.raises(llava.CheckpointError, match=r"missing \(1\): language_model\.layers\.0\.mlp\.up_proj\.weight"):
+        llava.load(str(resave(ckpt, tmp_path / "missing", state)))
+    state = hf_runtime_state(ckpt)
+    state["model.image_newlines"] = state.pop("model.image_newline")
+    with pytest.raises(llava.CheckpointError, match=r"missing \(1\): image_newline; unexpected \(1\): model\.image_newlines"):
+        llava.load(str(resave(ckpt, tmp_path / "renamed", state)))
+    state = hf_runtime_state(ckpt)
+    state["model.image_newline"] = torch.zeros(3)
+    with pytest.raises(llava.CheckpointError, match=r"wrong shape \(1\): model\.image_newline \(3,\)"):
+        llava.load(str(resave(ckpt, tmp_path / "misshaped", state)))
+
+
+def test_loader_never_reads_pickles(ckpt, tmp_path):
+    directory = tmp_path / "pickled"
+    directory.mkdir()
+    for f in ckpt.directory.glob("*.json"):
+        shutil.copy(f, directory)
+    torch.save(ckpt.hf.state_dict(), directory / "pytorch_model.bin")
+    with pytest.raises(llava.CheckpointError, match="no \\*.safetensors"):
+        llava.load(str(directory))
+    assert not any(p.endswith((".bin", ".pt", ".pth", ".pkl")) or p == "*" for p in llava.HUB_FILES)
+
+
+def test_hub_id_is_downloaded_with_safe_patterns_only(ckpt, monkeypatch):
+    import huggingface_hub
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return str(ckpt.directory)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model, _ = llava.load("someone/tiny-llava-next")
+    assert calls == [("someone/tiny-llava-next", ["*.json", "*.safetensors", "tokenizer.*"])]
+    assert llava.DEFAULT_MODEL == "llava-hf/llava-v1.6-vicuna-7b-hf"
+
+
+def test_hub_config_defaults_match_transformers(tmp_path):
+    """The Hub's 7B config.json omits most text/vision fields; ours must fill them as transformers does."""
+    hub_config = {
+        "architectures": ["LlavaNextForConditionalGeneration"], "image_grid_pinpoints": PINPOINTS,
+        "image_token_index": 32000, "model_type": "llava_next", "projector_hidden_act": "gelu",
+        "text_config": {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 4096, "model_type": "llama",
+                        "pad_token_id": 0, "rms_norm_eps": 1e-05, "torch_dtype": "float16", "vocab_size": 32064},
+        "tie_word_embeddings": False, "torch_dtype": "float16", "use_image_newline_parameter": True,
+        "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                          "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                          "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+        "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(hub_config))
+    ours = llava.LlavaNextConfig.from_dir(tmp_path)
+    ref = tf.LlavaNextConfig(**{k: v for k, v in hub_config.items() if k != "model_type"})
+    t, rt = ours.text, ref.text_config
+    assert (t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads,
+            t.vocab_size, t.rms_norm_eps, t.rope_theta, t.max_position_embeddings) == \
+           (rt.hidden_size, rt.intermediate_size, rt.num_hidden_layers, rt.num_attention_heads, rt.num_key_value_heads,
+            rt.vocab_size, rt.rms_norm_eps, rt.rope_parameters["rope_theta"], rt.max_position_embeddings) == \
+           (4096, 11008, 32, 32, 32, 32064, 1e-5, 10000.0, 4096)
+    v, rv = ours.vision, ref.vision_config
+    assert (v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads, v.image_size,
+            v.patch_size, v.hidden_act, v.layer_norm_eps) == \
+           (rv.hidden_size, rv.intermediate_size, rv.num_hidden_layers, rv.num_attention_heads, rv.image_size,
+            rv.patch_size, rv.hidden_act, rv.layer_norm_eps)
+    assert ours.image_token_index == 32000 and ours.vision_feature_layer == -2
+
+
+def test_not_llava_next_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(llava.CheckpointError, match="not LLaVA-NeXT"):
+        llava.LlavaNextConfig.from_dir(tmp_path)
+    with pytest.raises(llava.CheckpointError, match="config.json is missing"):
+        llava.LlavaNextConfig.from_dir(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------------------
+# ToDRE Stage 1: pivot and greedy k-center
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, d, k, pivot, seed", [(40, 8, 12, 0, 0), (57, 5, 20, 31, 1), (30, 64, 30, 7, 2), (25, 3, 1, 24, 3)])
+def test_kcenter_matches_bruteforce(n, d, k, pivot, seed):
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    chosen = todre.greedy_k_center(x, k, pivot)
+    assert chosen.tolist() == kcenter_bruteforce(x, k, pivot)
+    assert chosen[0] == pivot and len(set(chosen.tolist())) == k
+
+
+def test_kcenter_duplicates_and_zero_rows_match_bruteforce():
+    """A row and its duplicate, and two zero rows, tie exactly; the lowest index must win. (Up to
+    k = 15, the 12 distinct rows + 3 zero rows: past that every remaining row is a duplicate whose
+    similarity is 1 up to rounding, and only the set taken is meaningful.)"""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randint(-3, 4, (12, 4), generator=g).double()
+    x = torch.cat([base, base[:5], torch.zeros(3, 4), base[3:9]])  # duplicates and zero rows
+    for k, pivot in [(10, 0), (15, 13), (15, 17), (15, 22)]:
+        assert todre.greedy_k_center(x, k, pivot).tolist() == kcenter_bruteforce(x, k, pivot)
+    assert sorted(todre.greedy_k_center(x, len(x), 17).tolist()) == list(range(len(x)))
+    # a zero row is similar to nothing (cosine 0), so it is taken as soon as everything else looks closer
+    assert todre.greedy_k_center(torch.tensor([[1.0, 0], [0, 0], [0.9, 0.1]]), 2, 0).tolist() == [0, 1]
+
+
+def test_kcenter_picks_one_token_per_cluster():
+    g = torch.Generator().manual_seed(6)
+    centres = torch.linalg.qr(torch.randn(16, 5, generator=g))[0].T  # 5 orthonormal directions
+    x = (centres.repeat_interleave(20, dim=0) + 0.01 * torch.randn(100, 16, generator=g))
+    x = x[torch.randperm(100, generator=g)]
+    cluster = (x @ centres.T).argmax(dim=1)
+    chosen = todre.greedy_k_center(x, 5, pivot=0)
+    assert sorted(cluster[chosen].tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_kcenter_never_builds_the_n_by_n_matrix_and_keeps_dtype():
+    """n = 200k: an n x n similarity matrix would need 160 GB; the greedy pass needs O(n)."""
+    x = torch.randn(200_000, 4, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    chosen = todre.greedy_k_center(x, 4, pivot=3)
+    assert chosen[0] == 3 and len(set(chosen.tolist())) == 4
+    small = torch.randn(50, 8, generator=torch.Generator().manual_seed(8))
+    assert todre.greedy_k_center(small.to(torch.bfloat16), 10, 0).tolist() == kcenter_matrix(small.to(torch.bfloat16).float(), 10, 0)
+
+
+def test_kcenter_k_equals_n_takes_everything_and_rejects_bad_k():
+    x = torch.randn(9, 3, generator=torch.Generator().manual_seed(9))
+    assert sorted(todre.greedy_k_center(x, 9, 4).tolist()) == list(range(9))
+    assert todre.greedy_k_center(x, 1, 4).tolist() == [4]
+    for k in (0, 10):
+        with pytest.raises(ValueError):
+            todre.greedy_k_center(x, k, 0)
+
+
+def test_token_budget():
+    assert todre.token_budget(2880, 0.10) == 288 and todre.token_budget(2880, 0.25) == 720
+    assert todre.token_budget(2880, 1.0) == 2880 and todre.token_budget(5, 0.01) == 1
+    assert todre.token_budget(2880, 100) == 100 and todre.token_budget(50, 100) == 50
+    for bad in (0, 0.0, -0.1, 1.5, True):
+        with pytest.raises(ValueError):
+            todre.token_budget(10, bad)
+
+
+def test_select_pivot_in_all_three_cases():
+    scores = torch.tensor([[0.1, 0.5, 0.2, 0.1], [0.9, 0.0, 0.0, 0.0], [0.0, 0.0, 0.95, 0.0]])
+    assert todre.select_pivot(scores, anyres=True) == 1  # AnyRes: the thumbnail's best, even if a crop scores higher
+    assert todre.select_pivot(scores[:1], anyres=False) == 1  # one image without AnyRes: argmax over its tokens
+    f, t = scores.shape  # video: argmax over (frame, token) -> a * t + b
+    a, b = max(((i, j) for i in range(f) for j in range(t)), key=lambda ij: scores[ij])
+    assert todre.select_pivot(scores, anyres=False) == a * t + b == 10
+
+
+def test_cls_top_k_is_a_stable_descending_sort():
+    scores = torch.tensor([0.2, 0.9, 0.2, 0.5, 0.9])
+    assert todre.cls_top_k(scores, 3).tolist() == [1, 4, 3]
+    assert todre.cls_top_k(scores, 4).tolist() == [1, 4, 3, 0]
+
+
+def test_stage1_picks_the_reference_tokens_and_equals_the_model_on_that_subset(ckpt):
+    """Pivot from HF's own attention weights, k-center by the full-matrix reference, on HF's packed
+    features; then the model run on exactly those tokens equals HF's language model on them."""
+    image = noise_image(517, 301, seed=11)
+    ref = ckpt.hf_inputs(image)
+    settings = llava.ToDRE(retain=0.1, tau=0.0)
+    with torch.inference_mode():
+        packed = hf_packed_features(ckpt, ref)
+        cls_attn = hf_cls_attention(ckpt, ref["pixel_values"][0])
+        visual = ckpt.model.encode_image(image)
+        torch.testing.assert_close(visual.cls_attn, cls_attn, atol=1e-6, rtol=0)
+        kept = ckpt.model.select(visual, settings)
+    lay = anyres.layout((301, 517), PINPOINTS)
+    sources = anyres.token_sources(lay)
+    candidates = (sources != anyres.NEWLINE).nonzero()[:, 0]
+    pivot = int(cls_attn[0].argmax())  # thumbnail tokens come first, so candidate index = thumbnail index
+    k = round(0.1 * len(candidates))
+    expected = candidates[sorted(kcenter_matrix(packed[candidates], k, pivot))]
+    assert kept.tolist() == expected.tolist() and len(kept) == k == 158
+
+    with torch.inference_mode():
+        ids = llava.prompt_ids(ckpt.tokenizer, QUESTION, ckpt.model.config.image_token_index, k)
+        hf_logits = ckpt.hf.model.language_model(inputs_embeds=hf_embeddings(ckpt, ids, packed[expected])).last_hidden_state
+        hf_logits = ckpt.hf.lm_head(hf_logits)[0]
+        ours, _ = ckpt.model.prefill(ids, visual.tokens[kept], settings, KVCache(SHAPES[ckpt.shape]["layers"], 0), all_logits=True)
+    assert (ours[0] - hf_logits).abs().max() < 1e-4
+
+
+def test_no_pruning_settings_reproduce_unpruned_logits_exactly(ckpt):
+    image = noise_image(600, 1000, seed=12)
+    with torch.inference_mode():
+        visual = ckpt.model.encode_image(image)
+        kept = ckpt.model.select(visual, llava.ToDRE(retain=1.0, tau=0.0))
+        assert torch.equal(kept, torch.arange(len(visual.tokens)))  # newlines included
+        ids = llava.prompt_ids(ckpt.tokenizer, QUESTION, ckpt.model.config.image_token_index, len(kept))
+        pruned, info = ckpt.model.prefill(ids, visual.tokens[kept], llava.ToDRE(retain=1.0, tau=0.0),
+                                          KVCache(SHAPES[ckpt.shape]["layers"], 0), all_logits=True)
+        plain = ckpt.model.language_model(ckpt.model.embed(ids, visual.tokens), torch.arange(len(ids)),
+                                          KVCache(SHAPES[ckpt.shape]["layers"], 0))
+    assert torch.equal(pruned, plain) and info.evict_layer is None and info.ratios == {}
+
+
+def test_video_frames_encode_like_hf_and_pivot_over_frames(ckpt):
+    frames = [noise_image(200 + 40 * i, 300, seed=20 + i) for i in range(3)]
+    with torch.inference_mode():
+        visual = ckpt.model.encode_frames(frames)
+        pixel_values = torch.stack([anyres.normalize(f.resize((336, 336), Image.Resampling.BICUBIC)) for f in frames])
+        reference_pixels = ckpt.image_processor(frames[0].resize((336, 336), Image.Resampling.BICUBIC), return_tensors="pt")["pixel_values"][0, 0]
+        torch.testing.assert_close(pixel_values[0], reference_pixels, atol=1e-6, rtol=0)
+        out = ckpt.hf.model.vision_tower(pixel_values, output_hidden_states=True)
+        features = ckpt.hf.model.multi_modal_projector(out.hidden_states[SHAPES[ckpt.shape]["feature_layer"]][:, 1:])
+        cls_attn = hf_cls_attention(ckpt, pixel_values)
+    assert visual.tokens.shape == (3 * 576, SHAPES[ckpt.shape]["hidden"]) and visual.layout is None
+    torch.testing.assert_close(visual.tokens, features.flatten(0, 1), atol=1e-5, rtol=0)
+    kept = ckpt.model.select(visual, llava.ToDRE(retain=20))
+    pivot = int(cls_attn.flatten().argmax())  # frame a, token b -> a * 576 + b
+    assert len(kept) == 20 and pivot in kept.tolist()
+    assert kept.tolist() == sorted(kcenter_matrix(features.flatten(0, 1), 20, pivot))
+
+
+# ---------------------------------------------------------------------------------------------
+# ToDRE Stage 2: cross-modal ratios and eviction
+# ---------------------------------------------------------------------------------------------
+
+def test_probe_layers():
+    assert todre.probe_layers(32) == [16, 20, 24, 28]
+    assert todre.probe_layers(40) == [20, 25, 30, 35]
+    assert todre.probe_layers(8) == [4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("order", ["image_then_text", "text_then_image", "interleaved"])
+def test_cross_modal_ratios_match_dense_attention(order):
+    g = torch.Generator().manual_seed(13)
+    n = 40
+    q, k = torch.randn(6, n, 8, generator=g), torch.randn(2, n, 8, generator=g)  # GQA: 3 query heads per kv head
+    positions = torch.arange(n)
+    if order == "image_then_text":
+        visual, text = positions[5:30], positions[30:]
+    elif order == "text_then_image":
+        visual, text = positions[20:], positions[5:20]
+    else:
+        visual, text = positions[5::2], positions[6::2]
+    ours = todre.cross_modal_ratios(q, k, visual, text, chunk=7)
+    assert ours == pytest.approx(ratios_dense(q, k, visual, text), abs=1e-6)
+    if order == "image_then_text":
+        assert ours[1] == 0.0  # causal: an image before the text can never attend to it
+    else:
+        assert ours[1] > 0.01
+
+
+def test_ratios_in_the_model_equal_hf_attention_weights(gqa):
+    """The ratios the prefill loop reports equal eq. 7 applied to transformers' eager attention weights."""
+    image = noise_image(517, 301, seed=14)
+    settings = llava.ToDRE(retain=0.1, tau=1e-9)  # measure at every probe layer, never evict
+    with torch.inference_mode():
+        visual = gqa.model.encode_image(image)
+        kept = gqa.model.select(visual, settings)
+        ids = llava.prompt_ids(gqa.tokenizer, QUESTION, gqa.model.config.image_token_index, len(kept))
+        _, info = gqa.model.prefill(ids, visual.tokens[kept], settings, KVCache(8, 0))
+        out = gqa.hf.model.language_model(inputs_embeds=hf_embeddings(gqa, ids, visual.tokens[kept]), output_attentions=True)
+    is_visual = ids == gqa.model.config.image_token_index
+    visual_pos = is_visual.nonzero()[:, 0]
+    text_pos = torch.arange(len(ids))[visual_pos.max() + 1:]
+    assert info.evict_layer is None and sorted(info.ratios) == [4, 5, 6, 7]
+    for layer, (a_tv, a_vt) in info.ratios.items():
+        attn = out.attentions[layer][0].mean(0)  # (n, n) averaged over heads
+        assert a_tv == pytest.approx(float(attn[text_pos][:, visual_pos].sum() / attn[text_pos].sum()), abs=1e-5)
+        assert a_vt == 0.0
+
+
+def test_eviction_layer_is_the_first_probe_where_both_ratios_fall_below_tau(gqa):
+    image = noise_image(517, 301, seed=15)
+    with torch.inference_mode():
+        visual = gqa.model.encode_image(image)
+        kept = gqa.model.select(visual, llava.ToDRE(retain=0.1))
+        ids = llava.prompt_ids(gqa.tokenizer, QUESTION, gqa.model.config.image_token_index, len(kept))
+
+        def evict_layer(tau):
+            return gqa.model.prefill(ids, visual.tokens[kept], llava.ToDRE(retain=0.1, tau=tau), KVCache(8, 0))[1]
+
+        ratios = evict_layer(1e-9).ratios
+        for tau in sorted({tv for tv, _ in ratios.values()}) + [1.01]:
+            expected = next((layer for layer, (tv, vt) in ratios.items() if tv < tau and vt < tau), None)
+            assert evict_layer(tau).evict_layer == expected
+        assert evict_layer(1.01).evict_layer == 4 and evict_layer(0.0).ratios == {}
+
+
+@pytest.mark.parametrize("settings", [llava.ToDRE(retain=0.1, tau=1.01), llava.ToDRE(retain=0.1, tau=0.0, evict_layer=2),
+                                      llava.ToDRE(retain=1.0, tau=0.0, evict_layer=6)],
+                         ids=["rule_at_layer_4", "forced_layer_2", "stage2_only_layer_6"])
+def test_eviction_equals_masked_reference(gqa, settings):
+    """Evicting after layer l == the unpruned model in which every query at layers > l, and at layer l
+    while decoding, is masked from the visual keys (SPEC §9): logits, cache lengths, 32 tokens."""
+    image = noise_image(517, 301, seed=16)
+    with torch.inference_mode():
+        visual = gqa.model.encode_image(image)
+        tokens = visual.tokens[gqa.model.select(visual, settings)]
+        ids = llava.prompt_ids(gqa.tokenizer, QUESTION, gqa.model.config.image_token_index, len(tokens))
+        n, is_visual = len(ids), ids == gqa.model.config.image_token_index
+        cache = KVCache(8, room=32)
+        logits, info = gqa.model.prefill(ids, tokens, settings, cache, all_logits=True)
+        evicted = info.evict_layer
+        assert evicted == (settings.evict_layer if settings.evict_layer is not None else 4)
+        assert cache.lengths == [n] * evicted + [n - len(tokens)] * (8 - evicted)
+        assert torch.equal(info.positions, torch.arange(n)[~is_visual])  # original positions kept
+
+        def allowed(layer, length):
+            mask = torch.ones(length, length, dtype=torch.bool).tril()
+            visual_keys = torch.zeros(length, dtype=torch.bool)
+            visual_keys[:n] = is_visual
+            if layer > evicted:
+                mask[:, visual_keys] = False
+            elif layer == evicted:
+                mask[n:, visual_keys] = False  # decoded queries only
+            return mask
+
+        prompt_embeds = hf_embeddings(gqa, ids, tokens)
+        reference = dense_forward(gqa, prompt_embeds, allowed)[0]
+        assert (logits[0] - reference[~is_visual]).abs().max() < 1e-4
+        assert (dense_forward(gqa, prompt_embeds, causal)[0] - reference).abs().max() > 1e-3  # eviction changes logits
+
+        ours = list(gqa.model.generate(ids, tokens, settings, max_new_tokens=32))
+        expected, embeds = [], prompt_embeds
+        for _ in range(32):
+            token = int(dense_forward(gqa, embeds, allowed)[0, -1].argmax())
+            expected.append(token)
+            if token == 2:
+                break
+            embeds = torch.cat([embeds, gqa.hf.model.language_model.embed_tokens(torch.tensor([[token]]))], dim=1)
+    assert ours == expected and len(ours) == 32 and len(set(ours)) > 3
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+def run_cli(capsys, *argv):
+    code = generate.run(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_streams_exactly_the_answer_to_stdout(ckpt, tmp_path):
+    image = tmp_path / "photo.png"
+    noise_image(517, 301, seed=17).save(image)
+    argv = ["--model", str(ckpt.directory), "--image", str(image), "--prompt", QUESTION,
+            "--max-new-tokens", "12", "--device", "cpu", "--dtype", "float32"]
+    done = subprocess.run([sys.executable, str(HERE / "generate.py"), *argv, "--stats"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with torch.inference_mode():
+        visual = ckpt.model.encode_image(Image.open(image))
+        settings = llava.ToDRE()
+        tokens = visual.tokens[ckpt.model.select(visual, settings)]
+        ids = llava.prompt_ids(ckpt.tokenizer, QUESTION, ckpt.model.config.image_token_index, len(tokens))
+        answer = [t for t in ckpt.model.generate(ids, tokens, settings, 12) if t != 2]
+    assert done.stdout == ckpt.tokenizer.decode(answer) + "\n"
+    assert "after Stage 1" in done.stderr and "prefill:" in done.stderr
+
+
+def test_cli_no_todre_equals_retain_1_tau_0(ckpt, tmp_path, capsys):
+    image = tmp_path / "photo.png"
+    noise_image(300, 500, seed=18).save(image)
+    common = ["--model", str(ckpt.directory), "--image", str(image), "--prompt", QUESTION,
+              "--max-new-tokens", "10", "--device", "cpu", "--dtype", "float32"]
+    code1, out1, _ = run_cli(capsys, *common, "--no-todre")
+    code2, out2, _ = run_cli(capsys, *common, "--retain", "1", "--tau", "0")
+    code3, out3, _ = run_cli(capsys, *common)
+    assert code1 == code2 == code3 == 0 and out1 == out2 and out1.strip()
+
+
+@pytest.mark.parametrize("case, argv, message", [
+    ("missing image", ["--image", "{tmp}/nope.png"], "image not found"),
+    ("not an image", ["--image", "{tmp}/notes.txt"], "not an image"),
+    ("retain 0", ["--retain", "0"], "--retain must be in (0, 1]"),
+    ("retain 1.5", ["--retain", "1.5"], "--retain must be in (0, 1]"),
+    ("negative tau", ["--tau", "-0.1"], "--tau must be >= 0"),
+    ("no new tokens", ["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    ("unknown flag", ["--bogus"], "unrecognized arguments"),
+    ("missing model dir", ["--model", "{tmp}/no_such_dir"], "not a checkpoint directory"),
+    ("not llava-next", ["--model", "{tmp}"], "is missing"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(case, argv, message, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    code, out, err = run_cli(capsys, "--prompt", "hi", "--device", "cpu", *argv)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cli_cuda_without_cuda_is_a_clear_error(capsys):
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--device", "cuda")
+    assert code == 2 and "no CUDA GPU is available" in err

@@ -1,0 +1,117 @@
+"""ToDRE: training-free visual token pruning by diversity and task relevance (arXiv 2505.18757 v1).
+
+Pure tensor functions; imports only torch, so this file can be copied into another codebase alone.
+
+Stage 1 (before the LLM, paper §4.1, Algorithm 1): pick a pivot by [CLS] attention, then grow a
+maximally diverse set of k visual tokens with greedy k-center on cosine similarity.
+Stage 2 (inside the LLM prefill, paper §4.2): at a few probe layers, measure how much attention
+flows between text and visual tokens (eq. 7); once both directions fall below tau, the visual
+tokens have handed their information to the text and are removed for the rest of the model.
+"""
+import torch
+
+
+def token_budget(num_candidates: int, retain: float | int) -> int:
+    """k for Stage 1: `retain` is a fraction of the candidates in (0, 1], or an int count of tokens.
+
+    Rounded to the nearest integer and clamped to [1, num_candidates] (SPEC §8): 0.10 of the 2880
+    patch tokens of a 672x672 image keeps 288, 0.25 keeps 720.
+    """
+    if isinstance(retain, bool) or not isinstance(retain, (int, float)) or retain <= 0:
+        raise ValueError(f"retain must be a fraction in (0, 1] or a positive token count, got {retain!r}")
+    if isinstance(retain, float):
+        if retain > 1:
+            raise ValueError(f"retain as a fraction must be in (0, 1], got {retain}")
+        retain = round(retain * num_candidates)
+    return max(1, min(num_candidates, retain))
+
+
+def select_pivot(cls_attn: torch.Tensor, anyres: bool) -> int:
+    """The pivot token (Algorithm 1, lines 1-6) as an index into `cls_attn.flatten()`.
+
+    cls_attn: (crops, t) [CLS] -> patch attention per crop (AnyRes: crop 0 is the global thumbnail),
+    or (1, t) for a single image without AnyRes, or (frames, t) for a video.
+    - AnyRes: the highest-scoring token of the thumbnail, which sees the whole image.
+    - otherwise: the highest-scoring token overall; for video that is argmax over (f, t), i.e. a*t + b.
+    Ties go to the lowest index.
+    """
+    scores = cls_attn[0] if anyres else cls_attn.flatten()
+    return int(scores.argmax())
+
+
+def greedy_k_center(features: torch.Tensor, k: int, pivot: int) -> torch.Tensor:
+    """Greedy k-center on cosine similarity (paper eq. 4-5, Algorithm 1 lines 7-13).
+
+    features: (n, d) candidate tokens. Returns LongTensor[k] of row indices in selection order,
+    the pivot first. Each step adds the token whose highest similarity to the chosen set is lowest.
+    Ties go to the lowest index; a zero row has similarity 0 with everything.
+    O(n*k*d) time and O(n) extra memory: one similarity row per step, never an n x n matrix, and
+    the features are used in their own dtype (only the (n,) scores are at least float32).
+    """
+    n = features.shape[0]
+    if not 1 <= k <= n or not 0 <= pivot < n:
+        raise ValueError(f"need 1 <= k <= n and 0 <= pivot < n, got k={k}, pivot={pivot}, n={n}")
+    score_dtype = torch.promote_types(features.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(features, dim=-1, dtype=score_dtype)
+    inv_norm = torch.where(norm > 0, 1 / norm, torch.zeros_like(norm))
+
+    def similarity(c):  # (n,) cosine similarity of every token to token c
+        return (features @ features[c]).to(score_dtype) * inv_norm * inv_norm[c]
+
+    chosen = torch.empty(k, dtype=torch.long, device=features.device)
+    chosen[0] = pivot
+    max_sim = similarity(pivot)  # s <- V V_p^T
+    max_sim[pivot] = float("inf")  # chosen tokens can never be the argmin again
+    for i in range(1, k):
+        c = torch.argmin(max_sim)  # the token least similar to everything chosen so far
+        chosen[i] = c
+        torch.maximum(max_sim, similarity(c), out=max_sim)  # s <- max(s, V V_c^T)
+        max_sim[c] = float("inf")
+    return chosen
+
+
+def cls_top_k(cls_scores: torch.Tensor, k: int) -> torch.Tensor:
+    """FasterVLM-style baseline: the k candidates with the highest [CLS] attention, best first.
+
+    cls_scores: (n,) each candidate's [CLS] attention in its own crop. Decision: one global top-k
+    over all crops' candidates (the scores of different crops are on the same scale, each crop's
+    softmax sums to at most 1). Ties go to the lowest index. Returns LongTensor[k].
+    """
+    if not 1 <= k <= cls_scores.shape[0]:
+        raise ValueError(f"need 1 <= k <= n, got k={k}, n={cls_scores.shape[0]}")
+    return torch.sort(cls_scores, descending=True, stable=True).indices[:k]
+
+
+def probe_layers(num_layers: int, fractions=(4 / 8, 5 / 8, 6 / 8, 7 / 8)) -> list[int]:
+    """Decoder layers (0-based) where Stage 2 measures eq. 7: L/2, 5L/8, 6L/8, 7L/8 (32 -> 16, 20, 24, 28)."""
+    return sorted({int(f * num_layers) for f in fractions})
+
+
+def cross_modal_ratios(q: torch.Tensor, k: torch.Tensor, visual: torch.Tensor, text: torch.Tensor,
+                       chunk: int = 256) -> tuple[float, float]:
+    """Eq. 7: the share of attention that text queries pay to visual keys (a_tv), and vice versa (a_vt).
+
+    q: (heads, n, head_dim) one layer's queries after RoPE, for a causal prefill of n tokens;
+    k: (kv_heads, n, head_dim) its keys (GQA: query head h reads kv head h // (heads / kv_heads)).
+    visual, text: LongTensor positions of the V and T tokens; all others (S) count only as keys.
+    A is the causal softmax attention averaged over heads; only the V and T query rows are computed,
+    `chunk` rows at a time, so memory stays O(chunk * n) per head.
+    Returns (a_tv, a_vt) as floats; a ratio over an empty set of queries is 0.
+    """
+    heads, n, head_dim = q.shape
+    keys = k.float().repeat_interleave(heads // k.shape[0], dim=0)  # (heads, n, head_dim)
+    key_pos = torch.arange(n, device=q.device)
+
+    def ratio(queries: torch.Tensor, targets: torch.Tensor) -> float:
+        is_target = torch.zeros(n, dtype=torch.bool, device=q.device)
+        is_target[targets] = True
+        to_target = total = torch.zeros((), device=q.device)
+        for rows in queries.split(chunk):
+            scores = (q[:, rows].float() @ keys.transpose(1, 2)) * head_dim ** -0.5  # (heads, r, n)
+            scores.masked_fill_(key_pos[None, None, :] > rows[None, :, None], float("-inf"))  # causal
+            attn = scores.softmax(dim=-1).mean(dim=0)  # (r, n): A_ij averaged over heads
+            to_target = to_target + attn[:, is_target].sum()
+            total = total + attn.sum()
+        return float(to_target / total) if len(queries) else 0.0
+
+    return ratio(text, visual), ratio(visual, text)
