@@ -224,7 +224,9 @@ class LlavaNext(nn.Module):
                 continue
             if i in probes:
                 keys, _ = kv_cache.get(i)
+                start = now(x.device)
                 info.ratios[i] = todre.cross_modal_ratios(q[0], keys[0], visual_pos, text_pos)  # eq. 7
+                info.probe_s += now(x.device) - start
             if i == settings.evict_layer or (i in info.ratios and all(r < settings.tau for r in info.ratios[i])):
                 # Both a_tv and a_vt < tau: visual tokens leave the residual stream and this layer's
                 # cache; later layers never see them. The rest keep their original positions.
@@ -278,6 +280,7 @@ class PrefillInfo:
     ratios: dict = field(default_factory=dict)  # probe layer -> (a_tv, a_vt), eq. 7
     evict_layer: int | None = None               # layer after which the visual tokens were removed
     positions: torch.Tensor | None = None        # positions of the tokens left at the end of prefill
+    probe_s: float = 0.0                         # time spent measuring eq. 7 at the probe layers
 
 
 @dataclass

@@ -1,0 +1,287 @@
+"""Speed and memory of LLaVA-NeXT with and without ToDRE, side by side, on random weights.
+
+    python bench.py --preset small --json results.json
+
+Every configuration runs in a fresh subprocess (so CPU peak RSS is its own) on the same seeded
+random weights and the same synthetic 672x672 image (2880 patch tokens) and question.
+Random weights give meaningless attention ratios, so Stage 2 is forced after layer L/2
+(--evict-layer); everywhere else the real decision rule (eq. 7 < tau) is the default.
+"""
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+import model as llava
+from clip import CLIPVisionConfig
+from llama import LlamaConfig
+
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=336, patch_size=14)
+PRESETS = {
+    "tiny": dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                             image_size=336, patch_size=14),
+                 text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2)),
+    # the exact CLIP ViT-L/14-336 tower and a ~0.3B Llama
+    "small": dict(vision=CLIP_L_336, text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                                               num_attention_heads=16)),
+    # the exact LLaVA-NeXT Vicuna-7B shapes
+    "7b": dict(vision=CLIP_L_336, text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                            num_attention_heads=32)),
+}
+PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+CONFIGS = ["full", "stage1-0.10", "todre-0.25", "todre-0.10", "hf-full"]
+PREFIX_TOKENS, SUFFIX_TOKENS = 35, 12  # the Vicuna system prompt and "USER:"; a short question and " ASSISTANT:"
+IMAGE_TOKEN = 32000
+
+
+def model_config(preset: str) -> llava.LlavaNextConfig:
+    p = PRESETS[preset]
+    # eos_token_id -1: random weights must not stop early; every configuration decodes --new-tokens tokens.
+    text = LlamaConfig.from_dict({**p["text"], "vocab_size": 32064, "max_position_embeddings": 4096,
+                                  "rms_norm_eps": 1e-5, "eos_token_id": -1})
+    return llava.LlavaNextConfig(text=text, vision=CLIPVisionConfig.from_dict(p["vision"]),
+                                 image_grid_pinpoints=PINPOINTS, image_token_index=IMAGE_TOKEN)
+
+
+def settings_for(name: str, num_layers: int, evict_layer: int) -> llava.ToDRE:
+    return {
+        "full": llava.NO_PRUNING,
+        "stage1-0.10": llava.ToDRE(retain=0.10, tau=0.0),
+        "todre-0.25": llava.ToDRE(retain=0.25, evict_layer=evict_layer),
+        "todre-0.10": llava.ToDRE(retain=0.10, evict_layer=evict_layer),
+        "probe-0.10": llava.ToDRE(retain=0.10, tau=1e-9),  # all four probes measured, never evicts
+    }[name]
+
+
+def build_model(cfg: llava.LlavaNextConfig, device, dtype, seed: int) -> llava.LlavaNext:
+    """Seeded random weights, made directly on the device: N(0, 0.02) matrices, unit norms."""
+    with torch.device("meta"):
+        model = llava.LlavaNext(cfg)
+    model = model.to_empty(device=device)
+    g = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight") or "layrnorm.weight" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    return model.to(dtype).eval()
+
+
+def synthetic_image() -> Image.Image:
+    y, x = np.mgrid[0:672, 0:672]
+    rng = np.random.default_rng(0)
+    rgb = np.stack([x * 255 // 671, y * 255 // 671, (x + y) * 255 // 1342], axis=-1)
+    return Image.fromarray((rgb + rng.integers(0, 32, rgb.shape)).clip(0, 255).astype(np.uint8))
+
+
+def prompt_ids(num_visual: int, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    text = torch.randint(3, 31000, (PREFIX_TOKENS + SUFFIX_TOKENS,), generator=g)
+    ids = torch.cat([torch.tensor([1]), text[:PREFIX_TOKENS], torch.full((num_visual,), IMAGE_TOKEN), text[PREFIX_TOKENS:]])
+    return ids.to(device)
+
+
+def flops(cfg: LlamaConfig, n: int, visual: int, evict_layer: int | None, new_tokens: int):
+    """Paper eq. 1-2 (SPEC §10): prefill and decode FLOPs, layers before and after eviction counted
+    with their own input length (the evicting layer's prefill still sees the visual tokens; its
+    decoding does not)."""
+    d, m, T, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, new_tokens
+
+    def prefill(n):
+        return 4 * n * d ** 2 + 2 * n ** 2 * d + 2 * n * d * m
+
+    def decode(n):
+        return 4 * L * d ** 2 + 2 * L * d * m + d * L * (2 * n + L - 1)
+
+    if evict_layer is None:
+        return T * prefill(n), T * decode(n)
+    before, after = evict_layer + 1, T - evict_layer - 1
+    return (before * prefill(n) + after * prefill(n - visual),
+            evict_layer * decode(n) + (T - evict_layer) * decode(n - visual))
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ours(model, name, args, image, device):
+    cfg = model.config
+    settings = settings_for(name, cfg.text.num_hidden_layers, args.evict_layer)
+    times = []
+    for _ in range(args.warmup + args.repeats):
+        start = llava.now(device)
+        visual = model.encode_image(image)
+        vision_done = llava.now(device)
+        kept = model.select(visual, settings)
+        select_done = llava.now(device)
+        ids = prompt_ids(len(kept), device)
+        stats = llava.Stats()
+        generated = list(model.generate(ids, visual.tokens[kept], settings, args.new_tokens, stats=stats))
+        assert len(generated) == args.new_tokens
+        times.append(dict(vision_s=vision_done - start, select_s=select_done - vision_done,
+                          prefill_s=stats.prefill_s, decode_s=stats.decode_s, probe_s=stats.prefill.probe_s))
+    info = stats.prefill
+    prefill_flops, decode_flops = flops(cfg.text, len(ids), len(kept), info.evict_layer, args.new_tokens)
+    return times[args.warmup:], dict(visual_tokens=len(kept), kv_cache_mb=stats.kv_cache_bytes / 2 ** 20,
+                                     evict_layer=info.evict_layer, prefill_tflops=prefill_flops / 1e12,
+                                     decode_tflops=decode_flops / 1e12)
+
+
+def run_hf(model, args, image, device):
+    """transformers' LlavaNext on our exact weights: HF preprocessing, vision + packing, prefill, decode."""
+    import transformers as tf
+    cfg, dtype = model.config, model.dtype
+    p = PRESETS[args.preset]
+    hf_cfg = tf.LlavaNextConfig(
+        vision_config=tf.CLIPVisionConfig(**p["vision"], projection_dim=768),
+        text_config=tf.LlamaConfig(**p["text"], vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5),
+        image_grid_pinpoints=PINPOINTS, image_token_index=IMAGE_TOKEN)
+    with torch.device(device):
+        hf = tf.LlavaNextForConditionalGeneration._from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype).eval()
+    ours = {("lm_head.weight" if k == "language_model.lm_head.weight" else "model." + k): v
+            for k, v in model.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(ours, strict=False)
+    assert not unexpected and all("post_layernorm" in k or ".layers." in k and "vision" in k for k in missing), missing
+    del model
+    processor = tf.LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                              image_grid_pinpoints=PINPOINTS)
+    times = []
+    for _ in range(args.warmup + args.repeats):
+        start = llava.now(device)
+        pixels = processor(image, return_tensors="pt")
+        packed = hf.model.get_image_features(pixels["pixel_values"].to(device, dtype),
+                                             pixels["image_sizes"].to(device)).pooler_output[0]
+        vision_done = llava.now(device)
+        ids = prompt_ids(len(packed), device)
+        embeds = hf.model.language_model.embed_tokens(ids[None])
+        embeds[0, ids == IMAGE_TOKEN] = packed
+        out = hf(inputs_embeds=embeds, use_cache=True)
+        token = out.logits[0, -1].argmax()
+        prefill_done = llava.now(device)
+        cache = out.past_key_values
+        for _ in range(args.new_tokens - 1):
+            out = hf(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[0, -1].argmax()
+        done = llava.now(device)
+        times.append(dict(vision_s=vision_done - start, select_s=0.0, prefill_s=prefill_done - vision_done,
+                          decode_s=done - prefill_done, probe_s=0.0))
+    kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    prefill_flops, decode_flops = flops(cfg.text, len(ids), len(packed), None, args.new_tokens)
+    return times[args.warmup:], dict(visual_tokens=len(packed), kv_cache_mb=kv_bytes / 2 ** 20, evict_layer=None,
+                                     prefill_tflops=prefill_flops / 1e12, decode_tflops=decode_flops / 1e12)
+
+
+@torch.inference_mode()
+def run_one(args) -> dict:
+    """One configuration, in this process; returns its row of the results."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_model(model_config(args.preset), device, getattr(torch, args.dtype), seed=0)
+    image = synthetic_image()
+    if args.one == "hf-full":
+        times, row = run_hf(model, args, image, device)
+    else:
+        times, row = run_ours(model, args.one, args, image, device)
+    median = {key: statistics.median(t[key] for t in times) for key in times[0]}
+    median["total_s"] = median["vision_s"] + median["select_s"] + median["prefill_s"] + median["decode_s"]
+    return {"name": args.one, **row, **median, "peak_mem_mb": peak_memory_mb(device)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="auto: float16 on CUDA, float32 on CPU")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--evict-layer", type=int, default=None, help="Stage 2 forced after this layer (default L/2)")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
+    args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dtype == "auto":
+        args.dtype = "float16" if args.device == "cuda" else "float32"
+    if args.evict_layer is None:
+        args.evict_layer = PRESETS[args.preset]["text"]["num_hidden_layers"] // 2
+    return args
+
+
+def print_table(result: dict, evict_layer: int) -> None:
+    runs = {r["name"]: r for r in result["runs"]}
+    full = runs.get("full")
+    print(f"preset {result['preset']} on {result['device']}, {result['dtype']}; Stage 2 forced after layer {evict_layer} "
+          "(random weights give meaningless attention ratios)")
+    header = (f"{'config':<12} {'tokens':>6} {'vision':>8} {'select':>8} {'prefill':>8} {'decode':>8} {'total':>8} "
+              f"{'peak MB':>8} {'KV MB':>7} {'pf TFLOP':>9} {'prefill x':>9} {'FLOP-ideal x':>12}")
+    print(header)
+    for r in result["runs"]:
+        speedup = ideal = ""
+        if full and r is not full:
+            speedup = f"{full['prefill_s'] / r['prefill_s']:.2f}"
+            ideal = f"{full['prefill_tflops'] / r['prefill_tflops']:.2f}"
+        print(f"{r['name']:<12} {r['visual_tokens']:>6} {r['vision_s']:>8.3f} {r['select_s']:>8.3f} {r['prefill_s']:>8.3f} "
+              f"{r['decode_s']:>8.3f} {r['total_s']:>8.3f} {r['peak_mem_mb']:>8.0f} {r['kv_cache_mb']:>7.1f} "
+              f"{r['prefill_tflops']:>9.3f} {speedup:>9} {ideal:>12}")
+    probe = result.get("stage2_probe")
+    if probe:
+        print(f"Stage-2 probes (eq. 7 at layers {probe['layers']}): {probe['probe_s'] * 1e3:.1f} ms = "
+              f"{100 * probe['probe_s'] / probe['prefill_s']:.2f}% of that run's prefill")
+    if "todre-0.10" in runs:
+        t = runs["todre-0.10"]
+        print(f"Stage-1 selection in todre-0.10: {t['select_s'] * 1e3:.1f} ms = {100 * t['select_s'] / t['total_s']:.2f}% of its total")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args)))
+        return 0
+    names = [n for n in args.configs.split(",") if n]
+    if unknown := set(names) - set(CONFIGS):
+        print(f"error: unknown configuration(s) {', '.join(sorted(unknown))}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
+        return 2
+    if "hf-full" in names:
+        try:
+            import transformers  # noqa: F401  (the benchmark's reference only)
+        except ImportError:
+            print("transformers is not installed: skipping hf-full", file=sys.stderr)
+            names.remove("hf-full")
+    common = ["--preset", args.preset, "--device", args.device, "--dtype", args.dtype, "--new-tokens", str(args.new_tokens),
+              "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--evict-layer", str(args.evict_layer)]
+    runs = []
+    for name in names + ["probe-0.10"]:
+        print(f"running {name} ...", file=sys.stderr)
+        done = subprocess.run([sys.executable, __file__, *common, "--one", name], capture_output=True, text=True)
+        if done.returncode != 0:
+            print(done.stderr, file=sys.stderr)
+            return 1
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    probe = runs.pop()
+    result = {"preset": args.preset, "device": args.device, "dtype": args.dtype, "new_tokens": args.new_tokens,
+              "evict_layer": args.evict_layer, "runs": runs,
+              "stage2_probe": {"layers": llava.todre.probe_layers(PRESETS[args.preset]["text"]["num_hidden_layers"]),
+                               "probe_s": probe["probe_s"], "prefill_s": probe["prefill_s"]}}
+    print_table(result, args.evict_layer)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
