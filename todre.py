@@ -3,7 +3,8 @@
 Pure tensor functions; imports only torch, so this file can be copied into another codebase alone.
 
 Stage 1 (before the LLM, paper §4.1, Algorithm 1): pick a pivot by [CLS] attention, then grow a
-maximally diverse set of k visual tokens with greedy k-center on cosine similarity.
+maximally diverse set of k visual tokens with greedy k-center on cosine similarity (the paper's
+v2 revision uses greedy max-sum instead: `greedy_max_sum`).
 Stage 2 (inside the LLM prefill, paper §4.2): at a few probe layers, measure how much attention
 flows between text and visual tokens (eq. 7); once both directions fall below tau, the visual
 tokens have handed their information to the text and are removed for the rest of the model.
@@ -40,14 +41,27 @@ def select_pivot(cls_attn: torch.Tensor, anyres: bool) -> int:
 
 
 def greedy_k_center(features: torch.Tensor, k: int, pivot: int) -> torch.Tensor:
-    """Greedy k-center on cosine similarity (paper eq. 4-5, Algorithm 1 lines 7-13).
+    """Greedy k-center on cosine similarity (paper v1, eq. 4-5, Algorithm 1 lines 7-13).
 
     features: (n, d) candidate tokens. Returns LongTensor[k] of row indices in selection order,
-    the pivot first. Each step adds the token whose highest similarity to the chosen set is lowest.
+    the pivot first. Each step adds the token whose highest similarity to the chosen set is lowest:
+    s <- V V_p^T; repeat c = argmin s, s <- max(s, V V_c^T).
     Ties go to the lowest index; a zero row has similarity 0 with everything.
     O(n*k*d) time and O(n) extra memory: one similarity row per step, never an n x n matrix, and
     the features are used in their own dtype (only the (n,) scores are at least float32).
     """
+    return _greedy_diverse(features, k, pivot, torch.maximum)
+
+
+def greedy_max_sum(features: torch.Tensor, k: int, pivot: int) -> torch.Tensor:
+    """Greedy max-sum diversification (the paper's v2 revision, SPEC §11): same as greedy_k_center
+    but the running score is the SUM of cosine similarities to the chosen set:
+    s <- X X_p^T; repeat c = argmin s, s <- s + X X_c^T. Same interface and guarantees."""
+    return _greedy_diverse(features, k, pivot, torch.add)
+
+
+def _greedy_diverse(features: torch.Tensor, k: int, pivot: int, update) -> torch.Tensor:
+    """The greedy loop both selectors share; `update(score, similarity_to_new_token)` is max or sum."""
     n = features.shape[0]
     if not 1 <= k <= n or not 0 <= pivot < n:
         raise ValueError(f"need 1 <= k <= n and 0 <= pivot < n, got k={k}, pivot={pivot}, n={n}")
@@ -60,13 +74,13 @@ def greedy_k_center(features: torch.Tensor, k: int, pivot: int) -> torch.Tensor:
 
     chosen = torch.empty(k, dtype=torch.long, device=features.device)
     chosen[0] = pivot
-    max_sim = similarity(pivot)  # s <- V V_p^T
-    max_sim[pivot] = float("inf")  # chosen tokens can never be the argmin again
+    score = similarity(pivot)
+    score[pivot] = float("inf")  # chosen tokens can never be the argmin again
     for i in range(1, k):
-        c = torch.argmin(max_sim)  # the token least similar to everything chosen so far
+        c = torch.argmin(score)  # the token least similar to everything chosen so far
         chosen[i] = c
-        torch.maximum(max_sim, similarity(c), out=max_sim)  # s <- max(s, V V_c^T)
-        max_sim[c] = float("inf")
+        update(score, similarity(c), out=score)
+        score[c] = float("inf")
     return chosen
 
 
@@ -82,8 +96,13 @@ def cls_top_k(cls_scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(cls_scores, descending=True, stable=True).indices[:k]
 
 
-def probe_layers(num_layers: int, fractions=(4 / 8, 5 / 8, 6 / 8, 7 / 8)) -> list[int]:
-    """Decoder layers (0-based) where Stage 2 measures eq. 7: L/2, 5L/8, 6L/8, 7L/8 (32 -> 16, 20, 24, 28)."""
+V1_PROBES = (4 / 8, 5 / 8, 6 / 8, 7 / 8)  # paper v1 §4.2
+V2_PROBES = (7 / 8,)                       # paper v2: one probe layer (SPEC §11)
+
+
+def probe_layers(num_layers: int, fractions=V1_PROBES) -> list[int]:
+    """Decoder layers (0-based) where Stage 2 measures eq. 7, at int(f * L) for each fraction f:
+    v1's L/2, 5L/8, 6L/8, 7L/8 (32 layers -> 16, 20, 24, 28); v2's 7L/8 (-> 28)."""
     return sorted({int(f * num_layers) for f in fractions})
 
 
@@ -94,8 +113,11 @@ def cross_modal_ratios(q: torch.Tensor, k: torch.Tensor, visual: torch.Tensor, t
     q: (heads, n, head_dim) one layer's queries after RoPE, for a causal prefill of n tokens;
     k: (kv_heads, n, head_dim) its keys (GQA: query head h reads kv head h // (heads / kv_heads)).
     visual, text: LongTensor positions of the V and T tokens; all others (S) count only as keys.
-    A is the causal softmax attention averaged over heads; only the V and T query rows are computed,
-    `chunk` rows at a time, so memory stays O(chunk * n) per head.
+    A is the causal softmax attention averaged over heads. Two exact shortcuts keep this cheap:
+    every row of A sums to 1, so a ratio's denominator is its number of query rows; and a query
+    can attend to a target only if some target sits at or before it, so only those rows are
+    computed (`chunk` rows at a time). With the image before the text no visual row qualifies and
+    a_vt is exactly 0 (SPEC §9); text before the image computes the rows it needs.
     Returns (a_tv, a_vt) as floats; a ratio over an empty set of queries is 0.
     """
     heads, n, head_dim = q.shape
@@ -103,15 +125,17 @@ def cross_modal_ratios(q: torch.Tensor, k: torch.Tensor, visual: torch.Tensor, t
     key_pos = torch.arange(n, device=q.device)
 
     def ratio(queries: torch.Tensor, targets: torch.Tensor) -> float:
+        if len(queries) == 0 or len(targets) == 0:
+            return 0.0
         is_target = torch.zeros(n, dtype=torch.bool, device=q.device)
         is_target[targets] = True
-        to_target = total = torch.zeros((), device=q.device)
-        for rows in queries.split(chunk):
-            scores = (q[:, rows].float() @ keys.transpose(1, 2)) * head_dim ** -0.5  # (heads, r, n)
-            scores.masked_fill_(key_pos[None, None, :] > rows[None, :, None], float("-inf"))  # causal
+        rows = queries[queries >= targets.min()]  # the other rows see no target through the causal mask
+        to_target = torch.zeros((), device=q.device)
+        for part in rows.split(chunk):
+            scores = (q[:, part].float() @ keys.transpose(1, 2)) * head_dim ** -0.5  # (heads, r, n)
+            scores.masked_fill_(key_pos[None, None, :] > part[None, :, None], float("-inf"))  # causal
             attn = scores.softmax(dim=-1).mean(dim=0)  # (r, n): A_ij averaged over heads
             to_target = to_target + attn[:, is_target].sum()
-            total = total + attn.sum()
-        return float(to_target / total) if len(queries) else 0.0
+        return float(to_target) / len(queries)
 
     return ratio(text, visual), ratio(visual, text)
