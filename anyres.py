@@ -82,6 +82,7 @@ class Layout:
     image_size: tuple[int, int]       # (H, W) of the original image
     best_resolution: tuple[int, int]  # (h, w) pinpoint the image was fitted into
     grid: tuple[int, int]             # crops per column and per row of the canvas
+    crop_size: int                    # pixels per crop side (336)
     side: int                         # patch tokens per crop side (24 for CLIP-L/14 at 336)
     rows: tuple[int, int]             # kept mosaic rows [row0, row1)
     cols: tuple[int, int]             # kept mosaic columns [col0, col1)
@@ -106,7 +107,7 @@ def layout(image_size, pinpoints, crop_size: int = 336, patch_size: int = 14) ->
     else:
         pad = (mosaic_w - int(round(width * mosaic_h / height, 7))) // 2
         cols = (pad, mosaic_w - pad)
-    return Layout((height, width), best, grid, side, rows, cols)
+    return Layout((height, width), best, grid, crop_size, side, rows, cols)
 
 
 def token_sources(lay: Layout) -> torch.Tensor:
@@ -129,3 +130,34 @@ def pack(features: torch.Tensor, sources: torch.Tensor, image_newline: torch.Ten
     flat = features.reshape(-1, features.shape[-1])
     tokens = flat[sources.clamp(min=0)]
     return torch.where((sources == NEWLINE)[:, None], image_newline.to(tokens.dtype), tokens)
+
+
+def squashed_boxes(patches: torch.Tensor, image_size, side: int) -> torch.Tensor:
+    """Boxes (x0, y0, x1, y1) in original pixels of patches (row-major index in a side x side grid)
+    of an image squashed to a square, as the thumbnail and video frames are."""
+    height, width = image_size
+    r, c = (patches // side).double(), (patches % side).double()
+    return torch.stack([c * width / side, r * height / side, (c + 1) * width / side, (r + 1) * height / side], dim=-1)
+
+
+def token_boxes(lay: Layout, sources: torch.Tensor) -> torch.Tensor:
+    """For each packed token, the box (x0, y0, x1, y1) of original-image pixels its patch was made
+    from; NaN for newlines.
+
+    Thumbnail tokens map back by the two squash factors. Crop tokens: canvas cell + patch offset
+    gives canvas pixels; minus the centred padding they are pixels of the resized image, which
+    scale back to the original (any part of a box in the padding is clipped off).
+    """
+    height, width = lay.image_size
+    patch = lay.crop_size // lay.side
+    new_h, new_w = resized_size(height, width, *lay.best_resolution)
+    top, left = (lay.best_resolution[0] - new_h) // 2, (lay.best_resolution[1] - new_w) // 2
+    crop, within = sources.div(lay.side ** 2, rounding_mode="floor"), sources % lay.side ** 2
+    cell_y, cell_x = ((crop - 1).clamp(min=0) // lay.grid[1]).double(), ((crop - 1).clamp(min=0) % lay.grid[1]).double()
+    y0 = cell_y * lay.crop_size + (within // lay.side * patch).double() - top  # pixels of the resized image
+    x0 = cell_x * lay.crop_size + (within % lay.side * patch).double() - left
+    sy, sx = height / new_h, width / new_w
+    mosaic = torch.stack([(x0 * sx).clamp(0, width), (y0 * sy).clamp(0, height),
+                          ((x0 + patch) * sx).clamp(0, width), ((y0 + patch) * sy).clamp(0, height)], dim=-1)
+    boxes = torch.where((crop == 0)[:, None], squashed_boxes(within, lay.image_size, lay.side), mosaic)
+    return torch.where((sources == NEWLINE)[:, None], torch.full_like(boxes, float("nan")), boxes)

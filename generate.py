@@ -6,16 +6,18 @@ The answer streams to stdout and nothing else goes there; progress, --stats and 
 A user mistake (bad flag, unreadable image, wrong checkpoint) is one line on stderr and exit code 2.
 """
 import argparse
+import os
 import resource
 import sys
-import time
+import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageSequence, UnidentifiedImageError
 
+import anyres
 import model as llava
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -43,21 +45,36 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="auto: float16 on a GPU, bfloat16 on CPU")
+    p.add_argument("--variant", default="v1", choices=["v1", "v2"],
+                   help="paper version: v1 (default: k-center, 4 probe layers, tau 0.03) or v2 (max-sum, 7L/8, tau 0.10)")
     p.add_argument("--retain", type=float, default=0.1,
                    help="Stage 1: fraction of visual tokens kept, in (0, 1]; 1 = Stage 1 off (default 0.1)")
-    p.add_argument("--tau", type=float, default=0.03,
-                   help="Stage 2: evict visual tokens once both attention ratios < tau; 0 = off (default 0.03)")
-    p.add_argument("--select", default="kcenter", choices=["kcenter", "cls"],
-                   help="Stage 1 selector: ToDRE's k-center, or the FasterVLM-style [CLS] top-k baseline")
+    p.add_argument("--tau", type=float, help="Stage 2: evict visual tokens once both attention ratios < tau; "
+                                             "0 = off (default: the variant's, 0.03 or 0.10)")
+    p.add_argument("--probe-layers", help="Stage 2: comma-separated 0-based layers to probe (default: the variant's)")
+    p.add_argument("--select", choices=["kcenter", "maxsum", "cls"],
+                   help="Stage 1 selector: k-center (v1), max-sum (v2), or the FasterVLM-style [CLS] top-k baseline")
     p.add_argument("--no-todre", action="store_true", help="no pruning; the same as --retain 1 --tau 0")
+    p.add_argument("--save-selection", metavar="PNG", help="save the image with the kept visual tokens highlighted")
     p.add_argument("--stats", action="store_true", help="token counts, attention ratios and timings to stderr")
     args = p.parse_args(argv)
     if args.image and args.video:
         raise UsageError("give --image or --video, not both")
     if not 0 < args.retain <= 1:
         raise UsageError(f"--retain must be in (0, 1], got {args.retain}")
-    if args.tau < 0:
+    if args.tau is not None and args.tau < 0:
         raise UsageError(f"--tau must be >= 0, got {args.tau}")
+    if args.probe_layers is not None:
+        try:
+            args.probe_layers = [int(x) for x in args.probe_layers.split(",")]
+        except ValueError:
+            raise UsageError(f"--probe-layers must be comma-separated layer numbers, got {args.probe_layers!r}") from None
+        if min(args.probe_layers) < 0:
+            raise UsageError("--probe-layers must be 0 or more")
+    if args.save_selection is not None:
+        if not (args.image or args.video):
+            raise UsageError("--save-selection needs --image or --video")
+        check_writable(args.save_selection)
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:
@@ -120,6 +137,73 @@ def open_frames(path: str, count: int) -> list[Image.Image]:
     return [open_image(frames[i]) if isinstance(frames[i], str) else frames[i] for i in picks]
 
 
+def check_writable(path: str) -> None:
+    """Fail now, before minutes of model loading, if the picture could not be written later."""
+    p = Path(path)
+    if p.suffix.lower() != ".png":
+        raise UsageError(f"--save-selection writes a PNG: give a path ending in .png, got {path}")
+    if not p.parent.is_dir():
+        raise UsageError(f"cannot write {path}: the directory {p.parent} does not exist")
+    if p.is_dir():
+        raise UsageError(f"cannot write {path}: it is a directory")
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UsageError(f"cannot write {path}: permission denied")
+
+
+def selection_panel(image: Image.Image, boxes: torch.Tensor, kept: torch.Tensor, title: str, size: int = 512):
+    """One picture: the image dimmed, with the boxes of the kept tokens at full brightness."""
+    scale = size / max(image.size)
+    shown = anyres.to_rgb(image).resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    panel = Image.blend(shown, Image.new("RGB", shown.size), 0.75)
+    for x0, y0, x1, y1 in (boxes[kept] * scale).tolist():
+        box = (int(x0), int(y0), max(int(x0) + 1, round(x1)), max(int(y0) + 1, round(y1)))
+        panel.paste(shown.crop(box), box[:2])
+    canvas = Image.new("RGB", (max(panel.width, 160), panel.height + 16), "white")
+    canvas.paste(panel, (0, 16))
+    ImageDraw.Draw(canvas).text((2, 2), f"{title}: {int(kept.sum())} of {len(kept)} kept", fill="black")
+    return canvas
+
+
+def draw_selection(media, visual: llava.VisualTokens, kept: torch.Tensor, select: str) -> Image.Image:
+    """The paper's Figure 7 view: for an image, its thumbnail tokens and its high-resolution crop
+    tokens side by side; for a video, one tile per frame."""
+    sources = visual.sources.cpu()
+    is_kept = torch.zeros(len(sources), dtype=torch.bool)
+    is_kept[kept.cpu()] = True
+    panels = []
+    if visual.layout is not None:
+        side = visual.layout.side
+        boxes = anyres.token_boxes(visual.layout, sources)
+        crop = sources.div(side * side, rounding_mode="floor")
+        for title, part in (("thumbnail", crop == 0), ("crops", (crop > 0) & (sources != anyres.NEWLINE))):
+            panels.append(selection_panel(media, boxes[part], is_kept[part], f"{select} {title}"))
+    else:
+        per_frame = visual.cls_attn.shape[1]
+        side = int(per_frame ** 0.5)
+        for f, frame in enumerate(media):
+            part = sources.div(per_frame, rounding_mode="floor") == f
+            boxes = anyres.squashed_boxes(sources[part] % per_frame, (frame.height, frame.width), side)
+            panels.append(selection_panel(frame, boxes, is_kept[part], f"{select} frame {f}", size=256))
+    picture = Image.new("RGB", (sum(p.width for p in panels) + 8 * (len(panels) - 1), max(p.height for p in panels)), "white")
+    x = 0
+    for p in panels:
+        picture.paste(p, (x, 0))
+        x += p.width + 8
+    return picture
+
+
+def save_png(picture: Image.Image, path: str) -> None:
+    """Write atomically: a complete file appears, or none (also on Ctrl-C)."""
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=Path(path).parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            picture.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -129,12 +213,16 @@ def peak_memory_mb(device: torch.device) -> float:
 @torch.inference_mode()
 def main(argv=None) -> int:
     args = parse_args(argv)
-    settings = llava.NO_PRUNING if args.no_todre else llava.ToDRE(retain=args.retain, tau=args.tau, select=args.select)
+    settings = llava.NO_PRUNING if args.no_todre else llava.variant(
+        args.variant, retain=args.retain, tau=args.tau, select=args.select, probe_layers=args.probe_layers)
     device = pick_device(args.device)
     media = open_image(args.image) if args.image else open_frames(args.video, args.frames) if args.video else None
     if sys.stderr.isatty():  # progress for people; a script reading stderr sees only errors and --stats
         print(f"loading {args.model} on {device} ...", file=sys.stderr)
     model, tokenizer = llava.load(args.model, device, pick_dtype(args.dtype, device))
+    num_layers = model.config.text.num_hidden_layers
+    if args.probe_layers and max(args.probe_layers) >= num_layers:
+        raise UsageError(f"--probe-layers must be below {num_layers}, the model's number of layers")
 
     start = llava.now(device)
     visual = None
@@ -161,6 +249,8 @@ def main(argv=None) -> int:
             sys.stdout.flush()
             printed = text
     print()
+    if args.save_selection:
+        save_png(draw_selection(media, visual, kept, settings.select), args.save_selection)
 
     if args.stats:
         info = stats.prefill

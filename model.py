@@ -5,7 +5,7 @@ This is the only file that knows CLIP, AnyRes, Llama and ToDRE together.
 """
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -94,12 +94,26 @@ def read_json(path: Path) -> dict:
 
 @dataclass
 class ToDRE:
-    """Pruning settings. `ToDRE(retain=1.0, tau=0.0)` is the unpruned model."""
-    retain: float | int = 0.1         # Stage 1 budget: fraction of patch tokens, or a count; 1.0 = Stage 1 off
-    select: str = "kcenter"           # Stage 1 selector: "kcenter" (ToDRE) or "cls" (FasterVLM-style baseline)
+    """Pruning settings; the defaults are the paper's v1. `ToDRE(retain=1.0, tau=0.0)` is the unpruned model."""
+    retain: float | int = 0.1         # Stage 1 budget: a float fraction of patch tokens (1.0 = Stage 1 off) or an int count
+    select: str = "kcenter"           # Stage 1: "kcenter" (v1), "maxsum" (v2), "cls" (FasterVLM-style baseline)
     tau: float = 0.03                 # Stage 2 threshold on both eq. 7 ratios; 0 = Stage 2 off
-    probe_layers: list | None = None  # None = todre.probe_layers(L): L/2, 5L/8, 6L/8, 7L/8
+    probe_fractions: tuple = todre.V1_PROBES  # Stage 2 probe layers as fractions of the depth L
+    probe_layers: list | None = None  # explicit probe layers (0-based), overriding probe_fractions
     evict_layer: int | None = None    # force Stage 2 after this layer, whatever the ratios (benchmarks only)
+
+
+# The paper's two versions (SPEC §11): v1 is what this project implements and the default; its
+# authors' later revision (v2) selects by max-sum diversity and probes once, at 7L/8, with tau 0.10.
+VARIANTS = {
+    "v1": ToDRE(),
+    "v2": ToDRE(select="maxsum", tau=0.10, probe_fractions=todre.V2_PROBES),
+}
+
+
+def variant(name: str, **overrides) -> ToDRE:
+    """The settings of paper version `name` ("v1" or "v2"), with any non-None override applied."""
+    return replace(VARIANTS[name], **{key: value for key, value in overrides.items() if value is not None})
 
 
 NO_PRUNING = ToDRE(retain=1.0, tau=0.0)
@@ -173,19 +187,20 @@ class LlavaNext(nn.Module):
         carries no image content, so they are never candidates and are dropped with Stage 1.
         """
         all_tokens = torch.arange(len(visual.sources), device=visual.sources.device)
-        if settings.retain == 1.0:  # Stage 1 off: the packed sequence as it is, newlines included
+        if isinstance(settings.retain, float) and settings.retain == 1.0:  # Stage 1 off: newlines included
             return all_tokens
         candidates = all_tokens[visual.sources != anyres.NEWLINE]
         k = todre.token_budget(len(candidates), settings.retain)
         candidate_sources = visual.sources[candidates]
-        if settings.select == "kcenter":
+        if settings.select in ("kcenter", "maxsum"):
             pivot_source = todre.select_pivot(visual.cls_attn, anyres=visual.layout is not None)
             pivot = int((candidate_sources == pivot_source).nonzero()[0, 0])
-            order = todre.greedy_k_center(visual.tokens[candidates], k, pivot)
+            greedy = todre.greedy_k_center if settings.select == "kcenter" else todre.greedy_max_sum
+            order = greedy(visual.tokens[candidates], k, pivot)
         elif settings.select == "cls":
             order = todre.cls_top_k(visual.cls_attn.flatten()[candidate_sources], k)
         else:
-            raise InputError(f"unknown selector {settings.select!r}: use 'kcenter' or 'cls'")
+            raise InputError(f"unknown selector {settings.select!r}: use 'kcenter', 'maxsum' or 'cls'")
         return candidates[order.sort().values]  # kept tokens enter the LLM in their original order
 
     def embed(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
@@ -215,7 +230,9 @@ class LlavaNext(nn.Module):
         # S = the tokens before the image, V = the image, T = the text after it (SPEC §9).
         text_pos = positions[positions > visual_pos.max()] if len(visual_pos) else positions[:0]
         stage2 = len(visual_pos) > 0 and (settings.tau > 0 or settings.evict_layer is not None)
-        probes = (settings.probe_layers or todre.probe_layers(len(lm.layers))) if stage2 and settings.tau > 0 else []
+        probes = []
+        if stage2 and settings.tau > 0:
+            probes = settings.probe_layers or todre.probe_layers(len(lm.layers), settings.probe_fractions)
         info = PrefillInfo(prompt_len=len(input_ids))
 
         for i, layer in enumerate(lm.layers):
