@@ -172,8 +172,10 @@ def causal(layer, n):
     return torch.ones(n, n, dtype=torch.bool).tril()
 
 
-def kcenter_bruteforce(x: torch.Tensor, k: int, pivot: int) -> list[int]:
-    """Algorithm 1 / eq. 4-5 transcribed literally: pairwise cosine similarities, explicit max and argmin."""
+def greedy_bruteforce(x: torch.Tensor, k: int, pivot: int, aggregate) -> list[int]:
+    """The greedy selection transcribed literally from its equation: pairwise cosine similarities,
+    an explicit aggregate over the chosen set (max: Algorithm 1 / eq. 4-5; sum: v2's max-sum,
+    SPEC §11) and an explicit argmin."""
     x = x.double()
 
     def cos(a, b):
@@ -185,22 +187,34 @@ def kcenter_bruteforce(x: torch.Tensor, k: int, pivot: int) -> list[int]:
         best, best_value = None, math.inf
         for v in range(len(x)):
             if v not in chosen:
-                value = max(cos(x[v], x[c]) for c in chosen)
+                value = aggregate(cos(x[v], x[c]) for c in chosen)
                 if value < best_value:  # strict: the lowest index wins ties
                     best, best_value = v, value
         chosen.append(best)
     return chosen
 
 
-def kcenter_matrix(x: torch.Tensor, k: int, pivot: int) -> list[int]:
-    """The same algorithm the DivPrune way: the full n x n cosine matrix (fine as a test reference)."""
+def kcenter_bruteforce(x, k, pivot):
+    return greedy_bruteforce(x, k, pivot, max)
+
+
+def max_sum_bruteforce(x, k, pivot):
+    return greedy_bruteforce(x, k, pivot, sum)
+
+
+SELECTORS = {"kcenter": (todre.greedy_k_center, kcenter_bruteforce), "maxsum": (todre.greedy_max_sum, max_sum_bruteforce)}
+
+
+def greedy_matrix(x: torch.Tensor, k: int, pivot: int, aggregate=lambda s: s.max(dim=1).values) -> list[int]:
+    """The same selection the DivPrune way, over the full n x n cosine matrix (for n in the
+    thousands, fine as a test reference); aggregate over the chosen columns: max (k-center) or sum."""
     unit = torch.nn.functional.normalize(x.double(), dim=-1)
     sim = unit @ unit.T
     chosen = [pivot]
     while len(chosen) < k:
-        worst = sim[:, chosen].max(dim=1).values
-        worst[chosen] = math.inf
-        chosen.append(int(worst.argmin()))
+        score = aggregate(sim[:, chosen])
+        score[chosen] = math.inf
+        chosen.append(int(score.argmin()))
     return chosen
 
 
@@ -405,12 +419,34 @@ def test_not_llava_next_is_a_clear_error(tmp_path):
 # ToDRE Stage 1: pivot and greedy k-center
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("selector", list(SELECTORS))
 @pytest.mark.parametrize("n, d, k, pivot, seed", [(40, 8, 12, 0, 0), (57, 5, 20, 31, 1), (30, 64, 30, 7, 2), (25, 3, 1, 24, 3)])
-def test_kcenter_matches_bruteforce(n, d, k, pivot, seed):
+def test_greedy_selectors_match_bruteforce(selector, n, d, k, pivot, seed):
+    greedy, reference = SELECTORS[selector]
     x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    chosen = todre.greedy_k_center(x, k, pivot)
-    assert chosen.tolist() == kcenter_bruteforce(x, k, pivot)
+    chosen = greedy(x, k, pivot)
+    assert chosen.tolist() == reference(x, k, pivot)
     assert chosen[0] == pivot and len(set(chosen.tolist())) == k
+
+
+def test_max_sum_differs_from_k_center():
+    """The two objectives are not the same algorithm: on random data their orders part early."""
+    x = torch.randn(60, 6, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    assert todre.greedy_k_center(x, 20, 0).tolist() != todre.greedy_max_sum(x, 20, 0).tolist()
+
+
+def test_max_sum_duplicates_zero_rows_and_bounds():
+    g = torch.Generator().manual_seed(22)
+    base = torch.randint(-3, 4, (12, 4), generator=g).double()
+    x = torch.cat([base, base[:5], torch.zeros(3, 4), base[3:9]])
+    for k, pivot in [(10, 0), (15, 13), (15, 17)]:
+        assert todre.greedy_max_sum(x, k, pivot).tolist() == max_sum_bruteforce(x, k, pivot)
+    assert sorted(todre.greedy_max_sum(x, len(x), 5).tolist()) == list(range(len(x)))
+    assert todre.greedy_max_sum(x, 1, 5).tolist() == [5]
+    with pytest.raises(ValueError):
+        todre.greedy_max_sum(x, 0, 0)
+    big = torch.randn(200_000, 4, generator=g).to(torch.bfloat16)  # no n x n matrix: that would be 160 GB
+    assert len(set(todre.greedy_max_sum(big, 4, 0).tolist())) == 4
 
 
 def test_kcenter_duplicates_and_zero_rows_match_bruteforce():
@@ -443,7 +479,7 @@ def test_kcenter_never_builds_the_n_by_n_matrix_and_keeps_dtype():
     chosen = todre.greedy_k_center(x, 4, pivot=3)
     assert chosen[0] == 3 and len(set(chosen.tolist())) == 4
     small = torch.randn(50, 8, generator=torch.Generator().manual_seed(8))
-    assert todre.greedy_k_center(small.to(torch.bfloat16), 10, 0).tolist() == kcenter_matrix(small.to(torch.bfloat16).float(), 10, 0)
+    assert todre.greedy_k_center(small.to(torch.bfloat16), 10, 0).tolist() == greedy_matrix(small.to(torch.bfloat16).float(), 10, 0)
 
 
 def test_kcenter_k_equals_n_takes_everything_and_rejects_bad_k():
@@ -496,7 +532,7 @@ def test_stage1_picks_the_reference_tokens_and_equals_the_model_on_that_subset(c
     candidates = (sources != anyres.NEWLINE).nonzero()[:, 0]
     pivot = int(cls_attn[0].argmax())  # thumbnail tokens come first, so candidate index = thumbnail index
     k = round(0.1 * len(candidates))
-    expected = candidates[sorted(kcenter_matrix(packed[candidates], k, pivot))]
+    expected = candidates[sorted(greedy_matrix(packed[candidates], k, pivot))]
     assert kept.tolist() == expected.tolist() and len(kept) == k == 158
 
     with torch.inference_mode():
@@ -533,10 +569,11 @@ def test_video_frames_encode_like_hf_and_pivot_over_frames(ckpt):
         cls_attn = hf_cls_attention(ckpt, pixel_values)
     assert visual.tokens.shape == (3 * 576, SHAPES[ckpt.shape]["hidden"]) and visual.layout is None
     torch.testing.assert_close(visual.tokens, features.flatten(0, 1), atol=1e-5, rtol=0)
+    assert len(ckpt.model.select(visual, llava.ToDRE(retain=1))) == 1  # an int is a count, 1.0 is "all"
     kept = ckpt.model.select(visual, llava.ToDRE(retain=20))
     pivot = int(cls_attn.flatten().argmax())  # frame a, token b -> a * 576 + b
     assert len(kept) == 20 and pivot in kept.tolist()
-    assert kept.tolist() == sorted(kcenter_matrix(features.flatten(0, 1), 20, pivot))
+    assert kept.tolist() == sorted(greedy_matrix(features.flatten(0, 1), 20, pivot))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,6 +584,31 @@ def test_probe_layers():
     assert todre.probe_layers(32) == [16, 20, 24, 28]
     assert todre.probe_layers(40) == [20, 25, 30, 35]
     assert todre.probe_layers(8) == [4, 5, 6, 7]
+    assert todre.probe_layers(32, todre.V2_PROBES) == [28]
+
+
+def test_variants_and_overrides():
+    v1, v2 = llava.variant("v1"), llava.variant("v2")
+    assert (v1.select, v1.tau, todre.probe_layers(32, v1.probe_fractions)) == ("kcenter", 0.03, [16, 20, 24, 28])
+    assert (v2.select, v2.tau, todre.probe_layers(32, v2.probe_fractions)) == ("maxsum", 0.10, [28])
+    tuned = llava.variant("v2", tau=0.2, probe_layers=[3, 5], retain=0.25, select=None)
+    assert (tuned.select, tuned.tau, tuned.probe_layers, tuned.retain) == ("maxsum", 0.2, [3, 5], 0.25)
+
+
+def test_v2_selects_by_max_sum_and_probes_only_at_7L_8(gqa):
+    image = noise_image(517, 301, seed=23)
+    with torch.inference_mode():
+        visual = gqa.model.encode_image(image)
+        kept = gqa.model.select(visual, llava.variant("v2"))
+        candidates = (visual.sources != anyres.NEWLINE).nonzero()[:, 0]
+        pivot = int(visual.cls_attn[0].argmax())
+        expected = sorted(greedy_matrix(visual.tokens[candidates], len(kept), pivot, lambda s: s.sum(dim=1)))
+        assert kept.tolist() == candidates[expected].tolist()
+        ids = llava.prompt_ids(gqa.tokenizer, QUESTION, gqa.model.config.image_token_index, len(kept))
+        _, info = gqa.model.prefill(ids, visual.tokens[kept], llava.variant("v2", tau=1e-9), KVCache(8, 0))
+        assert list(info.ratios) == [7]
+        _, info = gqa.model.prefill(ids, visual.tokens[kept], llava.variant("v2", tau=1e-9, probe_layers=[2, 6]), KVCache(8, 0))
+        assert list(info.ratios) == [2, 6]
 
 
 @pytest.mark.parametrize("order", ["image_then_text", "text_then_image", "interleaved"])
@@ -652,8 +714,60 @@ def test_eviction_equals_masked_reference(gqa, settings):
 
 
 # ---------------------------------------------------------------------------------------------
+# The selection picture
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [(517, 301), (301, 517), (672, 672), (1000, 340)])
+def test_token_boxes_cover_the_pixels_that_produced_them(size):
+    """A black image with one white square: a token whose patch (in the preprocessed crops) has
+    white pixels must have its box on the square, and a token whose box lies on the square must
+    have white pixels. The margin allows for bicubic resampling's few-pixel spread."""
+    width, height = size
+    square = (width // 3, height // 3, width // 3 + 60, height // 3 + 60)  # x0, y0, x1, y1
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[square[1]:square[3], square[0]:square[2]] = 255
+    pixel_values, _ = anyres.preprocess(Image.fromarray(pixels), PINPOINTS)
+    raw = pixel_values * torch.tensor(anyres.CLIP_STD)[:, None, None] + torch.tensor(anyres.CLIP_MEAN)[:, None, None]
+    lay = anyres.layout((height, width), PINPOINTS)
+    sources = anyres.token_sources(lay)
+    boxes = anyres.token_boxes(lay, sources)
+    assert torch.isnan(boxes[sources == anyres.NEWLINE]).all()
+
+    def overlaps(box, grow):
+        return box[0] < square[2] + grow and box[2] > square[0] - grow and box[1] < square[3] + grow and box[3] > square[1] - grow
+
+    bright = {"thumbnail": 0, "crops": 0}
+    for source, box in zip(sources.tolist(), boxes.tolist()):
+        if source == anyres.NEWLINE:
+            continue
+        crop, within = divmod(source, 576)
+        r, c = divmod(within, 24)
+        is_bright = bool(raw[crop, :, r * 14:(r + 1) * 14, c * 14:(c + 1) * 14].max() > 0.5)
+        assert 0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height
+        if is_bright:
+            assert overlaps(box, grow=5), (crop, r, c, box)
+            bright["thumbnail" if crop == 0 else "crops"] += 1
+        if overlaps(box, grow=-5):
+            assert is_bright, (crop, r, c, box)
+    assert bright["thumbnail"] >= 4 and bright["crops"] >= 4
+
+
+def test_selection_panel_keeps_chosen_tokens_bright_and_dims_the_rest():
+    image = Image.new("RGB", (100, 50), (200, 200, 200))
+    boxes = torch.tensor([[0.0, 0, 50, 50], [50, 0, 100, 50]], dtype=torch.float64)
+    panel = generate.selection_panel(image, boxes, torch.tensor([True, False]), "test", size=100)
+    assert panel.getpixel((25, 16 + 25)) == (200, 200, 200)  # kept (below the 16-pixel title strip)
+    assert panel.getpixel((75, 16 + 25))[0] == 50  # dimmed to a quarter
+
+
+# ---------------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mha(tmp_path_factory):
+    return Checkpoint(tmp_path_factory.mktemp("cli"), "mha", seed=5)
+
 
 def run_cli(capsys, *argv):
     code = generate.run(list(argv))
@@ -661,55 +775,223 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
-def test_cli_streams_exactly_the_answer_to_stdout(ckpt, tmp_path):
+def cli_args(ckpt, *extra):
+    return ["--model", str(ckpt.directory), "--prompt", QUESTION, "--device", "cpu", "--dtype", "float32", *extra]
+
+
+def test_cli_streams_exactly_the_answer_to_stdout(mha, tmp_path):
     image = tmp_path / "photo.png"
     noise_image(517, 301, seed=17).save(image)
-    argv = ["--model", str(ckpt.directory), "--image", str(image), "--prompt", QUESTION,
-            "--max-new-tokens", "12", "--device", "cpu", "--dtype", "float32"]
-    done = subprocess.run([sys.executable, str(HERE / "generate.py"), *argv, "--stats"],
+    done = subprocess.run([sys.executable, str(HERE / "generate.py"), *cli_args(mha, "--image", str(image), "--max-new-tokens", "12", "--stats")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     with torch.inference_mode():
-        visual = ckpt.model.encode_image(Image.open(image))
+        visual = mha.model.encode_image(Image.open(image))
         settings = llava.ToDRE()
-        tokens = visual.tokens[ckpt.model.select(visual, settings)]
-        ids = llava.prompt_ids(ckpt.tokenizer, QUESTION, ckpt.model.config.image_token_index, len(tokens))
-        answer = [t for t in ckpt.model.generate(ids, tokens, settings, 12) if t != 2]
-    assert done.stdout == ckpt.tokenizer.decode(answer) + "\n"
-    assert "after Stage 1" in done.stderr and "prefill:" in done.stderr
+        tokens = visual.tokens[mha.model.select(visual, settings)]
+        ids = llava.prompt_ids(mha.tokenizer, QUESTION, mha.model.config.image_token_index, len(tokens))
+        answer = [t for t in mha.model.generate(ids, tokens, settings, 12) if t != 2]
+    assert done.stdout == mha.tokenizer.decode(answer) + "\n"
+    for fact in ("visual tokens: 1608 packed -> 158 after Stage 1 (kcenter)", "attention ratios (eq. 7): layer 1: a_tv=",
+                 "eviction:", "prefill:", "decode:", "peak memory:"):
+        assert fact in done.stderr
 
 
-def test_cli_no_todre_equals_retain_1_tau_0(ckpt, tmp_path, capsys):
+def test_cli_no_todre_equals_retain_1_tau_0(mha, tmp_path, capsys):
     image = tmp_path / "photo.png"
     noise_image(300, 500, seed=18).save(image)
-    common = ["--model", str(ckpt.directory), "--image", str(image), "--prompt", QUESTION,
-              "--max-new-tokens", "10", "--device", "cpu", "--dtype", "float32"]
+    common = cli_args(mha, "--image", str(image), "--max-new-tokens", "10")
     code1, out1, _ = run_cli(capsys, *common, "--no-todre")
     code2, out2, _ = run_cli(capsys, *common, "--retain", "1", "--tau", "0")
-    code3, out3, _ = run_cli(capsys, *common)
-    assert code1 == code2 == code3 == 0 and out1 == out2 and out1.strip()
+    assert code1 == code2 == 0 and out1 == out2 and out1.strip()
 
 
-@pytest.mark.parametrize("case, argv, message", [
-    ("missing image", ["--image", "{tmp}/nope.png"], "image not found"),
-    ("not an image", ["--image", "{tmp}/notes.txt"], "not an image"),
-    ("retain 0", ["--retain", "0"], "--retain must be in (0, 1]"),
-    ("retain 1.5", ["--retain", "1.5"], "--retain must be in (0, 1]"),
-    ("negative tau", ["--tau", "-0.1"], "--tau must be >= 0"),
-    ("no new tokens", ["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
-    ("unknown flag", ["--bogus"], "unrecognized arguments"),
-    ("missing model dir", ["--model", "{tmp}/no_such_dir"], "not a checkpoint directory"),
-    ("not llava-next", ["--model", "{tmp}"], "is missing"),
+def test_cli_variant_and_overrides_reach_the_model(mha, tmp_path, capsys):
+    image = tmp_path / "photo.png"
+    noise_image(300, 500, seed=19).save(image)
+    common = cli_args(mha, "--image", str(image), "--max-new-tokens", "2", "--stats")
+    _, _, err = run_cli(capsys, *common, "--variant", "v2", "--tau", "1e-9")
+    assert "(maxsum)" in err and "layer 1: a_tv" in err  # 7L/8 of 2 layers = layer 1
+    _, _, err = run_cli(capsys, *common, "--variant", "v2", "--probe-layers", "0", "--tau", "2")
+    assert "layer 0: a_tv" in err and "eviction: after layer 0" in err
+    code, _, err = run_cli(capsys, *common, "--probe-layers", "5")
+    assert code == 2 and "--probe-layers must be below 2" in err
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "1x1", "1x4000", "LA"])
+def test_cli_accepts_odd_but_valid_images(mha, tmp_path, capsys, mode):
+    rgb = noise_image(97, 61, seed=24)
+    path = tmp_path / ("image.tif" if mode == "CMYK" else "image.png")
+    if mode == "1x1":
+        rgb.resize((1, 1)).save(path)
+    elif mode == "1x4000":
+        rgb.resize((1, 4000)).save(path)
+    elif mode == "I;16":
+        Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)).save(path)
+    else:
+        rgb.convert(mode).save(path)
+    code, out, err = run_cli(capsys, *cli_args(mha, "--image", str(path), "--max-new-tokens", "2"))
+    assert code == 0, err
+    if mode in ("L", "RGBA", "P", "CMYK", "LA"):  # the same pixels as transformers' processor
+        with Image.open(path) as opened:
+            torch.testing.assert_close(anyres.preprocess(generate.open_image(str(path)), PINPOINTS)[0],
+                                       mha.image_processor(opened, return_tensors="pt")["pixel_values"][0], atol=1e-6, rtol=0)
+    if mode == "I;16":  # 16-bit grey is scaled to 8 bits, not clipped to white
+        assert abs(np.asarray(generate.open_image(str(path)), dtype=float).mean() - np.asarray(rgb.convert("L"), dtype=float).mean()) < 1
+
+
+def test_cli_saves_the_selection_picture(mha, tmp_path, capsys):
+    image, picture = tmp_path / "photo.png", tmp_path / "kept.png"
+    noise_image(517, 301, seed=25).save(image)
+    code, _, err = run_cli(capsys, *cli_args(mha, "--image", str(image), "--max-new-tokens", "2", "--save-selection", str(picture)))
+    assert code == 0, err
+    with Image.open(picture) as saved:
+        assert saved.format == "PNG" and saved.width > 2 * 512  # thumbnail and crops side by side
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(5):
+        noise_image(120, 90, seed=30 + i).save(frames / f"{i:03d}.png")
+    code, _, err = run_cli(capsys, *cli_args(mha, "--video", str(frames), "--frames", "3", "--max-new-tokens", "2",
+                                             "--save-selection", str(picture), "--select", "cls", "--stats"))
+    assert code == 0, err
+    assert "visual tokens: 1728 packed -> 173 after Stage 1 (cls)" in err  # 3 frames x 576
+    with Image.open(picture) as saved:
+        assert saved.width == 3 * 256 + 2 * 8  # one tile per frame
+
+
+def test_cli_video_from_an_animated_gif_samples_frames_evenly(tmp_path):
+    frames = [Image.new("RGB", (40, 30), (i * 25, 0, 0)) for i in range(10)]
+    path = tmp_path / "clip.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=40)
+    picked = generate.open_frames(str(path), 4)
+    assert [f.convert("RGB").getpixel((0, 0))[0] for f in picked] == [0, 75, 150, 225]  # frames 0, 3, 6, 9
+    assert len(generate.open_frames(str(path), 50)) == 10
+
+
+def bad_files(tmp):
+    (tmp / "empty.png").write_bytes(b"")
+    (tmp / "notes.txt").write_text("hello")
+    noise_image(200, 200).save(tmp / "whole.png")
+    (tmp / "truncated.png").write_bytes((tmp / "whole.png").read_bytes()[:3000])
+    (tmp / "config_only").mkdir()
+    (tmp / "config_only" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--image", "{tmp}/nope.png"], "image not found: "),
+    (["--image", "{tmp}/empty.png"], "is not an image Pillow can read"),
+    (["--image", "{tmp}/notes.txt"], "is not an image Pillow can read"),
+    (["--image", "{tmp}/truncated.png"], "is damaged and cannot be decoded"),
+    (["--image", "{tmp}"], "is a directory, not an image"),
+    (["--retain", "0"], "--retain must be in (0, 1]"),
+    (["--retain", "1.5"], "--retain must be in (0, 1]"),
+    (["--tau", "-0.1"], "--tau must be >= 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--probe-layers", "a,b"], "--probe-layers must be comma-separated"),
+    (["--retain", "lots"], "invalid float value: 'lots'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--image", "{tmp}/whole.png", "--video", "{tmp}"], "give --image or --video, not both"),
+    (["--video", "{tmp}/config_only"], "contains no image frames"),
+    (["--save-selection", "{tmp}/kept.png"], "--save-selection needs --image or --video"),
+    (["--image", "{tmp}/whole.png", "--save-selection", "{tmp}/no/such/dir/kept.png"], "does not exist"),
+    (["--image", "{tmp}/whole.png", "--save-selection", "{tmp}/kept.jpg"], "ending in .png"),
+    (["--model", "{tmp}/no_such_dir"], "is not a checkpoint directory"),
+    (["--model", "{tmp}"], "config.json is missing"),
+    (["--model", "{tmp}/config_only"], "not LLaVA-NeXT"),
 ])
-def test_cli_bad_input_is_one_line_and_exit_2(case, argv, message, tmp_path, capsys):
-    (tmp_path / "notes.txt").write_text("hello")
+def test_cli_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys, monkeypatch):
+    bad_files(tmp_path)
     argv = [a.format(tmp=tmp_path) for a in argv]
     code, out, err = run_cli(capsys, "--prompt", "hi", "--device", "cpu", *argv)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err and "Traceback" not in err
 
 
+def one_line_error(capsys, argv, message):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_cli_rejects_a_decompression_bomb(mha, tmp_path, capsys, monkeypatch):
+    noise_image(120, 100).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # the same check Pillow makes at ~89 M pixels
+    one_line_error(capsys, cli_args(mha, "--image", str(tmp_path / "big.png")), "decompression-bomb limit")
+
+
+def test_cli_rejects_a_prompt_longer_than_the_context(mha, tmp_path, capsys):
+    noise_image(672, 672).save(tmp_path / "big.png")  # 2928 visual tokens without pruning
+    one_line_error(capsys, cli_args(mha, "--image", str(tmp_path / "big.png"), "--no-todre", "--max-new-tokens", "2000"),
+                   "exceeds the model's 4096-token context")
+
+
+def test_cli_rejects_checkpoints_with_missing_or_misshaped_tensors(mha, tmp_path, capsys):
+    state = hf_runtime_state(mha)
+    del state["model.multi_modal_projector.linear_2.bias"]
+    state["model.image_newline"] = torch.zeros(7)
+    directory = resave(mha, tmp_path / "broken", state)
+    (directory / "tokenizer.json").write_text((mha.directory / "tokenizer.json").read_text())
+    one_line_error(capsys, cli_args(mha, "--model", str(directory)), "missing (1): multi_modal_projector.linear_2.bias")
+    one_line_error(capsys, cli_args(mha, "--model", str(directory)), "wrong shape (1): model.image_newline (7,)")
+
+
+def test_cli_checks_the_picture_path_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    noise_image(50, 50).save(tmp_path / "photo.png")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(llava, "load", no_load)
+    (tmp_path / "taken.png").mkdir()
+    one_line_error(capsys, ["--prompt", "hi", "--image", str(tmp_path / "photo.png"), "--save-selection", str(tmp_path / "photo.png" / "x.png")],
+                   "does not exist")
+    one_line_error(capsys, ["--prompt", "hi", "--image", str(tmp_path / "photo.png"), "--save-selection", str(tmp_path / "taken.png")],
+                   "it is a directory")
+
+
+def test_cli_offline_hub_says_how_to_use_a_local_directory(tmp_path):
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(HERE / "generate.py"), "--prompt", "hi", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and "pass a local checkpoint directory with --model DIR" in done.stderr
+
+
+def test_cli_ctrl_c_during_generation_exits_quietly_without_a_picture(mha, tmp_path, capsys, monkeypatch):
+    noise_image(200, 150).save(tmp_path / "photo.png")
+    real_generate = llava.LlavaNext.generate
+
+    def interrupted(self, *args, **kwargs):
+        tokens = real_generate(self, *args, **kwargs)
+        yield next(tokens)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llava.LlavaNext, "generate", interrupted)
+    code, _, err = run_cli(capsys, *cli_args(mha, "--image", str(tmp_path / "photo.png"), "--save-selection", str(tmp_path / "kept.png")))
+    assert code == 130 and "Traceback" not in err and err.strip() == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]  # no picture, no temporary file
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cli_cuda_without_cuda_is_a_clear_error(capsys):
-    code, _, err = run_cli(capsys, "--prompt", "hi", "--device", "cuda")
-    assert code == 2 and "no CUDA GPU is available" in err
+    one_line_error(capsys, ["--prompt", "hi", "--device", "cuda"], "no CUDA GPU is available")
+
+
+def test_bench_tiny_preset_runs_and_writes_its_json(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(HERE / "bench.py"), "--preset", "tiny", "--repeats", "1", "--new-tokens", "4",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert (result["preset"], result["device"], result["dtype"]) == ("tiny", "cpu", "float32")
+    runs = {r["name"]: r for r in result["runs"]}
+    assert list(runs) == ["full", "stage1-0.10", "todre-0.25", "todre-0.10", "hf-full"]
+    assert [runs[n]["visual_tokens"] for n in runs] == [2928, 288, 720, 288, 2928]
+    for r in runs.values():
+        assert set(r) >= {"name", "visual_tokens", "vision_s", "select_s", "prefill_s", "decode_s", "total_s",
+                          "peak_mem_mb", "kv_cache_mb", "prefill_tflops", "decode_tflops"}
+    assert runs["todre-0.10"]["evict_layer"] == 2 and runs["stage1-0.10"]["evict_layer"] is None
+    assert runs["todre-0.10"]["kv_cache_mb"] < runs["stage1-0.10"]["kv_cache_mb"] < runs["full"]["kv_cache_mb"]
+    assert runs["full"]["kv_cache_mb"] == pytest.approx(runs["hf-full"]["kv_cache_mb"], rel=0.02)
+    assert runs["full"]["prefill_tflops"] > runs["stage1-0.10"]["prefill_tflops"] > runs["todre-0.10"]["prefill_tflops"]
+    assert "Stage 2 forced after layer 2" in done.stdout
