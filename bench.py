@@ -51,14 +51,17 @@ def model_config(preset: str) -> llava.LlavaNextConfig:
                                  image_grid_pinpoints=PINPOINTS, image_token_index=IMAGE_TOKEN)
 
 
-def settings_for(name: str, num_layers: int, evict_layer: int) -> llava.ToDRE:
+def settings_for(name: str, evict_layer: int) -> llava.ToDRE:
+    """A configuration name, e.g. "todre-0.10" (paper v1) or "todre-0.10-v2" (its revision's selection)."""
+    base, _, version = name.partition("-v")
+    v = "v" + (version or "1")
     return {
         "full": llava.NO_PRUNING,
-        "stage1-0.10": llava.ToDRE(retain=0.10, tau=0.0),
-        "todre-0.25": llava.ToDRE(retain=0.25, evict_layer=evict_layer),
-        "todre-0.10": llava.ToDRE(retain=0.10, evict_layer=evict_layer),
-        "probe-0.10": llava.ToDRE(retain=0.10, tau=1e-9),  # all four probes measured, never evicts
-    }[name]
+        "stage1-0.10": llava.variant(v, retain=0.10, tau=0.0),
+        "todre-0.25": llava.variant(v, retain=0.25, evict_layer=evict_layer),
+        "todre-0.10": llava.variant(v, retain=0.10, evict_layer=evict_layer),
+        "probe-0.10": llava.variant(v, retain=0.10, tau=1e-9),  # every probe layer measured, never evicts
+    }[base]
 
 
 def build_model(cfg: llava.LlavaNextConfig, device, dtype, seed: int) -> llava.LlavaNext:
@@ -132,7 +135,7 @@ def peak_memory_mb(device) -> float:
 
 def run_ours(model, name, args, image, device):
     cfg = model.config
-    settings = settings_for(name, cfg.text.num_hidden_layers, args.evict_layer)
+    settings = settings_for(name, args.evict_layer)
     times = []
     for _ in range(args.warmup + args.repeats):
         start = llava.now(device)
@@ -226,6 +229,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--evict-layer", type=int, default=None, help="Stage 2 forced after this layer (default L/2)")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
+    p.add_argument("--variant", default="v1", help="paper version(s) for the pruned configurations: v1 (default), "
+                                                   "v2, or v1,v2 to time both selections side by side")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     args = p.parse_args(argv)
@@ -245,7 +250,7 @@ def print_table(result: dict, evict_layer: int) -> None:
           "(random weights give meaningless attention ratios)")
     print("times in seconds (median); 'x' columns: prefill speed-up over full, measured and FLOP-ideal "
           "(eq. 1, and exact: SwiGLU's 3 matrices, causal attention)")
-    print(f"{'config':<12} {'tokens':>6} {'vision':>7} {'select':>7} {'prefill':>8} {'decode':>7} {'total':>7} "
+    print(f"{'config':<15} {'tokens':>6} {'vision':>7} {'select':>7} {'prefill':>8} {'decode':>7} {'total':>7} "
           f"{'total x':>7} {'peak MB':>8} {'KV MB':>7} {'pf TFLOP':>8} {'prefill x':>9} {'eq.1 x':>7} {'exact x':>7}")
     for r in result["runs"]:
         total = speedup = ideal = exact = ""
@@ -254,16 +259,17 @@ def print_table(result: dict, evict_layer: int) -> None:
             speedup = f"{full['prefill_s'] / r['prefill_s']:.2f}"
             ideal = f"{full['prefill_tflops'] / r['prefill_tflops']:.2f}"
             exact = f"{full['prefill_tflops_exact'] / r['prefill_tflops_exact']:.2f}"
-        print(f"{r['name']:<12} {r['visual_tokens']:>6} {r['vision_s']:>7.3f} {r['select_s']:>7.3f} {r['prefill_s']:>8.3f} "
+        print(f"{r['name']:<15} {r['visual_tokens']:>6} {r['vision_s']:>7.3f} {r['select_s']:>7.3f} {r['prefill_s']:>8.3f} "
               f"{r['decode_s']:>7.3f} {r['total_s']:>7.3f} {total:>7} {r['peak_mem_mb']:>8.0f} {r['kv_cache_mb']:>7.1f} "
               f"{r['prefill_tflops']:>8.3f} {speedup:>9} {ideal:>7} {exact:>7}")
     probe = result.get("stage2_probe")
     if probe:
         print(f"Stage-2 probes (eq. 7 at layers {probe['layers']}): {probe['probe_s'] * 1e3:.1f} ms = "
               f"{100 * probe['probe_s'] / probe['prefill_s']:.2f}% of that run's prefill")
-    if "todre-0.10" in runs:
-        t = runs["todre-0.10"]
-        print(f"Stage-1 selection in todre-0.10: {t['select_s'] * 1e3:.1f} ms = {100 * t['select_s'] / t['total_s']:.2f}% of its total")
+    for name in ("todre-0.10", "todre-0.10-v2"):
+        if name in runs:
+            t = runs[name]
+            print(f"Stage-1 selection in {name}: {t['select_s'] * 1e3:.1f} ms = {100 * t['select_s'] / t['total_s']:.2f}% of its total")
 
 
 def main(argv=None) -> int:
@@ -275,6 +281,14 @@ def main(argv=None) -> int:
     if unknown := set(names) - set(CONFIGS):
         print(f"error: unknown configuration(s) {', '.join(sorted(unknown))}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
         return 2
+    variants = args.variant.split(",")
+    if unknown := set(variants) - set(llava.VARIANTS):
+        print(f"error: unknown variant(s) {', '.join(sorted(unknown))}; choose from v1, v2", file=sys.stderr)
+        return 2
+    # each pruned configuration once per variant; v1 keeps the plain names of the JSON schema
+    names = [n if n in ("full", "hf-full") or v == "v1" else f"{n}-{v}"
+             for n in names for v in (variants if n not in ("full", "hf-full") else [None])]
+    probe = "probe-0.10" if "v1" in variants else "probe-0.10-v2"
     if "hf-full" in names:
         try:
             import transformers  # noqa: F401  (the benchmark's reference only)
@@ -284,18 +298,19 @@ def main(argv=None) -> int:
     common = ["--preset", args.preset, "--device", args.device, "--dtype", args.dtype, "--new-tokens", str(args.new_tokens),
               "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--evict-layer", str(args.evict_layer)]
     runs = []
-    for name in names + ["probe-0.10"]:
+    for name in names + [probe]:
         print(f"running {name} ...", file=sys.stderr)
         done = subprocess.run([sys.executable, __file__, *common, "--one", name], capture_output=True, text=True)
         if done.returncode != 0:
             print(done.stderr, file=sys.stderr)
             return 1
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    probe = runs.pop()
+    probe_run = runs.pop()
     result = {"preset": args.preset, "device": args.device, "dtype": args.dtype, "new_tokens": args.new_tokens,
-              "evict_layer": args.evict_layer, "runs": runs,
-              "stage2_probe": {"layers": llava.todre.probe_layers(PRESETS[args.preset]["text"]["num_hidden_layers"]),
-                               "probe_s": probe["probe_s"], "prefill_s": probe["prefill_s"]}}
+              "evict_layer": args.evict_layer, "variant": args.variant, "runs": runs,
+              "stage2_probe": {"layers": llava.todre.probe_layers(PRESETS[args.preset]["text"]["num_hidden_layers"],
+                                                                  settings_for(probe, args.evict_layer).probe_fractions),
+                               "probe_s": probe_run["probe_s"], "prefill_s": probe_run["prefill_s"]}}
     print_table(result, args.evict_layer)
     if args.json:
         with open(args.json, "w") as f:
