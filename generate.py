@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     answer, printed = [], ""
     for token in model.generate(input_ids, tokens, settings, args.max_new_tokens, args.temperature, generator, stats):
         if token == model.config.text.eos_token_id:
-            break
+            continue  # not printed; the generator ends after it (and records its timings)
         answer.append(token)
         text = tokenizer.decode(answer)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character

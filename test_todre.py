@@ -797,6 +797,36 @@ def test_cli_streams_exactly_the_answer_to_stdout(mha, tmp_path):
         assert fact in done.stderr
 
 
+def test_cli_stats_are_complete_when_generation_stops_at_eos(mha, tmp_path, capsys, monkeypatch):
+    noise_image(120, 80).save(tmp_path / "photo.png")
+    real_generate = llava.LlavaNext.generate
+
+    def stops_at_eos(self, *args, **kwargs):  # the model's own generator, fed EOS as its third token
+        eos = self.config.text.eos_token_id
+        original = self.decode_step
+        steps = []
+
+        def decode_step(token, position, kv_cache):
+            steps.append(token)
+            logits = original(token, position, kv_cache)
+            if len(steps) == 2:
+                logits = torch.full_like(logits, -1e9)
+                logits[eos] = 0
+            return logits
+
+        self.decode_step = decode_step
+        try:
+            yield from real_generate(self, *args, **kwargs)
+        finally:
+            del self.decode_step
+
+    monkeypatch.setattr(llava.LlavaNext, "generate", stops_at_eos)
+    code, out, err = run_cli(capsys, *cli_args(mha, "--image", str(tmp_path / "photo.png"), "--max-new-tokens", "10", "--stats"))
+    assert code == 0 and len(mha.tokenizer.encode(out.strip(), add_special_tokens=False).ids) >= 1
+    assert "decode: " in err and "for 3 tokens" in err and "decode: 0.000 s" not in err
+    assert "KV cache: 0.0 MiB" not in err
+
+
 def test_cli_no_todre_equals_retain_1_tau_0(mha, tmp_path, capsys):
     image = tmp_path / "photo.png"
     noise_image(300, 500, seed=18).save(image)
