@@ -68,7 +68,7 @@ def build_model(cfg: llava.LlavaNextConfig, device, dtype, seed: int) -> llava.L
     """Seeded random weights, made directly on the device: N(0, 0.02) matrices, unit norms."""
     with torch.device("meta"):
         model = llava.LlavaNext(cfg)
-    model = model.to_empty(device=device)
+    model = model.to(dtype).to_empty(device=device)  # memory for the weights in their final dtype only
     g = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -76,7 +76,7 @@ def build_model(cfg: llava.LlavaNextConfig, device, dtype, seed: int) -> llava.L
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=g)
-    return model.to(dtype).eval()
+    return model.eval()
 
 
 def synthetic_image() -> Image.Image:
