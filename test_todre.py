@@ -294,6 +294,22 @@ def test_greedy_generation_matches_hf(ckpt, with_image):
     assert len(set(ours)) > 3  # a varied sequence, not one token repeated
 
 
+def test_sampled_generation_is_seeded_and_tends_to_greedy_as_temperature_falls(ckpt):
+    image = noise_image(336, 336, seed=26)
+    with torch.inference_mode():
+        visual = ckpt.model.encode_image(image).tokens
+        ids = llava.prompt_ids(ckpt.tokenizer, QUESTION, ckpt.model.config.image_token_index, len(visual))
+
+        def sample(temperature, seed):
+            generator = torch.Generator().manual_seed(seed)
+            return list(ckpt.model.generate(ids, visual, llava.NO_PRUNING, 12, temperature, generator))
+
+        greedy = list(ckpt.model.generate(ids, visual, llava.NO_PRUNING, 12))
+        assert sample(1e-4, 0) == greedy  # logits / 1e-4: all the probability on the argmax
+        assert sample(5.0, 1) == sample(5.0, 1)  # same seed, same tokens
+        assert len({tuple(sample(5.0, seed)) for seed in range(4)}) > 1  # a hot distribution really samples
+
+
 def resave(ckpt: Checkpoint, directory: Path, state: dict) -> Path:
     """A copy of the checkpoint's JSON files with `state` as its only weights file."""
     directory.mkdir()
