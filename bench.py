@@ -8,8 +8,8 @@ Random weights give meaningless attention ratios, so Stage 2 is forced after lay
 (--evict-layer); everywhere else the real decision rule (eq. 7 < tau) is the default.
 """
 import argparse
+import importlib.util
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -127,12 +127,6 @@ def exact_prefill_flops(cfg: LlamaConfig, n: int, visual: int, evict_layer: int 
     return (evict_layer + 1) * layer(n) + (T - evict_layer - 1) * layer(n - visual)
 
 
-def peak_memory_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_ours(model, name, args, image, device):
     cfg = model.config
     settings = settings_for(name, args.evict_layer)
@@ -215,7 +209,7 @@ def run_one(args) -> dict:
         times, row = run_ours(model, args.one, args, image, device)
     median = {key: statistics.median(t[key] for t in times) for key in times[0]}
     median["total_s"] = median["vision_s"] + median["select_s"] + median["prefill_s"] + median["decode_s"]
-    return {"name": args.one, **row, **median, "peak_mem_mb": peak_memory_mb(device)}
+    return {"name": args.one, **row, **median, "peak_mem_mb": llava.peak_memory_mb(device)}
 
 
 def parse_args(argv=None):
@@ -289,12 +283,9 @@ def main(argv=None) -> int:
     names = [n if n in ("full", "hf-full") or v == "v1" else f"{n}-{v}"
              for n in names for v in (variants if n not in ("full", "hf-full") else [None])]
     probe = "probe-0.10" if "v1" in variants else "probe-0.10-v2"
-    if "hf-full" in names:
-        try:
-            import transformers  # noqa: F401  (the benchmark's reference only)
-        except ImportError:
-            print("transformers is not installed: skipping hf-full", file=sys.stderr)
-            names.remove("hf-full")
+    if "hf-full" in names and importlib.util.find_spec("transformers") is None:  # the reference is optional
+        print("transformers is not installed: skipping hf-full", file=sys.stderr)
+        names.remove("hf-full")
     common = ["--preset", args.preset, "--device", args.device, "--dtype", args.dtype, "--new-tokens", str(args.new_tokens),
               "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--evict-layer", str(args.evict_layer)]
     runs = []

@@ -7,7 +7,6 @@ A user mistake (bad flag, unreadable image, wrong checkpoint) is one line on std
 """
 import argparse
 import os
-import resource
 import sys
 import tempfile
 import warnings
@@ -204,12 +203,6 @@ def save_png(picture: Image.Image, path: str) -> None:
         raise
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 @torch.inference_mode()
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -267,7 +260,7 @@ def main(argv=None) -> int:
             f"prefill: {stats.prefill_s:.3f} s",
             f"decode: {stats.decode_s:.3f} s for {stats.new_tokens} tokens",
             f"KV cache: {stats.kv_cache_bytes / 2 ** 20:.1f} MiB",
-            f"peak memory: {peak_memory_mb(device):.0f} MiB",
+            f"peak memory: {llava.peak_memory_mb(device):.0f} MiB",
         ]
         print("\n".join(lines), file=sys.stderr)
     return 0

@@ -4,6 +4,7 @@ prefill/decode loop in which both pruning stages happen in plain code.
 This is the only file that knows CLIP, AnyRes, Llama and ToDRE together.
 """
 import json
+import resource
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -314,6 +315,13 @@ def now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: the most memory tensors ever held on the device; CPU: this process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers as tf
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
