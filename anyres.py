@@ -29,10 +29,16 @@ def select_best_resolution(height: int, width: int, pinpoints) -> tuple[int, int
 
 
 def resized_size(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:
-    """Size (h, w) of the image scaled to fit inside the target, aspect ratio kept (HF get_patch_output_size)."""
-    if target_w / width < target_h / height:
-        return min(math.ceil(height * target_w / width), target_h), target_w
-    return target_h, min(math.ceil(width * target_h / height), target_w)
+    """Size (h, w) of the image scaled to fit inside the target, aspect ratio kept (HF get_patch_output_size).
+
+    The float order is HF's (and the original LLaVA code's): the scale is computed first, then
+    multiplied. It matters: for 500x375 into 672 wide, 375 * (672 / 500) = 504.00000000000006,
+    which rounds up to 505 rows, where the exact 375 * 672 / 500 = 504.
+    """
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_h), target_w
+    return target_h, min(math.ceil(width * scale_h), target_w)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -101,11 +107,12 @@ def layout(image_size, pinpoints, crop_size: int = 336, patch_size: int = 14) ->
     side = crop_size // patch_size
     mosaic_h, mosaic_w = side * grid[0], side * grid[1]
     rows, cols = (0, mosaic_h), (0, mosaic_w)
+    # Same float order as HF's unpad_image: scale first, then multiply.
     if width / height > mosaic_w / mosaic_h:  # image wider than the canvas: padding was top and bottom
-        pad = (mosaic_h - int(round(height * mosaic_w / width, 7))) // 2
+        pad = (mosaic_h - int(round(height * (mosaic_w / width), 7))) // 2
         rows = (pad, mosaic_h - pad)
     else:
-        pad = (mosaic_w - int(round(width * mosaic_h / height, 7))) // 2
+        pad = (mosaic_w - int(round(width * (mosaic_h / height), 7))) // 2
         cols = (pad, mosaic_w - pad)
     return Layout((height, width), best, grid, crop_size, side, rows, cols)
 

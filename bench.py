@@ -4,8 +4,8 @@
 
 Every configuration runs in a fresh subprocess (so CPU peak RSS is its own) on the same seeded
 random weights and the same synthetic 672x672 image (2880 patch tokens) and question.
-Random weights give meaningless attention ratios, so Stage 2 is forced after layer L/2
-(--evict-layer); everywhere else the real decision rule (eq. 7 < tau) is the default.
+Random weights give meaningless attention ratios, so Stage 2 is forced after the paper's layer
+L/2 (index L/2 - 1, --evict-layer); everywhere else the real decision rule (eq. 7 < tau) is the default.
 """
 import argparse
 import importlib.util
@@ -94,7 +94,7 @@ def prompt_ids(num_visual: int, device) -> torch.Tensor:
 
 
 def flops(cfg: LlamaConfig, n: int, visual: int, evict_layer: int | None, new_tokens: int):
-    """Paper eq. 1-2 (SPEC §10): prefill and decode FLOPs, layers before and after eviction counted
+    """Paper eq. 1-2: prefill and decode FLOPs, layers before and after eviction counted
     with their own input length (the evicting layer's prefill still sees the visual tokens; its
     decoding does not)."""
     d, m, T, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, new_tokens
@@ -221,7 +221,7 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--evict-layer", type=int, default=None, help="Stage 2 forced after this layer (default L/2)")
+    p.add_argument("--evict-layer", type=int, default=None, help="Stage 2 forced after this layer (default: the first probe layer, the paper's L/2)")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
     p.add_argument("--variant", default="v1", help="paper version(s) for the pruned configurations: v1 (default), "
                                                    "v2, or v1,v2 to time both selections side by side")
@@ -233,7 +233,7 @@ def parse_args(argv=None):
     if args.dtype == "auto":
         args.dtype = "float16" if args.device == "cuda" else "float32"
     if args.evict_layer is None:
-        args.evict_layer = PRESETS[args.preset]["text"]["num_hidden_layers"] // 2
+        args.evict_layer = llava.todre.probe_layers(PRESETS[args.preset]["text"]["num_hidden_layers"])[0]
     return args
 
 

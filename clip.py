@@ -56,7 +56,10 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)  # (b, heads, n, head_dim)
         cls_attn = None
         if return_cls_attn:
-            # Only the [CLS] query row needs explicit probabilities (SPEC §3): one extra (1 x n) row per head.
+            # ToDRE's pivot score (paper eq. 3). The paper says "the [CLS] attention from the last layer
+            # of the vision encoder"; we take the layer LLaVA takes its features from (the penultimate
+            # for the Hub checkpoints, FasterVLM's choice too), which is the last layer LLaVA runs.
+            # Only the [CLS] query row needs explicit probabilities: one extra (1 x n) row per head.
             scores = (q[:, :, :1].float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
             cls_attn = scores.softmax(dim=-1).mean(dim=1)[:, 0, 1:]  # (b, n - 1): CLS -> patches
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d)), cls_attn

@@ -50,9 +50,14 @@ def parse_args(argv):
                    help="Stage 1: fraction of visual tokens kept, in (0, 1]; 1 = Stage 1 off (default 0.1)")
     p.add_argument("--tau", type=float, help="Stage 2: evict visual tokens once both attention ratios < tau; "
                                              "0 = off (default: the variant's, 0.03 or 0.10)")
-    p.add_argument("--probe-layers", help="Stage 2: comma-separated 0-based layers to probe (default: the variant's)")
-    p.add_argument("--select", choices=["kcenter", "maxsum", "cls"],
-                   help="Stage 1 selector: k-center (v1), max-sum (v2), or the FasterVLM-style [CLS] top-k baseline")
+    p.add_argument("--probe-layers", help="Stage 2: comma-separated layers to probe, 0-based (the paper counts from 1: "
+                                          "its layer 16 is 15 here); default: the variant's, 15,19,23,27 for 32 layers")
+    p.add_argument("--select", choices=list(llava.SELECTORS),
+                   help="Stage 1 selector: k-center (v1), max-sum (v2), or the [CLS] top-k baseline: "
+                        "per crop as FasterVLM does (cls), or one global top-k (cls-global)")
+    p.add_argument("--newlines", choices=["drop", "keep"], default="drop",
+                   help="Stage 1 and the image_newline tokens (never candidates): drop them all (default) "
+                        "or keep them all in place, as GlobalCom2 does")
     p.add_argument("--no-todre", action="store_true", help="no pruning; the same as --retain 1 --tau 0")
     p.add_argument("--save-selection", metavar="PNG", help="save the image with the kept visual tokens highlighted")
     p.add_argument("--stats", action="store_true", help="token counts, attention ratios and timings to stderr")
@@ -149,7 +154,8 @@ def check_writable(path: str) -> None:
         raise UsageError(f"cannot write {path}: permission denied")
 
 
-def selection_panel(image: Image.Image, boxes: torch.Tensor, kept: torch.Tensor, title: str, size: int = 512):
+def selection_panel(image: Image.Image, boxes: torch.Tensor, kept: torch.Tensor, title: str, size: int = 512,
+                    note: str = ""):
     """One picture: the image dimmed, with the boxes of the kept tokens at full brightness."""
     scale = size / max(image.size)
     shown = anyres.to_rgb(image).resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
@@ -159,7 +165,7 @@ def selection_panel(image: Image.Image, boxes: torch.Tensor, kept: torch.Tensor,
         panel.paste(shown.crop(box), box[:2])
     canvas = Image.new("RGB", (max(panel.width, 160), panel.height + 16), "white")
     canvas.paste(panel, (0, 16))
-    ImageDraw.Draw(canvas).text((2, 2), f"{title}: {int(kept.sum())} of {len(kept)} kept", fill="black")
+    ImageDraw.Draw(canvas).text((2, 2), f"{title}: {int(kept.sum())} of {len(kept)} kept{note}", fill="black")
     return canvas
 
 
@@ -174,8 +180,10 @@ def draw_selection(media, visual: llava.VisualTokens, kept: torch.Tensor, select
         side = visual.layout.side
         boxes = anyres.token_boxes(visual.layout, sources)
         crop = sources.div(side * side, rounding_mode="floor")
-        for title, part in (("thumbnail", crop == 0), ("crops", (crop > 0) & (sources != anyres.NEWLINE))):
-            panels.append(selection_panel(media, boxes[part], is_kept[part], f"{select} {title}"))
+        is_newline = sources == anyres.NEWLINE
+        newlines = f", newlines {int(is_kept[is_newline].sum())} of {int(is_newline.sum())}"
+        for title, part, note in (("thumbnail", crop == 0, ""), ("crops", (crop > 0) & ~is_newline, newlines)):
+            panels.append(selection_panel(media, boxes[part], is_kept[part], f"{select} {title}", note=note))
     else:
         per_frame = visual.cls_attn.shape[1]
         side = int(per_frame ** 0.5)
@@ -207,7 +215,8 @@ def save_png(picture: Image.Image, path: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     settings = llava.NO_PRUNING if args.no_todre else llava.variant(
-        args.variant, retain=args.retain, tau=args.tau, select=args.select, probe_layers=args.probe_layers)
+        args.variant, retain=args.retain, tau=args.tau, select=args.select, probe_layers=args.probe_layers,
+        newlines=args.newlines)
     device = pick_device(args.device)
     media = open_image(args.image) if args.image else open_frames(args.video, args.frames) if args.video else None
     if sys.stderr.isatty():  # progress for people; a script reading stderr sees only errors and --stats
@@ -249,7 +258,9 @@ def main(argv=None) -> int:
         info = stats.prefill
         lines = []
         if visual is not None:
-            lines.append(f"visual tokens: {len(visual.tokens)} packed -> {len(kept)} after Stage 1 ({settings.select})")
+            newlines = int((visual.sources[kept] == anyres.NEWLINE).sum())
+            lines.append(f"visual tokens: {len(visual.tokens)} packed -> {len(kept)} after Stage 1 ({settings.select}, "
+                         f"{newlines} of {int((visual.sources == anyres.NEWLINE).sum())} newlines kept)")
             ratios = ", ".join(f"layer {i}: a_tv={tv:.4f} a_vt={vt:.4f}" for i, (tv, vt) in info.ratios.items())
             lines.append(f"attention ratios (eq. 7): {ratios or 'not measured (tau = 0)'}")
             lines.append("eviction: " + (f"after layer {info.evict_layer}" if info.evict_layer is not None else "none"))

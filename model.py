@@ -97,7 +97,8 @@ def read_json(path: Path) -> dict:
 class ToDRE:
     """Pruning settings; the defaults are the paper's v1. `ToDRE(retain=1.0, tau=0.0)` is the unpruned model."""
     retain: float | int = 0.1         # Stage 1 budget: a float fraction of patch tokens (1.0 = Stage 1 off) or an int count
-    select: str = "kcenter"           # Stage 1: "kcenter" (v1), "maxsum" (v2), "cls" (FasterVLM-style baseline)
+    select: str = "kcenter"           # Stage 1: "kcenter" (v1), "maxsum" (v2), "cls" (FasterVLM, per crop), "cls-global"
+    newlines: str = "drop"            # Stage 1 and the image_newline tokens: "drop" them all, or "keep" them all
     tau: float = 0.03                 # Stage 2 threshold on both eq. 7 ratios; 0 = Stage 2 off
     probe_fractions: tuple = todre.V1_PROBES  # Stage 2 probe layers as fractions of the depth L
     probe_layers: list | None = None  # explicit probe layers (0-based), overriding probe_fractions
@@ -118,6 +119,11 @@ def variant(name: str, **overrides) -> ToDRE:
 
 
 NO_PRUNING = ToDRE(retain=1.0, tau=0.0)
+
+# Stage 1 selectors by name: the paper's two diversity selections, and the [CLS] baseline of
+# FasterVLM (a Table 1 peer) per crop as FasterVLM does, or as one global top-k.
+SELECTORS = {"kcenter": todre.greedy_k_center, "maxsum": todre.greedy_max_sum,
+             "cls": todre.cls_top_k_per_crop, "cls-global": todre.cls_top_k}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,27 +188,42 @@ class LlavaNext(nn.Module):
         return VisualTokens(features.flatten(0, 1), sources, cls_attn, None)
 
     def select(self, visual: VisualTokens, settings: ToDRE) -> torch.Tensor:
-        """ToDRE Stage 1: indices into visual.tokens to keep, in sequence order (paper §4.1, SPEC §8).
+        """ToDRE Stage 1: indices into visual.tokens to keep, in sequence order (paper §4.1).
 
         Candidates are the patch tokens only: image_newline tokens are one repeated vector that
-        carries no image content, so they are never candidates and are dropped with Stage 1.
+        carries no image content, so they are never candidates. The paper does not say what
+        becomes of them; `settings.newlines` drops them all (default) or keeps them all in place
+        (what GlobalCom2, a baseline of the paper's Table 1, does). k counts patch tokens only.
         """
         all_tokens = torch.arange(len(visual.sources), device=visual.sources.device)
         if isinstance(settings.retain, float) and settings.retain == 1.0:  # Stage 1 off: newlines included
             return all_tokens
-        candidates = all_tokens[visual.sources != anyres.NEWLINE]
+        if settings.select not in SELECTORS:
+            raise InputError(f"unknown selector {settings.select!r}: use {', '.join(map(repr, SELECTORS))}")
+        if settings.newlines not in ("drop", "keep"):
+            raise InputError(f"newlines must be 'drop' or 'keep', got {settings.newlines!r}")
+        if not torch.isfinite(visual.tokens).all():
+            bad = int((~torch.isfinite(visual.tokens)).any(dim=-1).sum())
+            raise InputError(f"{bad} of {len(visual.tokens)} visual tokens hold NaN or inf: the vision tower "
+                             "overflowed in this dtype, or the checkpoint is damaged (try --dtype float32)")
+        is_newline = visual.sources == anyres.NEWLINE
+        candidates = all_tokens[~is_newline]
         k = todre.token_budget(len(candidates), settings.retain)
         candidate_sources = visual.sources[candidates]
         if settings.select in ("kcenter", "maxsum"):
             pivot_source = todre.select_pivot(visual.cls_attn, anyres=visual.layout is not None)
             pivot = int((candidate_sources == pivot_source).nonzero()[0, 0])
-            greedy = todre.greedy_k_center if settings.select == "kcenter" else todre.greedy_max_sum
-            order = greedy(visual.tokens[candidates], k, pivot)
+            order = SELECTORS[settings.select](visual.tokens[candidates], k, pivot)
         elif settings.select == "cls":
-            order = todre.cls_top_k(visual.cls_attn.flatten()[candidate_sources], k)
+            per_crop = visual.cls_attn.shape[1]
+            crops = candidate_sources.div(per_crop, rounding_mode="floor")
+            order = todre.cls_top_k_per_crop(visual.cls_attn.flatten()[candidate_sources], crops, k)
         else:
-            raise InputError(f"unknown selector {settings.select!r}: use 'kcenter', 'maxsum' or 'cls'")
-        return candidates[order.sort().values]  # kept tokens enter the LLM in their original order
+            order = todre.cls_top_k(visual.cls_attn.flatten()[candidate_sources], k)
+        kept = candidates[order]
+        if settings.newlines == "keep":
+            kept = torch.cat([kept, all_tokens[is_newline]])
+        return kept.sort().values  # kept tokens enter the LLM in their original order
 
     def embed(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
         """(n,) ids -> (1, n, d) embeddings with the visual tokens scattered into the image positions."""

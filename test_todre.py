@@ -259,6 +259,66 @@ def test_packed_features_and_logits_match_hf(ckpt, size):
     assert (ours[0] - hf_logits).abs().max() < 1e-4
 
 
+# Real-world sizes (width, height): camera and COCO photos, both orientations, screens, odd crops.
+REAL_WORLD_SIZES = [(500, 375), (375, 500), (640, 480), (480, 640), (640, 427), (427, 640), (500, 333), (333, 500),
+                    (1024, 768), (1920, 1080), (1080, 1920), (4032, 3024), (800, 600), (612, 612), (1200, 900),
+                    (400, 300), (300, 400), (640, 360), (1280, 720), (3000, 2000), (2000, 3000), (1600, 1200),
+                    (640, 640), (512, 384), (1000, 1000), (350, 262), (2048, 1536), (720, 1280), (336, 336),
+                    (1366, 768)]
+
+
+@pytest.fixture(scope="module")
+def image_processor():
+    return tf.LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                         image_grid_pinpoints=PINPOINTS)
+
+
+def test_geometry_matches_hf_helpers_on_a_dense_grid_of_sizes(mha):
+    """Every (W, H) in 1..1400 step 7: best resolution, resized size, unpadded mosaic and token count
+    equal transformers' own helpers (select_best_resolution, get_patch_output_size, the model's
+    unpad_image and the processor's token count)."""
+    from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
+    from transformers.image_utils import ChannelDimension
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+    checked = 0
+    for width in range(1, 1401, 7):
+        for height in range(1, 1401, 7):
+            best = anyres.select_best_resolution(height, width, PINPOINTS)
+            assert best == select_best_resolution((height, width), PINPOINTS), (width, height)
+            pixels = np.broadcast_to(np.zeros((), np.uint8), (3, height, width))  # no memory: only the shape is read
+            assert anyres.resized_size(height, width, *best) == tuple(
+                get_patch_output_size(pixels, best, ChannelDimension.FIRST)), (width, height)
+            lay = anyres.layout((height, width), PINPOINTS)
+            mosaic = unpad_image(torch.empty(1, 24 * lay.grid[0], 24 * lay.grid[1]), (height, width))
+            assert (lay.rows[1] - lay.rows[0], lay.cols[1] - lay.cols[0]) == tuple(mosaic.shape[1:]), (width, height)
+            assert lay.num_tokens == mha.processor._get_number_of_features(height, width, 336, 336) - 1, (width, height)
+            checked += 1
+    assert checked == 200 * 200
+
+
+@pytest.mark.parametrize("size", REAL_WORLD_SIZES, ids=[f"{w}x{h}" for w, h in REAL_WORLD_SIZES])
+def test_pixel_values_match_hf_on_real_world_sizes(image_processor, size):
+    image = noise_image(*size, seed=size[0] + size[1])
+    ours, (h, w) = anyres.preprocess(image, PINPOINTS)
+    reference = image_processor(image, return_tensors="pt")
+    assert (h, w) == tuple(reference["image_sizes"][0].tolist()) == (size[1], size[0])
+    assert ours.shape == reference["pixel_values"][0].shape
+    torch.testing.assert_close(ours, reference["pixel_values"][0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("size", [(500, 375), (400, 300), (1200, 900), (1080, 1920), (4032, 3024)])
+def test_logits_match_hf_on_real_world_sizes(mha, size):
+    """500x375, 1200x900 and 400x300 are where HF's scale-first rounding gives one more pixel row or column."""
+    image = noise_image(*size, seed=7)
+    ref = mha.hf_inputs(image)
+    with torch.inference_mode():
+        visual = mha.model.encode_image(image)
+        ids = llava.prompt_ids(mha.tokenizer, QUESTION, mha.model.config.image_token_index, len(visual.tokens))
+        assert torch.equal(ids, ref["input_ids"][0])
+        ours, _ = mha.model.prefill(ids, visual.tokens, llava.NO_PRUNING, KVCache(2, 0), all_logits=True)
+        assert (ours[0] - mha.hf(**ref).logits[0]).abs().max() < 1e-4
+
+
 def test_image_changes_logits(ckpt):
     """Guard against a model that ignores its image: two images must give clearly different logits."""
     with torch.inference_mode():
@@ -507,6 +567,114 @@ def test_kcenter_k_equals_n_takes_everything_and_rejects_bad_k():
             todre.greedy_k_center(x, k, 0)
 
 
+def clusters(num: int, per: int, dim: int, norms, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`num` well-separated directions, `per` noisy tokens around each, scaled to the given norms."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.linalg.qr(torch.randn(dim, num, generator=g))[0].T  # orthonormal
+    x = centres.repeat_interleave(per, dim=0) + 0.02 * torch.randn(num * per, dim, generator=g)
+    scale = torch.tensor(norms, dtype=torch.float32)[torch.randint(len(norms), (num * per, 1), generator=g)]
+    x = x / x.norm(dim=1, keepdim=True) * scale
+    return x, (x @ centres.T).argmax(dim=1)
+
+
+@pytest.mark.parametrize("selector", list(SELECTORS))
+@pytest.mark.parametrize("norms", [[1.0], [300.0, 5000.0], [1e4]])
+def test_float16_selects_one_token_per_cluster_like_float32_at_any_norm(selector, norms):
+    """float16 tokens with norms in the thousands overflow a plain dot product to inf; with rows
+    normalised first the selection equals float32's exactly."""
+    greedy = SELECTORS[selector][0]
+    x, cluster = clusters(12, 30, 64, norms, seed=len(norms))
+    half = x.half()
+    assert torch.isfinite(half).all() and not torch.isfinite(half @ half[0]).all() or norms == [1.0]
+    chosen16, chosen32 = greedy(half, 12, 5), greedy(half.float(), 12, 5)
+    assert chosen16.tolist() == chosen32.tolist()
+    assert sorted(cluster[chosen16].tolist()) == list(range(12))
+
+
+def k_center_radius(x: torch.Tensor, chosen: torch.Tensor) -> float:
+    """The k-center objective, in float64: the largest cosine distance from any token to the chosen set."""
+    unit = torch.nn.functional.normalize(x.double(), dim=-1)
+    return float((1 - (unit @ unit[chosen].T).max(dim=1).values).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_selection_on_random_tokens_is_valid_and_covers_like_float32(dtype):
+    """Unstructured tokens have near-ties that may break differently in 16 bits; the selection must
+    still be k distinct valid indices whose coverage is within 1% of float32's."""
+    x = 40 * torch.randn(2880, 256, generator=torch.Generator().manual_seed(31))
+    low = x.to(dtype)
+    chosen = todre.greedy_k_center(low, 288, 0)
+    assert len(set(chosen.tolist())) == 288 and 0 <= int(chosen.min()) and int(chosen.max()) < 2880
+    reference = todre.greedy_k_center(low.float(), 288, 0)
+    assert k_center_radius(low, chosen) <= 1.01 * k_center_radius(low, reference)
+
+
+@pytest.mark.parametrize("selector", list(SELECTORS))
+@pytest.mark.parametrize("case", ["identical", "zeros", "float16_max", "subnormal", "mixed"])
+def test_selectors_never_return_a_duplicate_or_out_of_range_index(selector, case):
+    greedy = SELECTORS[selector][0]
+    g = torch.Generator().manual_seed(32)
+    n, d = 50, 16
+    x = {"identical": torch.ones(n, d), "zeros": torch.zeros(n, d),
+         "float16_max": torch.full((n, d), 65504.0) * torch.randn(n, d, generator=g).sign(),
+         "subnormal": 1e-7 * torch.randn(n, d, generator=g),
+         "mixed": torch.cat([torch.zeros(10, d), torch.ones(10, d), 1e4 * torch.randn(30, d, generator=g)])}[case]
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for k in (1, 7, n):
+            chosen = greedy(x.to(dtype), k, 3).tolist()
+            assert len(chosen) == len(set(chosen)) == k and all(0 <= i < n for i in chosen) and chosen[0] == 3
+
+
+@pytest.mark.parametrize("selector", list(SELECTORS))
+def test_selectors_name_the_rows_that_hold_nan_or_inf(selector):
+    x = torch.randn(20, 4, generator=torch.Generator().manual_seed(33))
+    x[4, 1], x[11, 0], x[17, 3] = float("nan"), float("inf"), -float("inf")
+    with pytest.raises(ValueError, match=r"3 row\(s\): 4, 11, 17"):
+        SELECTORS[selector][0](x, 5, 0)
+
+
+def test_nan_visual_features_are_an_input_error(mha):
+    with torch.inference_mode():
+        visual = mha.model.encode_image(noise_image(336, 336))
+        visual.tokens[100, 3] = float("nan")
+        with pytest.raises(llava.InputError, match="1 of 1176 visual tokens hold NaN or inf"):
+            mha.model.select(visual, llava.ToDRE())
+
+
+def cls_per_crop_reference(scores: list[float], crops: list[int], k: int) -> list[int]:
+    """FasterVLM's per-crop [CLS] top-k read literally: each crop keeps round(k/n * its size) of its
+    best tokens (ties: lowest index); then drop the worst kept, or add the best others, to reach k."""
+    n = len(scores)
+    kept = []
+    for crop in sorted(set(crops)):
+        mine = sorted((i for i in range(n) if crops[i] == crop), key=lambda i: (-scores[i], i))
+        kept += mine[:round(k / n * len(mine))]
+    by_score = sorted(range(n), key=lambda i: (-scores[i], i))
+    while len(kept) > k:
+        kept.remove(max(kept, key=lambda i: (-scores[i], i)))  # the worst kept token
+    while len(kept) < k:
+        kept.append(next(i for i in by_score if i not in kept))  # the best token not kept
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("sizes, k", [([576, 576, 576, 576, 576], 288), ([576, 500, 500], 157), ([576, 432, 432], 100),
+                                      ([10, 3, 7], 5), ([5, 5, 5], 2), ([4, 4], 8), ([9], 3), ([1, 1, 1, 97], 3)])
+def test_cls_top_k_per_crop_matches_a_literal_reading(sizes, k):
+    g = torch.Generator().manual_seed(sum(sizes) + k)
+    crops = torch.cat([torch.full((s,), c) for c, s in enumerate(sizes)])
+    scores = torch.rand(len(crops), generator=g).round(decimals=2)  # rounded: many exact ties
+    chosen = todre.cls_top_k_per_crop(scores, crops, k)
+    assert chosen.tolist() == cls_per_crop_reference(scores.tolist(), crops.tolist(), k)
+    assert len(chosen) == k
+
+
+def test_cls_per_crop_differs_from_global_top_k_when_one_crop_dominates():
+    scores = torch.cat([torch.full((10,), 0.9), torch.full((10,), 0.1)])
+    crops = torch.tensor([0] * 10 + [1] * 10)
+    assert todre.cls_top_k(scores, 4).tolist() == [0, 1, 2, 3]
+    assert todre.cls_top_k_per_crop(scores, crops, 4).tolist() == [0, 1, 10, 11]
+
+
 def test_token_budget():
     assert todre.token_budget(2880, 0.10) == 288 and todre.token_budget(2880, 0.25) == 720
     assert todre.token_budget(2880, 1.0) == 2880 and todre.token_budget(5, 0.01) == 1
@@ -573,6 +741,35 @@ def test_no_pruning_settings_reproduce_unpruned_logits_exactly(ckpt):
     assert torch.equal(pruned, plain) and info.evict_layer is None and info.ratios == {}
 
 
+@pytest.mark.parametrize("select", ["kcenter", "cls"])
+def test_newlines_keep_puts_every_newline_back_in_place_and_drop_removes_them(mha, select):
+    image = noise_image(600, 1000, seed=27)
+    with torch.inference_mode():
+        visual = mha.model.encode_image(image)
+        is_newline = visual.sources == anyres.NEWLINE
+        dropped = mha.model.select(visual, llava.ToDRE(retain=0.1, select=select))
+        kept = mha.model.select(visual, llava.ToDRE(retain=0.1, select=select, newlines="keep"))
+    assert not is_newline[dropped].any() and len(dropped) == round(0.1 * int((~is_newline).sum()))
+    assert kept.tolist() == sorted(dropped.tolist() + is_newline.nonzero()[:, 0].tolist())  # k counts patch tokens only
+
+
+def test_newlines_keep_with_every_patch_token_is_the_unpruned_model(mha):
+    """retain 1.0 switches Stage 1 off; a budget of every candidate goes through the selection and,
+    with the newlines kept, must give back the unpruned sequence and logits."""
+    image = noise_image(517, 301, seed=28)
+    with torch.inference_mode():
+        visual = mha.model.encode_image(image)
+        candidates = int((visual.sources != anyres.NEWLINE).sum())
+        everything = torch.arange(len(visual.tokens))
+        assert torch.equal(mha.model.select(visual, llava.ToDRE(retain=1.0, newlines="keep")), everything)
+        kept = mha.model.select(visual, llava.ToDRE(retain=candidates, newlines="keep"))
+        assert torch.equal(kept, everything)
+        ids = llava.prompt_ids(mha.tokenizer, QUESTION, mha.model.config.image_token_index, len(kept))
+        pruned, _ = mha.model.prefill(ids, visual.tokens[kept], llava.ToDRE(tau=0.0), KVCache(2, 0), all_logits=True)
+        plain = mha.hf(**mha.hf_inputs(image)).logits
+    assert (pruned - plain).abs().max() < 1e-4
+
+
 def test_video_frames_encode_like_hf_and_pivot_over_frames(ckpt):
     frames = [noise_image(200 + 40 * i, 300, seed=20 + i) for i in range(3)]
     with torch.inference_mode():
@@ -596,17 +793,26 @@ def test_video_frames_encode_like_hf_and_pivot_over_frames(ckpt):
 # ToDRE Stage 2: cross-modal ratios and eviction
 # ---------------------------------------------------------------------------------------------
 
-def test_probe_layers():
-    assert todre.probe_layers(32) == [16, 20, 24, 28]
-    assert todre.probe_layers(40) == [20, 25, 30, 35]
-    assert todre.probe_layers(8) == [4, 5, 6, 7]
-    assert todre.probe_layers(32, todre.V2_PROBES) == [28]
+@pytest.mark.parametrize("layers", [2, 8, 16, 24, 32, 40, 48, 60, 80])
+def test_probe_layers_are_the_papers_1_based_layers_as_0_based_indices(layers):
+    """Paper layer f*L, counted from 1, is index f*L - 1: 32 -> 15, 19, 23, 27; 40 -> 19, 24, 29, 34."""
+    def paper_layer(fraction):  # the paper's 1-based layer number, rounded down, at least layer 1
+        return max(1, math.floor(fraction * layers))
+
+    assert todre.probe_layers(layers) == sorted({paper_layer(f) - 1 for f in (0.5, 0.625, 0.75, 0.875)})
+    assert todre.probe_layers(layers, todre.V2_PROBES) == [paper_layer(0.875) - 1]
+
+
+def test_probe_layers_for_the_papers_models():
+    assert todre.probe_layers(32) == [15, 19, 23, 27] and todre.probe_layers(32, todre.V2_PROBES) == [27]
+    assert todre.probe_layers(40) == [19, 24, 29, 34]
+    assert todre.probe_layers(8) == [3, 4, 5, 6]
 
 
 def test_variants_and_overrides():
     v1, v2 = llava.variant("v1"), llava.variant("v2")
-    assert (v1.select, v1.tau, todre.probe_layers(32, v1.probe_fractions)) == ("kcenter", 0.03, [16, 20, 24, 28])
-    assert (v2.select, v2.tau, todre.probe_layers(32, v2.probe_fractions)) == ("maxsum", 0.10, [28])
+    assert (v1.select, v1.tau, todre.probe_layers(32, v1.probe_fractions)) == ("kcenter", 0.03, [15, 19, 23, 27])
+    assert (v2.select, v2.tau, todre.probe_layers(32, v2.probe_fractions)) == ("maxsum", 0.10, [27])
     tuned = llava.variant("v2", tau=0.2, probe_layers=[3, 5], retain=0.25, select=None)
     assert (tuned.select, tuned.tau, tuned.probe_layers, tuned.retain) == ("maxsum", 0.2, [3, 5], 0.25)
 
@@ -622,7 +828,7 @@ def test_v2_selects_by_max_sum_and_probes_only_at_7L_8(gqa):
         assert kept.tolist() == candidates[expected].tolist()
         ids = llava.prompt_ids(gqa.tokenizer, QUESTION, gqa.model.config.image_token_index, len(kept))
         _, info = gqa.model.prefill(ids, visual.tokens[kept], llava.variant("v2", tau=1e-9), KVCache(8, 0))
-        assert list(info.ratios) == [7]
+        assert list(info.ratios) == [6]
         _, info = gqa.model.prefill(ids, visual.tokens[kept], llava.variant("v2", tau=1e-9, probe_layers=[2, 6]), KVCache(8, 0))
         assert list(info.ratios) == [2, 6]
 
@@ -660,7 +866,7 @@ def test_ratios_in_the_model_equal_hf_attention_weights(gqa):
     is_visual = ids == gqa.model.config.image_token_index
     visual_pos = is_visual.nonzero()[:, 0]
     text_pos = torch.arange(len(ids))[visual_pos.max() + 1:]
-    assert info.evict_layer is None and sorted(info.ratios) == [4, 5, 6, 7]
+    assert info.evict_layer is None and sorted(info.ratios) == [3, 4, 5, 6]
     for layer, (a_tv, a_vt) in info.ratios.items():
         attn = out.attentions[layer][0].mean(0)  # (n, n) averaged over heads
         assert a_tv == pytest.approx(float(attn[text_pos][:, visual_pos].sum() / attn[text_pos].sum()), abs=1e-5)
@@ -681,12 +887,12 @@ def test_eviction_layer_is_the_first_probe_where_both_ratios_fall_below_tau(gqa)
         for tau in sorted({tv for tv, _ in ratios.values()}) + [1.01]:
             expected = next((layer for layer, (tv, vt) in ratios.items() if tv < tau and vt < tau), None)
             assert evict_layer(tau).evict_layer == expected
-        assert evict_layer(1.01).evict_layer == 4 and evict_layer(0.0).ratios == {}
+        assert evict_layer(1.01).evict_layer == 3 and evict_layer(0.0).ratios == {}
 
 
 @pytest.mark.parametrize("settings", [llava.ToDRE(retain=0.1, tau=1.01), llava.ToDRE(retain=0.1, tau=0.0, evict_layer=2),
                                       llava.ToDRE(retain=1.0, tau=0.0, evict_layer=6)],
-                         ids=["rule_at_layer_4", "forced_layer_2", "stage2_only_layer_6"])
+                         ids=["rule_at_layer_3", "forced_layer_2", "stage2_only_layer_6"])
 def test_eviction_equals_masked_reference(gqa, settings):
     """Evicting after layer l == the unpruned model in which every query at layers > l, and at layer l
     while decoding, is masked from the visual keys (SPEC §9): logits, cache lengths, 32 tokens."""
@@ -699,7 +905,7 @@ def test_eviction_equals_masked_reference(gqa, settings):
         cache = KVCache(8, room=32)
         logits, info = gqa.model.prefill(ids, tokens, settings, cache, all_logits=True)
         evicted = info.evict_layer
-        assert evicted == (settings.evict_layer if settings.evict_layer is not None else 4)
+        assert evicted == (settings.evict_layer if settings.evict_layer is not None else 3)
         assert cache.lengths == [n] * evicted + [n - len(tokens)] * (8 - evicted)
         assert torch.equal(info.positions, torch.arange(n)[~is_visual])  # original positions kept
 
@@ -808,7 +1014,7 @@ def test_cli_streams_exactly_the_answer_to_stdout(mha, tmp_path):
         ids = llava.prompt_ids(mha.tokenizer, QUESTION, mha.model.config.image_token_index, len(tokens))
         answer = [t for t in mha.model.generate(ids, tokens, settings, 12) if t != 2]
     assert done.stdout == mha.tokenizer.decode(answer) + "\n"
-    for fact in ("visual tokens: 1608 packed -> 158 after Stage 1 (kcenter)", "attention ratios (eq. 7): layer 1: a_tv=",
+    for fact in ("visual tokens: 1608 packed -> 158 after Stage 1 (kcenter, 0 of 24 newlines kept)", "attention ratios (eq. 7): layer 0: a_tv=",
                  "eviction:", "prefill:", "decode:", "peak memory:"):
         assert fact in done.stderr
 
@@ -857,7 +1063,7 @@ def test_cli_variant_and_overrides_reach_the_model(mha, tmp_path, capsys):
     noise_image(300, 500, seed=19).save(image)
     common = cli_args(mha, "--image", str(image), "--max-new-tokens", "2", "--stats")
     _, _, err = run_cli(capsys, *common, "--variant", "v2", "--tau", "1e-9")
-    assert "(maxsum)" in err and "layer 1: a_tv" in err  # 7L/8 of 2 layers = layer 1
+    assert "(maxsum," in err and "layer 0: a_tv" in err  # 7L/8 of 2 layers: paper layer 1 = index 0
     _, _, err = run_cli(capsys, *common, "--variant", "v2", "--probe-layers", "0", "--tau", "2")
     assert "layer 0: a_tv" in err and "eviction: after layer 0" in err
     code, _, err = run_cli(capsys, *common, "--probe-layers", "5")
@@ -900,9 +1106,20 @@ def test_cli_saves_the_selection_picture(mha, tmp_path, capsys):
     code, _, err = run_cli(capsys, *cli_args(mha, "--video", str(frames), "--frames", "3", "--max-new-tokens", "2",
                                              "--save-selection", str(picture), "--select", "cls", "--stats"))
     assert code == 0, err
-    assert "visual tokens: 1728 packed -> 173 after Stage 1 (cls)" in err  # 3 frames x 576
+    assert "visual tokens: 1728 packed -> 173 after Stage 1 (cls, 0 of 0 newlines kept)" in err  # 3 frames x 576
     with Image.open(picture) as saved:
         assert saved.width == 3 * 256 + 2 * 8  # one tile per frame
+
+
+def test_cli_newlines_flag_reaches_stats_and_picture(mha, tmp_path, capsys):
+    image, picture = tmp_path / "photo.png", tmp_path / "kept.png"
+    noise_image(517, 301, seed=29).save(image)
+    common = cli_args(mha, "--image", str(image), "--max-new-tokens", "2", "--stats")
+    code, _, err = run_cli(capsys, *common, "--newlines", "keep", "--save-selection", str(picture))
+    assert code == 0 and "1608 packed -> 182 after Stage 1 (kcenter, 24 of 24 newlines kept)" in err, err
+    code, _, err = run_cli(capsys, *common)
+    assert code == 0 and "1608 packed -> 158 after Stage 1 (kcenter, 0 of 24 newlines kept)" in err, err
+    one_line_error(capsys, [*common, "--newlines", "some"], "argument --newlines: invalid choice: 'some'")
 
 
 def test_cli_video_from_an_animated_gif_samples_frames_evenly(tmp_path):
@@ -1036,8 +1253,8 @@ def test_bench_tiny_preset_runs_and_writes_its_json(tmp_path):
     for r in runs.values():
         assert set(r) >= {"name", "visual_tokens", "vision_s", "select_s", "prefill_s", "decode_s", "total_s",
                           "peak_mem_mb", "kv_cache_mb", "prefill_tflops", "decode_tflops"}
-    assert runs["todre-0.10"]["evict_layer"] == 2 and runs["stage1-0.10"]["evict_layer"] is None
+    assert runs["todre-0.10"]["evict_layer"] == 1 and runs["stage1-0.10"]["evict_layer"] is None
     assert runs["todre-0.10"]["kv_cache_mb"] < runs["stage1-0.10"]["kv_cache_mb"] < runs["full"]["kv_cache_mb"]
     assert runs["full"]["kv_cache_mb"] == pytest.approx(runs["hf-full"]["kv_cache_mb"], rel=0.02)
     assert runs["full"]["prefill_tflops"] > runs["stage1-0.10"]["prefill_tflops"] > runs["todre-0.10"]["prefill_tflops"]
-    assert "Stage 2 forced after layer 2" in done.stdout
+    assert "Stage 2 forced after layer 1" in done.stdout
