@@ -3,28 +3,52 @@
     python generate.py --image photo.jpg --prompt "What is in this picture?"
 
 The answer streams to stdout and nothing else goes there; progress, --stats and errors go to stderr.
-A user mistake (bad flag, unreadable image, wrong checkpoint) is one line on stderr and exit code 2.
+A user mistake (bad flag, unreadable image, wrong checkpoint) is one line on stderr and exit code 2;
+a failure to write the answer or the picture is one line and exit code 1; Ctrl-C is a quiet 130.
 """
+import signal
+
+# Ctrl-C while torch imports: end quietly, as any Unix tool does (exit 130). Left alone where the
+# caller ignores Ctrl-C (a background job) or when imported as a module.
+CTRL_C_HANDLED = __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+if CTRL_C_HANDLED:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
+import io
+import math
 import os
+import stat
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 import anyres
 import model as llava
+from checkpoint import os_error_text
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+WAIT_FOR_WRITER_S = 5.0   # how long a FIFO may stay without a writer before that is an error
+MAX_STREAM_BYTES = 2**30  # an image read from a pipe larger than this is not an image
 
 
 class UsageError(Exception):
     """A bad flag or input file; printed as one line, exit code 2."""
 
+
+class OutputError(Exception):
+    """The answer or the picture could not be written (full disk, closed stdout); one line, exit code 1."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags
+# ---------------------------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
@@ -46,7 +70,7 @@ def parse_args(argv):
                    help="auto: float16 on a GPU, bfloat16 on CPU")
     p.add_argument("--variant", default="v1", choices=["v1", "v2"],
                    help="paper version: v1 (default: k-center, 4 probe layers, tau 0.03) or v2 (max-sum, 7L/8, tau 0.10)")
-    p.add_argument("--retain", type=float, default=0.1,
+    p.add_argument("--retain", type=float,
                    help="Stage 1: fraction of visual tokens kept, in (0, 1]; 1 = Stage 1 off (default 0.1)")
     p.add_argument("--tau", type=float, help="Stage 2: evict visual tokens once both attention ratios < tau; "
                                              "0 = off (default: the variant's, 0.03 or 0.10)")
@@ -62,12 +86,20 @@ def parse_args(argv):
     p.add_argument("--save-selection", metavar="PNG", help="save the image with the kept visual tokens highlighted")
     p.add_argument("--stats", action="store_true", help="token counts, attention ratios and timings to stderr")
     args = p.parse_args(argv)
+
+    for name in ("image", "video", "model", "save_selection"):
+        if getattr(args, name) == "":
+            raise UsageError(f"--{name.replace('_', '-')} is empty (an unset shell variable?)")
     if args.image and args.video:
         raise UsageError("give --image or --video, not both")
-    if not 0 < args.retain <= 1:
-        raise UsageError(f"--retain must be in (0, 1], got {args.retain}")
-    if args.tau is not None and args.tau < 0:
-        raise UsageError(f"--tau must be >= 0, got {args.tau}")
+    if args.no_todre and (args.retain is not None or args.tau is not None):
+        raise UsageError("--no-todre means no pruning: drop --retain/--tau, or drop --no-todre")
+    check_number("--retain", args.retain, 0, 1, low_open=True)
+    check_number("--tau", args.tau, 0, math.inf)
+    check_number("--temperature", args.temperature, 0, math.inf)
+    check_number("--max-new-tokens", args.max_new_tokens, 1, math.inf)
+    check_number("--frames", args.frames, 1, 10_000)
+    check_number("--seed", args.seed, 0, 2**64 - 1)
     if args.probe_layers is not None:
         try:
             args.probe_layers = [int(x) for x in args.probe_layers.split(",")]
@@ -75,17 +107,27 @@ def parse_args(argv):
             raise UsageError(f"--probe-layers must be comma-separated layer numbers, got {args.probe_layers!r}") from None
         if min(args.probe_layers) < 0:
             raise UsageError("--probe-layers must be 0 or more")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # Python keeps argv bytes that are not UTF-8 as lone surrogates
+        raise UsageError(f"--prompt is not valid UTF-8 (undecodable byte at character {e.start}): "
+                         "use a UTF-8 terminal or locale, or re-encode the text") from None
     if args.save_selection is not None:
         if not (args.image or args.video):
             raise UsageError("--save-selection needs --image or --video")
-        check_writable(args.save_selection)
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.frames < 1:
-        raise UsageError(f"--frames must be at least 1, got {args.frames}")
+        check_writable(args.save_selection, [p for p in (args.image, args.video) if p])
     return args
+
+
+def check_number(flag: str, value, low, high, low_open: bool = False) -> None:
+    """A finite number in [low, high] (or (low, high] when low_open); None = not given, fine."""
+    if value is None:
+        return
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if not (finite and (value > low if low_open else value >= low) and value <= high):
+        bounds = f"{'(' if low_open else '['}{low}, {'inf)' if high == math.inf else f'{high}]'}"
+        kind = "a finite number" if isinstance(value, float) else "an integer"
+        raise UsageError(f"{flag} must be {kind} in {bounds}, got {value}")
 
 
 def pick_device(name: str) -> torch.device:
@@ -104,54 +146,180 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def open_image(path: str) -> Image.Image:
-    """A decoded image, or a UsageError saying what is wrong with the file."""
+# ---------------------------------------------------------------------------------------------
+# Images and frames
+# ---------------------------------------------------------------------------------------------
+
+def check_path(path: str, what: str) -> os.stat_result:
+    """os.stat(path), or a UsageError that says in words what is wrong with the path."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise UsageError(f"cannot open {what} {path}: {os_error_text(e)}") from None
+
+
+def read_pipe(path: str) -> bytes:
+    """All bytes of a FIFO or pipe (`<(cat x.png)`, `/dev/stdin` fed by a pipe), without ever
+    blocking on a FIFO that nobody writes to.
+
+    Opened non-blocking, an empty FIFO reads as end-of-file while no writer has it open, and as
+    "try again" while a writer does (POSIX read()). So a writer that is there is waited for as
+    long as it takes; one that never comes is an error after WAIT_FOR_WRITER_S seconds.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise UsageError(f"cannot open image {path}: {os_error_text(e)}") from None
+    chunks, size = [], 0
+    deadline = time.monotonic() + WAIT_FOR_WRITER_S
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except BlockingIOError:  # a writer is there, nothing written yet: wait for it
+                os.set_blocking(fd, True)
+                continue
+            if chunk:
+                os.set_blocking(fd, True)  # from now on end-of-file means the writer is done
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_STREAM_BYTES:
+                    raise UsageError(f"{path} streams more than {MAX_STREAM_BYTES >> 30} GiB: not an image")
+            elif chunks or os.get_blocking(fd):
+                return b"".join(chunks)
+            elif time.monotonic() > deadline:
+                raise UsageError(f"nothing is writing to {path} (a FIFO with no writer for "
+                                 f"{WAIT_FOR_WRITER_S:.0f} s): start the writer, or pass the image file itself")
+            else:
+                time.sleep(0.05)
+    finally:
+        os.close(fd)
+
+
+def decode(path: str) -> Image.Image:
+    """The opened (not yet decoded) image at `path`, or a UsageError saying what is wrong."""
+    mode = check_path(path, "image").st_mode
+    if stat.S_ISDIR(mode):
+        raise UsageError(f"{path} is a directory, not an image")
+    if stat.S_ISFIFO(mode):
+        source = io.BytesIO(read_pipe(path))
+    elif stat.S_ISREG(mode):
+        source = path
+    else:
+        kind = "a terminal" if stat.S_ISCHR(mode) and os.path.realpath(path).startswith("/dev/pts") else "a device"
+        raise UsageError(f"{path} is {kind}, not an image file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            image.load()
-    except FileNotFoundError:
-        raise UsageError(f"image not found: {path}") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path} is a directory, not an image") from None
+            return Image.open(source)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UsageError(f"{path} is too large to decode safely (over Pillow's decompression-bomb limit)") from None
     except UnidentifiedImageError:
         raise UsageError(f"{path} is not an image Pillow can read") from None
+    except OSError as e:
+        raise UsageError(f"cannot read image {path}: {os_error_text(e)}") from None
+
+
+def load_pixels(image: Image.Image, path: str) -> None:
+    """Decode the pixels now, so that a damaged file fails here, with its name."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UsageError(f"{path} is too large to decode safely (over Pillow's decompression-bomb limit)") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
         raise UsageError(f"{path} is damaged and cannot be decoded ({e})") from None
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale to 8 bits rather than clip
-        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
-    return image
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """Integer images wider than 8 bits, scaled to 8 bits by their real bit depth (Pillow's own
+    conversion would clip them, turning most 16-bit pictures white).
+
+    16-bit modes divide by 257 (65535 -> 255). Mode "I" (32-bit) says nothing of the depth its
+    data had: values up to 255 are taken as 8-bit, up to 65535 as 16-bit, larger as 32-bit.
+    """
+    if not image.mode.startswith("I"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        full_scale = 65535
+    else:
+        full_scale = next(top for top in (255, 65535, 2**32 - 1) if values.max(initial=0) <= top)
+    return Image.fromarray((values * (255 / full_scale)).clip(0, 255).round().astype(np.uint8))
+
+
+def open_image(path: str) -> Image.Image:
+    """A decoded image, upright (EXIF orientation applied, as transformers' load_image does), or a
+    UsageError saying what is wrong with the file."""
+    image = decode(path)
+    load_pixels(image, path)
+    return to_8_bit(ImageOps.exif_transpose(image))
 
 
 def open_frames(path: str, count: int) -> list[Image.Image]:
-    """Up to `count` frames sampled evenly from a directory of images or an animated GIF/WebP."""
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    """Up to `count` frames sampled evenly from a directory of images or an animated GIF/WebP.
+    Only the sampled frames are ever decoded and kept."""
+    if stat.S_ISDIR(check_path(path, "video").st_mode):
+        files = sorted(f for f in Path(path).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
         if not files:
             raise UsageError(f"{path} contains no image frames")
-        frames = [str(f) for f in files]
-    else:
-        animation = open_image(path)
-        frames = [f.copy() for f in ImageSequence.Iterator(animation)]
-    picks = sorted({round(i) for i in np.linspace(0, len(frames) - 1, min(count, len(frames)))})
-    return [open_image(frames[i]) if isinstance(frames[i], str) else frames[i] for i in picks]
+        return [open_image(str(files[i])) for i in even_picks(len(files), count)]
+    animation = decode(path)
+    frames = []
+    for i in even_picks(getattr(animation, "n_frames", 1), count):
+        try:
+            animation.seek(i)  # GIF/WebP decode up to frame i without keeping the frames before it
+        except EOFError:
+            raise UsageError(f"{path} is damaged and cannot be decoded (frame {i} is missing)") from None
+        load_pixels(animation, path)
+        frames.append(to_8_bit(animation.copy()))
+    return frames
 
 
-def check_writable(path: str) -> None:
+def even_picks(total: int, count: int) -> list[int]:
+    """min(count, total) frame indices spread evenly over [0, total), first and last included."""
+    return sorted({round(i) for i in np.linspace(0, total - 1, min(count, total))})
+
+
+# ---------------------------------------------------------------------------------------------
+# The selection picture
+# ---------------------------------------------------------------------------------------------
+
+def check_writable(path: str, inputs: list[str]) -> None:
     """Fail now, before minutes of model loading, if the picture could not be written later."""
     p = Path(path)
     if p.suffix.lower() != ".png":
         raise UsageError(f"--save-selection writes a PNG: give a path ending in .png, got {path}")
-    if not p.parent.is_dir():
-        raise UsageError(f"cannot write {path}: the directory {p.parent} does not exist")
-    if p.is_dir():
+    try:
+        parent_mode = os.stat(p.parent).st_mode
+    except FileNotFoundError:
+        raise UsageError(f"cannot write {path}: the directory {p.parent} does not exist") from None
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {os_error_text(e)}") from None
+    try:
+        target = os.stat(p)
+    except FileNotFoundError:
+        target = None
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {os_error_text(e)}") from None
+    for source in inputs:
+        if os.path.realpath(path) == os.path.realpath(source) or target and os.path.samefile(path, source):
+            raise UsageError(f"--save-selection {path} would overwrite the input itself: choose another file")
+    if not stat.S_ISDIR(parent_mode):
+        raise UsageError(f"cannot write {path}: {p.parent} is not a directory")
+    if target and stat.S_ISDIR(target.st_mode):
         raise UsageError(f"cannot write {path}: it is a directory")
-    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+    if target and not os.access(p, os.W_OK):
         raise UsageError(f"cannot write {path}: permission denied")
+    try:  # the only sure test is to create a file there (/proc and /sys refuse, whatever access() says)
+        fd, probe = tempfile.mkstemp(suffix=".png", dir=p.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: cannot create a file in {p.parent} ({os_error_text(e)})") from None
 
 
 def selection_panel(image: Image.Image, boxes: torch.Tensor, kept: torch.Tensor, title: str, size: int = 512,
@@ -191,7 +359,8 @@ def draw_selection(media, visual: llava.VisualTokens, kept: torch.Tensor, select
             part = sources.div(per_frame, rounding_mode="floor") == f
             boxes = anyres.squashed_boxes(sources[part] % per_frame, (frame.height, frame.width), side)
             panels.append(selection_panel(frame, boxes, is_kept[part], f"{select} frame {f}", size=256))
-    picture = Image.new("RGB", (sum(p.width for p in panels) + 8 * (len(panels) - 1), max(p.height for p in panels)), "white")
+    width = sum(p.width for p in panels) + 8 * (len(panels) - 1)
+    picture = Image.new("RGB", (width, max(p.height for p in panels)), "white")
     x = 0
     for p in panels:
         picture.paste(p, (x, 0))
@@ -200,20 +369,44 @@ def draw_selection(media, visual: llava.VisualTokens, kept: torch.Tensor, select
 
 
 def save_png(picture: Image.Image, path: str) -> None:
-    """Write atomically: a complete file appears, or none (also on Ctrl-C)."""
+    """Write atomically: a complete file appears, or none (also on Ctrl-C or a full disk). The file
+    gets the usual mode of a new file (0666 less the umask), not the 0600 of a temporary file."""
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=Path(path).parent)
     try:
         with os.fdopen(fd, "wb") as f:
             picture.save(f, format="PNG")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {path}: {os_error_text(e)}") from None
         raise
 
 
+# ---------------------------------------------------------------------------------------------
+# Answering
+# ---------------------------------------------------------------------------------------------
+
+def write_answer(text: str) -> None:
+    """Text to stdout, now. A reader that went away (closed pipe) ends the program quietly in
+    `main`; any other failure to write is an OutputError."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise OutputError(f"cannot write the answer to stdout: {os_error_text(e)}") from None
+
+
 @torch.inference_mode()
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def answer(args) -> None:
+    """Load, encode, prune, generate: stream the answer, then the picture and --stats."""
+    if sys.stdout is None:  # started with stdout closed (`>&-`): file descriptor 1 may become any file
+        raise UsageError("stdout is closed: the answer would have nowhere to go")
     settings = llava.NO_PRUNING if args.no_todre else llava.variant(
         args.variant, retain=args.retain, tau=args.tau, select=args.select, probe_layers=args.probe_layers,
         newlines=args.newlines)
@@ -240,17 +433,16 @@ def main(argv=None) -> int:
 
     stats = llava.Stats()
     generator = torch.Generator(device).manual_seed(args.seed)
-    answer, printed = [], ""
+    answer_ids, printed = [], ""
     for token in model.generate(input_ids, tokens, settings, args.max_new_tokens, args.temperature, generator, stats):
         if token == model.config.text.eos_token_id:
             continue  # not printed; the generator ends after it (and records its timings)
-        answer.append(token)
-        text = tokenizer.decode(answer)
+        answer_ids.append(token)
+        text = tokenizer.decode(answer_ids)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(printed):])
-            sys.stdout.flush()
+            write_answer(text[len(printed):])
             printed = text
-    print()
+    write_answer("\n")
     if args.save_selection:
         save_png(draw_selection(media, visual, kept, settings.select), args.save_selection)
 
@@ -274,20 +466,43 @@ def main(argv=None) -> int:
             f"peak memory: {llava.peak_memory_mb(device):.0f} MiB",
         ]
         print("\n".join(lines), file=sys.stderr)
-    return 0
 
 
-def run(argv=None) -> int:
-    """main() with user errors as one stderr line and exit code 2, Ctrl-C as a quiet exit 130."""
+def silence_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so the interpreter's last flush of a dead stdout
+    (closed pipe, full disk) cannot print a second error at exit."""
     try:
-        return main(argv)
-    except (UsageError, llava.CheckpointError, llava.InputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
+def main(argv=None) -> int:
+    """The command line: user errors as one stderr line and exit code 2, output failures as one
+    line and 1, a reader that went away (`| head`) quietly as 141, Ctrl-C quietly as 130."""
+    try:
+        answer(parse_args(argv))
+        return 0
+    except (UsageError, llava.CheckpointError, llava.InputError, OutputError) as e:
+        if isinstance(e, OutputError):
+            silence_stdout()
+        try:
+            if sys.stderr is not None:  # print(file=None) would write to stdout
+                print(f"error: {e}", file=sys.stderr)
+        except OSError:
+            pass  # stderr is gone too: the exit code is all that is left
+        return 1 if isinstance(e, OutputError) else 2
+    except BrokenPipeError:  # like any Unix filter whose reader stopped reading
+        silence_stdout()
+        return 141
     except KeyboardInterrupt:
-        print(file=sys.stderr)
         return 130
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    if CTRL_C_HANDLED:  # from here on Ctrl-C raises KeyboardInterrupt, so `main` can clean up
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    code = main()
+    if CTRL_C_HANDLED:  # a second Ctrl-C during interpreter shutdown: no traceback
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    sys.exit(code)

@@ -47,6 +47,8 @@ class LlamaConfig:
             raise ValueError(f"text model type {model_type!r} is not a Llama-architecture model (llama, mistral)")
         d = {**DEFAULTS[model_type], **d}
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}  # newer configs nest rope_theta here
+        if not isinstance(rope, dict):
+            raise ValueError(f"rope_parameters (or rope_scaling) must be an object, got {rope!r}")
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ValueError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
         d["rope_theta"] = rope.get("rope_theta", d["rope_theta"])

@@ -3,7 +3,7 @@ prefill/decode loop in which both pruning stages happen in plain code.
 
 This is the only file that knows CLIP, AnyRes, Llama and ToDRE together.
 """
-import json
+import math
 import resource
 import time
 from dataclasses import dataclass, field, replace
@@ -17,12 +17,11 @@ from torch import nn
 
 import anyres
 import todre
-from clip import CLIPVisionConfig, VisionTower, layers_to_run
-from llama import KVCache, Llama, LlamaConfig
+from checkpoint import (DEFAULT_MODEL, HUB_FILES, CheckpointError, LlavaNextConfig, load_tokenizer,  # noqa: F401
+                        load_weights, resolve_checkpoint)
+from clip import VisionTower, layers_to_run
+from llama import KVCache, Llama
 
-DEFAULT_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
-# Only configs, tokenizer files and safetensors are ever downloaded or read: never pickles (SPEC §1).
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer.*"]
 # Vicuna v1.5 conversation template, one line (SPEC §7).
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the human's questions.")
@@ -30,67 +29,8 @@ IMAGE_PROMPT = SYSTEM + " USER: <image>\n{} ASSISTANT:"
 TEXT_PROMPT = SYSTEM + " USER: {} ASSISTANT:"
 
 
-class CheckpointError(Exception):
-    """The checkpoint cannot be found or does not match this model; the message says what to do."""
-
-
 class InputError(ValueError):
     """A user input (prompt, image, setting) cannot be used; the message says why."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class LlavaNextConfig:
-    text: LlamaConfig
-    vision: CLIPVisionConfig
-    image_grid_pinpoints: list
-    image_token_index: int
-    vision_feature_layer: int = -2
-    projector_bias: bool = True
-    crop_size: int = 336  # from preprocessor_config.json
-    image_mean: tuple = anyres.CLIP_MEAN
-    image_std: tuple = anyres.CLIP_STD
-
-    @classmethod
-    def from_dir(cls, directory: Path) -> "LlavaNextConfig":
-        cfg = read_json(directory / "config.json")
-        if cfg.get("model_type") != "llava_next":
-            raise CheckpointError(f"{directory} holds a {cfg.get('model_type')!r} model, not LLaVA-NeXT (llava_next)")
-        if cfg.get("vision_feature_select_strategy", "default") != "default":
-            raise CheckpointError("only vision_feature_select_strategy 'default' (drop [CLS]) is supported")
-        if not isinstance(cfg.get("vision_feature_layer", -2), int) or cfg.get("projector_hidden_act", "gelu") != "gelu":
-            raise CheckpointError("only a single vision_feature_layer and a gelu projector are supported")
-        pre = read_json(directory / "preprocessor_config.json") if (directory / "preprocessor_config.json").exists() else {}
-        vision = CLIPVisionConfig.from_dict(cfg.get("vision_config", {}))
-        crop = pre.get("crop_size", vision.image_size)
-        text_cfg = cfg.get("text_config", {})
-        tie = cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False))
-        try:
-            text = LlamaConfig.from_dict({**text_cfg, "tie_word_embeddings": tie})
-        except ValueError as e:
-            raise CheckpointError(str(e)) from None
-        return cls(
-            text=text, vision=vision,
-            image_grid_pinpoints=cfg.get("image_grid_pinpoints") or pre.get("image_grid_pinpoints"),
-            image_token_index=cfg.get("image_token_index", cfg.get("image_token_id", 32000)),
-            vision_feature_layer=cfg.get("vision_feature_layer", -2),
-            projector_bias=cfg.get("multimodal_projector_bias", True),
-            crop_size=crop["height"] if isinstance(crop, dict) else crop,
-            image_mean=tuple(pre.get("image_mean", anyres.CLIP_MEAN)),
-            image_std=tuple(pre.get("image_std", anyres.CLIP_STD)),
-        )
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: is {path.parent} a LLaVA-NeXT checkpoint directory?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
 
 
 @dataclass
@@ -179,6 +119,8 @@ class LlavaNext(nn.Module):
     def encode_frames(self, frames: list[Image.Image]) -> VisualTokens:
         """Video frames -> each one 336x336 image without AnyRes, tokens frame after frame, no newlines."""
         cfg = self.config
+        if not frames:
+            raise InputError("a video needs at least one frame")
         pixel_values = torch.stack([
             anyres.normalize(anyres.to_rgb(f).resize((cfg.crop_size, cfg.crop_size), Image.Resampling.BICUBIC),
                              cfg.image_mean, cfg.image_std)
@@ -287,10 +229,18 @@ class LlavaNext(nn.Module):
                  stats: "Stats | None" = None) -> Iterator[int]:
         """Yield up to max_new_tokens token ids, stopping after EOS. Greedy when temperature == 0."""
         stats = stats if stats is not None else Stats()
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise InputError(f"temperature must be a finite number >= 0, got {temperature!r}")
         max_len = self.config.text.max_position_embeddings
         if len(input_ids) + max_new_tokens > max_len:
-            raise InputError(f"the prompt ({len(input_ids)} tokens with the image) plus {max_new_tokens} new tokens "
-                             f"exceeds the model's {max_len}-token context: lower --max-new-tokens or --retain")
+            if visual is None:
+                raise InputError(f"the prompt ({len(input_ids)} tokens) plus {max_new_tokens} new tokens exceeds the "
+                                 f"model's {max_len}-token context: shorten the prompt or lower --max-new-tokens")
+            raise InputError(f"the prompt ({len(input_ids)} tokens, {len(visual)} of them visual) plus {max_new_tokens} "
+                             f"new tokens exceeds the model's {max_len}-token context: lower --max-new-tokens, "
+                             "or prune more (--retain)")
         kv_cache = KVCache(len(self.language_model.layers), room=max_new_tokens)
         start = now(self.device)
         logits, stats.prefill = self.prefill(input_ids, visual, settings, kv_cache)
@@ -300,7 +250,10 @@ class LlavaNext(nn.Module):
         start = now(self.device)
         for step in range(max_new_tokens):
             if temperature > 0:
-                token = int(torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator))
+                # In float64 (a temperature like 1e-300 is 0 in float32) and shifted by the maximum, so
+                # a tiny temperature only sends the other tokens to -inf: it samples the argmax.
+                probs = ((logits.double() - logits.max()) / temperature).softmax(-1)
+                token = int(torch.multinomial(probs, 1, generator=generator))
             else:
                 token = int(logits.argmax())
             stats.new_tokens = step + 1
@@ -354,6 +307,11 @@ def prompt_ids(tokenizer, prompt: str, image_token: int, num_visual: int | None)
 
     num_visual None: a text-only prompt. BOS comes from the tokenizer's own post-processor.
     """
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8, kept by Python's argv decoding
+        raise InputError(f"the prompt is not valid UTF-8 text (undecodable byte at character {e.start}): "
+                         "use a UTF-8 terminal or locale, or re-encode the text") from None
     text = TEXT_PROMPT.format(prompt) if num_visual is None else IMAGE_PROMPT.format(prompt)
     ids = tokenizer.encode(text).ids
     if ids.count(image_token) != (0 if num_visual is None else 1):
@@ -368,91 +326,11 @@ def prompt_ids(tokenizer, prompt: str, image_token: int, num_visual: int | None)
 # Loading
 # ---------------------------------------------------------------------------------------------
 
-def resolve_checkpoint(model: str) -> Path:
-    """A local directory as it is, or a Hub id downloaded (configs, tokenizer, safetensors only)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise CheckpointError(f"{model} is not a checkpoint directory")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
-    try:
-        return Path(snapshot_download(repo_id=model, allow_patterns=HUB_FILES))
-    except RepositoryNotFoundError:
-        raise CheckpointError(f"{model} is neither a local directory nor a model on the Hugging Face Hub") from None
-    except (LocalEntryNotFoundError, OSError) as e:
-        raise CheckpointError(f"cannot download {model} from the Hugging Face Hub ({type(e).__name__}); "
-                              "if you are offline, pass a local checkpoint directory with --model DIR") from None
-    except HFValidationError:
-        raise CheckpointError(f"{model} is neither a local directory nor a valid Hub model id") from None
-
-
-def hub_key(key: str) -> str:
-    """A checkpoint tensor name -> our module's parameter name (SPEC §6). Every layout in one place:
-    - Hub (transformers 4.x): vision_tower.vision_model.*, multi_modal_projector.*, image_newline,
-      language_model.model.*, language_model.lm_head.weight
-    - transformers 5.x: model.vision_tower[.vision_model].*, model.multi_modal_projector.*,
-      model.image_newline, model.language_model.*, lm_head.weight
-    """
-    if key == "lm_head.weight":
-        return "language_model.lm_head.weight"
-    key = key.removeprefix("model.")
-    key = key.replace("language_model.model.", "language_model.", 1)
-    return key.replace("vision_tower.vision_model.", "vision_tower.", 1)
-
-
-def unused_key(name: str, vision_layers_run: int) -> bool:
-    """Checkpoint tensors we deliberately never load: vision layers after the feature layer and the
-    post-LayerNorm (they never reach LLaVA), and buffers older checkpoints saved by mistake."""
-    if name.startswith("vision_tower.post_layernorm.") or name.endswith((".position_ids", ".rotary_emb.inv_freq")):
-        return True
-    prefix = "vision_tower.encoder.layers."
-    return name.startswith(prefix) and int(name[len(prefix):].split(".")[0]) >= vision_layers_run
-
-
-def load_weights(model: LlavaNext, directory: Path, device: torch.device, dtype: torch.dtype) -> None:
-    """Load every *.safetensors file in directory into model (built on the meta device), cast to dtype."""
-    from safetensors import SafetensorError, safe_open
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{directory} has no *.safetensors weights (pickled .bin weights are never loaded)")
-    expected = {name: p.shape for name, p in model.state_dict().items()}
-    state, unexpected, misshaped = {}, [], []
-    for file in files:
-        try:
-            with safe_open(file, framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    name = hub_key(key)
-                    if name not in expected:
-                        if not unused_key(name, len(model.vision_tower.encoder.layers)):
-                            unexpected.append(key)
-                        continue
-                    tensor = f.get_tensor(key)
-                    if tensor.shape != expected[name]:
-                        misshaped.append(f"{key} {tuple(tensor.shape)} (expected {tuple(expected[name])})")
-                    state[name] = tensor.to(dtype)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
-    if model.config.text.tie_word_embeddings and "language_model.embed_tokens.weight" in state:
-        state.setdefault("language_model.lm_head.weight", state["language_model.embed_tokens.weight"])
-    missing = sorted(set(expected) - set(state))
-    problems = [f"{label} ({len(names)}): {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
-                for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if names]
-    if problems:
-        raise CheckpointError(f"weights in {directory} do not match config.json: " + "; ".join(problems))
-    model.load_state_dict(state, assign=True)
-
-
 def load(model_id: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a Hub id or a local directory."""
-    from tokenizers import Tokenizer
     directory = resolve_checkpoint(model_id)
     cfg = LlavaNextConfig.from_dir(directory)
-    try:
-        tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
-    except Exception as e:  # the tokenizers library raises a bare Exception on a missing or bad file
-        raise CheckpointError(f"cannot read {directory / 'tokenizer.json'} ({e})") from None
+    tokenizer = load_tokenizer(directory, cfg)
     with torch.device("meta"):
         model = LlavaNext(cfg)
     load_weights(model, directory, torch.device(device), dtype)

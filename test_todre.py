@@ -4,11 +4,17 @@ References: Hugging Face transformers (LlavaNext, its PIL image processor and pr
 attention mode), brute-force transcriptions of the paper's equations, and a dense masked forward
 built from transformers' own layers. The checkpoints are tiny random LLaVA-NeXTs made here.
 """
+import errno
 import json
 import math
+import os
 import shutil
+import signal
+import stat
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -992,7 +998,7 @@ def mha(tmp_path_factory):
 
 
 def run_cli(capsys, *argv):
-    code = generate.run(list(argv))
+    code = generate.main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -1133,6 +1139,8 @@ def test_cli_video_from_an_animated_gif_samples_frames_evenly(tmp_path):
 
 def bad_files(tmp):
     (tmp / "empty.png").write_bytes(b"")
+    (tmp / "loop.png").symlink_to(tmp / "loop.png")
+    (tmp / "link.png").symlink_to(tmp / "whole.png")
     (tmp / "notes.txt").write_text("hello")
     noise_image(200, 200).save(tmp / "whole.png")
     (tmp / "truncated.png").write_bytes((tmp / "whole.png").read_bytes()[:3000])
@@ -1146,11 +1154,36 @@ def bad_files(tmp):
     (["--image", "{tmp}/notes.txt"], "is not an image Pillow can read"),
     (["--image", "{tmp}/truncated.png"], "is damaged and cannot be decoded"),
     (["--image", "{tmp}"], "is a directory, not an image"),
-    (["--retain", "0"], "--retain must be in (0, 1]"),
-    (["--retain", "1.5"], "--retain must be in (0, 1]"),
-    (["--tau", "-0.1"], "--tau must be >= 0"),
-    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--retain", "0"], "--retain must be a finite number in (0, 1], got 0.0"),
+    (["--retain", "1.5"], "--retain must be a finite number in (0, 1]"),
+    (["--retain", "nan"], "--retain must be a finite number in (0, 1], got nan"),
+    (["--tau", "-0.1"], "--tau must be a finite number in [0, inf)"),
+    (["--tau", "nan"], "--tau must be a finite number in [0, inf), got nan"),
+    (["--tau", "inf"], "--tau must be a finite number in [0, inf), got inf"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be an integer in [1, inf)"),
+    (["--temperature", "-1"], "--temperature must be a finite number in [0, inf)"),
+    (["--temperature", "nan"], "--temperature must be a finite number in [0, inf), got nan"),
+    (["--seed", str(2**64)], "--seed must be an integer in [0, 18446744073709551615]"),
+    (["--seed", "1" + "0" * 400], "--seed must be an integer in [0, 18446744073709551615]"),
+    (["--seed", "-1"], "--seed must be an integer in [0, 18446744073709551615]"),
+    (["--frames", "0"], "--frames must be an integer in [1, 10000]"),
+    (["--image", ""], "--image is empty (an unset shell variable?)"),
+    (["--video", ""], "--video is empty (an unset shell variable?)"),
+    (["--model", ""], "--model is empty"),
+    (["--no-todre", "--retain", "0.5"], "--no-todre means no pruning: drop --retain/--tau"),
+    (["--no-todre", "--tau", "0.1"], "--no-todre means no pruning: drop --retain/--tau"),
+    (["--image", "{tmp}/" + "a" * 300 + ".png"], "a name in the path is longer than the file system allows"),
+    (["--video", "{tmp}/" + "a" * 300], "a name in the path is longer than the file system allows"),
+    (["--model", "{tmp}/" + "a" * 300], "a name in the path is longer than the file system allows"),
+    (["--image", "{tmp}/whole.png", "--save-selection", "{tmp}/" + "a" * 300 + ".png"],
+     "a name in the path is longer than the file system allows"),
+    (["--image", "{tmp}/loop.png"], "the path is a loop of symbolic links"),
+    (["--model", "{tmp}/loop.png"], "the path is a loop of symbolic links"),
+    (["--image", "{tmp}/whole.png", "--save-selection", "{tmp}/whole.png"], "would overwrite the input itself"),
+    (["--image", "{tmp}/whole.png", "--save-selection", "{tmp}/link.png"], "would overwrite the input itself"),
+    (["--image", "{tmp}/whole.png", "--save-selection", "/proc/x.png"], "cannot create a file in /proc"),
+    (["--image", "{tmp}/whole.png", "--save-selection", "/sys/x.png"], "cannot create a file in /sys"),
+    (["--image", "/dev/zero"], "/dev/zero is a device, not an image file"),
     (["--probe-layers", "a,b"], "--probe-layers must be comma-separated"),
     (["--retain", "lots"], "invalid float value: 'lots'"),
     (["--bogus"], "unrecognized arguments: --bogus"),
@@ -1207,7 +1240,7 @@ def test_cli_checks_the_picture_path_before_loading_the_model(tmp_path, capsys, 
     monkeypatch.setattr(llava, "load", no_load)
     (tmp_path / "taken.png").mkdir()
     one_line_error(capsys, ["--prompt", "hi", "--image", str(tmp_path / "photo.png"), "--save-selection", str(tmp_path / "photo.png" / "x.png")],
-                   "does not exist")
+                   "a part of the path is not a directory")
     one_line_error(capsys, ["--prompt", "hi", "--image", str(tmp_path / "photo.png"), "--save-selection", str(tmp_path / "taken.png")],
                    "it is a directory")
 
@@ -1238,6 +1271,294 @@ def test_cli_ctrl_c_during_generation_exits_quietly_without_a_picture(mha, tmp_p
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cli_cuda_without_cuda_is_a_clear_error(capsys):
     one_line_error(capsys, ["--prompt", "hi", "--device", "cuda"], "no CUDA GPU is available")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability: what hostile and careless use does to the command line
+# ---------------------------------------------------------------------------------------------
+
+def cli_process(ckpt, tmp_path, *extra, **popen):
+    """generate.py in a subprocess on a small image, as a shell would start it."""
+    noise_image(120, 90, seed=40).save(tmp_path / "photo.png")
+    argv = [sys.executable, str(HERE / "generate.py"), *cli_args(ckpt, "--image", str(tmp_path / "photo.png"), *extra)]
+    return subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def test_cli_reader_that_goes_away_ends_quietly(mha, tmp_path):
+    """`generate.py ... | head -c 1`: the pipe closes under the writer; like any Unix filter, no traceback."""
+    process = cli_process(mha, tmp_path, "--max-new-tokens", "8", stdout=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before the first token
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 141 and err == ""
+
+
+@pytest.mark.parametrize("stdout, code, message", [
+    ("closed", 2, "error: stdout is closed: the answer would have nowhere to go\n"),
+    ("/dev/full", 1, "error: cannot write the answer to stdout: no space left on the device\n")])
+def test_cli_stdout_that_cannot_be_written_is_one_error_line(mha, tmp_path, stdout, code, message):
+    if stdout == "closed":  # `>&-` in a shell
+        argv = " ".join(f"'{a}'" for a in [sys.executable, str(HERE / "generate.py"), *cli_args(mha, "--max-new-tokens", "4")])
+        done = subprocess.run(["bash", "-c", argv + " >&-"], capture_output=True, text=True, timeout=300)
+        err, returncode = done.stderr, done.returncode
+    else:
+        with open(stdout, "w") as full:
+            process = cli_process(mha, tmp_path, "--max-new-tokens", "4", stdout=full)
+            _, err = process.communicate(timeout=300)
+            returncode = process.returncode
+    assert returncode == code and err == message
+
+
+@pytest.mark.parametrize("after_s", [0.2, 1.5])
+def test_cli_ctrl_c_during_start_up_is_quiet(mha, tmp_path, after_s):
+    """Ctrl-C while torch imports or the model loads: no traceback, the shell sees 130 (SIGINT)."""
+    process = cli_process(mha, tmp_path, "--max-new-tokens", "200", stdout=subprocess.PIPE)
+    time.sleep(after_s)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode in (-signal.SIGINT, 130) and "Traceback" not in err and err.strip() == ""
+
+
+def test_cli_image_from_a_pipe_works_and_a_fifo_without_writer_is_an_error(mha, tmp_path, capsys, monkeypatch):
+    noise_image(97, 61, seed=41).save(tmp_path / "photo.png")
+    png = (tmp_path / "photo.png").read_bytes()
+    expected = np.asarray(Image.open(tmp_path / "photo.png"))
+    read_end, write_end = os.pipe()  # what `--image <(cat photo.png)` passes: /dev/fd/N
+
+    def write(fd, delay):
+        time.sleep(delay)
+        with os.fdopen(fd, "wb") as f:
+            f.write(png)
+
+    threading.Thread(target=write, args=(write_end, 0.2)).start()
+    assert np.array_equal(np.asarray(generate.open_image(f"/dev/fd/{read_end}")), expected)
+    os.close(read_end)
+
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    threading.Thread(target=lambda: write(os.open(fifo, os.O_WRONLY), 0)).start()  # a writer that comes late
+    assert np.array_equal(np.asarray(generate.open_image(str(fifo))), expected)
+    monkeypatch.setattr(generate, "WAIT_FOR_WRITER_S", 0.3)
+    started = time.monotonic()
+    one_line_error(capsys, cli_args(mha, "--image", str(fifo)), f"nothing is writing to {fifo}")
+    assert time.monotonic() - started < 10
+
+
+def test_cli_reads_the_image_from_dev_stdin(mha, tmp_path):
+    noise_image(120, 90, seed=42).save(tmp_path / "photo.png")
+    argv = [sys.executable, str(HERE / "generate.py"), *cli_args(mha, "--image", "/dev/stdin", "--max-new-tokens", "4")]
+    with open(tmp_path / "photo.png", "rb") as png:
+        through_pipe = subprocess.run(argv, input=png.read(), capture_output=True, timeout=300)
+    direct = subprocess.run(argv[:-4] + ["--image", str(tmp_path / "photo.png"), "--max-new-tokens", "4"],
+                            capture_output=True, timeout=300)
+    assert through_pipe.returncode == direct.returncode == 0, through_pipe.stderr
+    assert through_pipe.stdout == direct.stdout and through_pipe.stdout.strip()
+
+
+def test_cli_refuses_a_prompt_that_is_not_utf8(mha, capsys):
+    latin1_prompt = os.fsdecode(b"caf\xe9 ?")  # what Python makes of Latin-1 bytes in argv
+    one_line_error(capsys, cli_args(mha, "--prompt", latin1_prompt), "--prompt is not valid UTF-8")
+    with pytest.raises(llava.InputError, match="not valid UTF-8"):
+        llava.prompt_ids(mha.tokenizer, latin1_prompt, mha.model.config.image_token_index, None)
+
+
+def test_exif_orientation_is_applied_like_transformers_load_image(tmp_path):
+    from transformers.image_utils import load_image
+    upright = noise_image(80, 50, seed=43)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the camera was turned; show rotated 90 degrees clockwise
+    upright.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    ours = generate.open_image(str(tmp_path / "phone.jpg"))
+    assert ours.size == (50, 80)  # upright: taller than wide
+    assert np.array_equal(np.asarray(ours), np.asarray(load_image(str(tmp_path / "phone.jpg"))))
+
+
+@pytest.mark.parametrize("mode, stored, shown", [("I", 200, 200), ("I", 51400, 200), ("I", 2**31 - 1, 127),
+                                                 ("I;16", 51400, 200), ("I;16", 200, 1)])
+def test_integer_images_are_scaled_by_their_real_bit_depth(tmp_path, mode, stored, shown):
+    values = np.full((20, 30), stored, dtype=np.int32 if mode == "I" else np.uint16)
+    values[0, 0] = 0
+    image = Image.fromarray(values, mode=mode) if mode == "I" else Image.fromarray(values)
+    assert image.mode == mode
+    image.save(tmp_path / "deep.png" if mode == "I;16" else tmp_path / "deep.tif")
+    path = tmp_path / ("deep.png" if mode == "I;16" else "deep.tif")
+    pixels = np.asarray(generate.open_image(str(path)).convert("RGB"))
+    assert pixels[5, 5].tolist() == [shown] * 3 and pixels[0, 0].tolist() == [0, 0, 0]
+
+
+def test_animated_gif_decodes_only_the_sampled_frames(tmp_path, monkeypatch):
+    frames = [Image.new("RGB", (64, 48), (i * 4, 0, 0)) for i in range(60)]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=40)
+    copies = []
+    real_copy = Image.Image.copy
+    monkeypatch.setattr(Image.Image, "copy", lambda self: copies.append(1) or real_copy(self))
+    picked = generate.open_frames(str(tmp_path / "clip.gif"), 3)
+    assert [f.convert("RGB").getpixel((0, 0))[0] for f in picked] == [0, 120, 236]  # frames 0, 30, 59
+    assert len(copies) <= 2 * 3  # the sampled frames (and Pillow's own copies of them), not all 60
+
+
+def test_frame_directory_skips_entries_that_are_not_files(tmp_path):
+    (tmp_path / "sub.png").mkdir()  # a directory named like an image
+    for i in range(3):
+        noise_image(40, 30, seed=i).save(tmp_path / f"{i}.png")
+    assert len(generate.open_frames(str(tmp_path), 8)) == 3
+
+
+def test_cli_picture_that_cannot_be_written_is_one_line_after_the_answer(mha, tmp_path, capsys, monkeypatch):
+    noise_image(120, 90, seed=44).save(tmp_path / "photo.png")
+
+    def disk_full(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    code, out, err = run_cli(capsys, *cli_args(mha, "--image", str(tmp_path / "photo.png"), "--max-new-tokens", "4",
+                                               "--save-selection", str(tmp_path / "kept.png")))
+    assert code == 1 and out.strip()  # the answer stays printed
+    assert err == f"error: cannot write {tmp_path / 'kept.png'}: no space left on the device\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]  # no picture, no temporary file
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_cli_picture_gets_the_usual_mode_of_a_new_file(mha, tmp_path, capsys, umask):
+    noise_image(120, 90, seed=45).save(tmp_path / "photo.png")
+    old = os.umask(umask)
+    try:
+        code, _, err = run_cli(capsys, *cli_args(mha, "--image", str(tmp_path / "photo.png"), "--max-new-tokens", "1",
+                                                 "--save-selection", str(tmp_path / "kept.png")))
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert stat.S_IMODE(os.stat(tmp_path / "kept.png").st_mode) == 0o666 & ~umask
+
+
+def test_temperature_near_zero_samples_the_greedy_token(mha):
+    with torch.inference_mode():
+        ids = llava.prompt_ids(mha.tokenizer, QUESTION, mha.model.config.image_token_index, None)
+        greedy = list(mha.model.generate(ids, None, llava.NO_PRUNING, 6))
+        assert list(mha.model.generate(ids, None, llava.NO_PRUNING, 6, temperature=1e-300)) == greedy
+
+
+def test_python_api_validates_at_the_entry_point(mha):
+    ids = llava.prompt_ids(mha.tokenizer, QUESTION, mha.model.config.image_token_index, None)
+    for bad in (-1, 0, 2.5, True):
+        with pytest.raises(llava.InputError, match="max_new_tokens must be a positive integer"):
+            next(mha.model.generate(ids, None, llava.NO_PRUNING, bad))
+    with pytest.raises(llava.InputError, match="temperature must be a finite number"):
+        next(mha.model.generate(ids, None, llava.NO_PRUNING, 4, temperature=float("nan")))
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError):
+            todre.token_budget(100, bad)
+    with pytest.raises(llava.InputError, match="at least one frame"):
+        mha.model.encode_frames([])
+
+
+def test_too_long_text_only_prompt_says_to_shorten_it(mha, capsys):
+    one_line_error(capsys, cli_args(mha, "--max-new-tokens", "4090"),
+                   "plus 4090 new tokens exceeds the model's 4096-token context: shorten the prompt or lower --max-new-tokens")
+
+
+# Each broken checkpoint: (what to break, the words the one-line error must contain).
+def break_config(key, value):
+    def apply(directory):
+        config = json.loads((directory / "config.json").read_text())
+        target = config
+        *parents, last = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        if value is DELETE:
+            del target[last]
+        else:
+            target[last] = value
+        (directory / "config.json").write_text(json.dumps(config))
+    return apply
+
+
+def break_file(name, text):
+    return lambda directory: (directory / name).write_text(text)
+
+
+def break_preprocessor(key, value):
+    def apply(directory):
+        pre = json.loads((directory / "preprocessor_config.json").read_text())
+        pre[key] = value
+        (directory / "preprocessor_config.json").write_text(json.dumps(pre))
+    return apply
+
+
+def break_weights(change):
+    def apply(directory):
+        from safetensors.torch import load_file
+        state = load_file(directory / "model.safetensors")
+        assert "image_newline" in state and "language_model.model.embed_tokens.weight" in state  # save_pretrained's names
+        extra = change(state)
+        save_file(state, directory / "model.safetensors")
+        if extra:
+            save_file(extra, directory / "model-00002.safetensors")
+    return apply
+
+
+def break_tokenizer(extra_tokens=0, rename_image=False):
+    def apply(directory):
+        tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        if rename_image:
+            tokenizer = make_tokenizer_without_image(tokenizer)
+        tokenizer.add_tokens([f"<extra_{i}>" for i in range(extra_tokens)])
+        tokenizer.save(str(directory / "tokenizer.json"))
+    return apply
+
+
+def make_tokenizer_without_image(tokenizer):
+    data = json.loads(tokenizer.to_str())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<image>"]
+    return Tokenizer.from_str(json.dumps(data))
+
+
+DELETE = object()
+BROKEN_CHECKPOINTS = {
+    "config_not_an_object": (break_file("config.json", "[1, 2]"), "config.json must hold a JSON object, not a list"),
+    "layers_as_string": (break_config("text_config.num_hidden_layers", "8"),
+                         "config.json: text_config.num_hidden_layers must be an integer, got '8'"),
+    "zero_heads": (break_config("vision_config.num_attention_heads", 0),
+                   "config.json: vision_config.num_attention_heads must be positive, got 0"),
+    "pinpoints_missing": (lambda d: (break_config("image_grid_pinpoints", DELETE)(d),
+                                     break_preprocessor("image_grid_pinpoints", None)(d)),
+                          "config.json: image_grid_pinpoints is missing or empty"),
+    "pinpoints_empty": (lambda d: (break_config("image_grid_pinpoints", [])(d),
+                                   break_preprocessor("image_grid_pinpoints", [])(d)),
+                        "config.json: image_grid_pinpoints is missing or empty"),
+    "pinpoints_not_multiple": (break_config("image_grid_pinpoints", [[336, 500]]),
+                               "image_grid_pinpoints entry [336, 500] must be [height, width], each a positive multiple"),
+    "pinpoints_zero": (break_config("image_grid_pinpoints", [[0, 336]]), "image_grid_pinpoints entry [0, 336]"),
+    "feature_layer_out_of_range": (break_config("vision_feature_layer", -7),
+                                   "config.json: vision_feature_layer -7 is not the output of an encoder layer"),
+    "vision_act": (break_config("vision_config.hidden_act", "swish"),
+                   "config.json: vision_config.hidden_act 'swish' is not supported"),
+    "crop_mismatch": (break_preprocessor("crop_size", {"height": 224, "width": 224}),
+                      "preprocessor_config.json: crop_size 224 does not match the vision tower's image_size 336"),
+    "image_std_zero": (break_preprocessor("image_std", [0.0, 0.26, 0.27]),
+                       "preprocessor_config.json: image_std must be positive"),
+    "rope_not_an_object": (break_config("text_config.rope_parameters", "linear"), "config.json: text_config: rope_parameters (or rope_scaling) must be an object"),
+    "tokenizer_too_big": (break_tokenizer(extra_tokens=40), "token ids but the model embeds only vocab_size"),
+    "image_token_mismatch": (break_tokenizer(rename_image=True),
+                             "tokenizer.json has no '<image>' token, but config.json's image_token_index is"),
+    "malformed_tensor_name": (break_weights(lambda s: s.update({"vision_tower.encoder.layers.foo.bar": torch.zeros(1)})),
+                              "unexpected (1): vision_tower.encoder.layers.foo.bar"),
+    "integer_weights": (break_weights(lambda s: s.update({"image_newline": s["image_newline"].long()})),
+                        "image_newline holds torch.int64 values where float weights belong"),
+    "tensor_in_two_shards": (break_weights(lambda s: {"image_newline": s["image_newline"].clone()}),
+                             "image_newline is in two weight files, model-00002.safetensors and model.safetensors"),
+    "nan_weights": (break_weights(lambda s: s["language_model.model.embed_tokens.weight"].__setitem__((3, 1), float("nan"))),
+                    "language_model.model.embed_tokens.weight holds NaN or inf values"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_CHECKPOINTS))
+def test_broken_checkpoints_are_one_line_naming_file_and_field(mha, tmp_path, capsys, case):
+    breaks, message = BROKEN_CHECKPOINTS[case]
+    directory = tmp_path / case
+    shutil.copytree(mha.directory, directory)
+    breaks(directory)
+    one_line_error(capsys, cli_args(mha, "--model", str(directory)), message)
 
 
 def test_bench_tiny_preset_runs_and_writes_its_json(tmp_path):

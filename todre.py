@@ -18,10 +18,10 @@ def token_budget(num_candidates: int, retain: float | int) -> int:
     Rounded to the nearest integer and clamped to [1, num_candidates] (paper §5.1's budgets): 0.10 of the 2880
     patch tokens of a 672x672 image keeps 288, 0.25 keeps 720.
     """
-    if isinstance(retain, bool) or not isinstance(retain, (int, float)) or retain <= 0:
+    if isinstance(retain, bool) or not isinstance(retain, (int, float)) or not retain > 0:  # NaN fails too
         raise ValueError(f"retain must be a fraction in (0, 1] or a positive token count, got {retain!r}")
     if isinstance(retain, float):
-        if retain > 1:
+        if not retain <= 1:
             raise ValueError(f"retain as a fraction must be in (0, 1], got {retain}")
         retain = round(retain * num_candidates)
     return max(1, min(num_candidates, retain))

@@ -1,0 +1,316 @@
+"""Checkpoints: find one (local directory or Hub id), read and check its configs, load its weights.
+
+Everything that knows the files of a Hugging Face LLaVA checkpoint lives here: `config.json`,
+`preprocessor_config.json`, `tokenizer.json`, the safetensors shards and their key layouts.
+A checkpoint that cannot be used is a `CheckpointError` naming the file and the field.
+Weights are only ever read from safetensors: never pickles, never code from the checkpoint.
+"""
+import errno
+import json
+import math
+import types
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+import anyres
+from clip import ACTIVATIONS, CLIPVisionConfig, layers_to_run
+from llama import LlamaConfig
+
+DEFAULT_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
+# Only configs, tokenizer files and safetensors are ever downloaded or read: never pickles.
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.*"]
+
+
+class CheckpointError(Exception):
+    """The checkpoint cannot be found or does not match this model; the message says what to do."""
+
+
+def os_error_text(e: OSError) -> str:
+    """What an OSError on a path means, in words (the errno names say little to most people)."""
+    return {
+        errno.ENAMETOOLONG: "a name in the path is longer than the file system allows (255 bytes)",
+        errno.ELOOP: "the path is a loop of symbolic links",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.ENOTDIR: "a part of the path is not a directory",
+        errno.ENOENT: "no such file or directory",
+        errno.ENOSPC: "no space left on the device",
+        errno.EROFS: "the file system is read-only",
+    }.get(e.errno, e.strerror or str(e))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class LlavaNextConfig:
+    """One LLaVA-NeXT checkpoint's settings, from config.json and preprocessor_config.json."""
+    text: LlamaConfig
+    vision: CLIPVisionConfig
+    image_grid_pinpoints: list  # [[h, w], ...] canvases AnyRes may fit an image into
+    image_token_index: int      # the id of the <image> placeholder token
+    vision_feature_layer: int = -2
+    projector_bias: bool = True
+    crop_size: int = 336        # from preprocessor_config.json
+    image_mean: tuple = anyres.CLIP_MEAN
+    image_std: tuple = anyres.CLIP_STD
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> "LlavaNextConfig":
+        path = directory / "config.json"
+        cfg = read_json(path)
+        if cfg.get("model_type") != "llava_next":
+            raise CheckpointError(f"{directory} holds a {cfg.get('model_type')!r} model, not LLaVA-NeXT (llava_next)")
+        if cfg.get("vision_feature_select_strategy", "default") != "default":
+            raise CheckpointError(f"{path}: only vision_feature_select_strategy 'default' (drop [CLS]) is supported")
+        if cfg.get("projector_hidden_act", "gelu") != "gelu":
+            raise CheckpointError(f"{path}: only a gelu projector (projector_hidden_act 'gelu') is supported")
+        pre_path = directory / "preprocessor_config.json"
+        pre = read_json(pre_path) if pre_path.exists() else {}
+
+        vision_dict = section(cfg, "vision_config", path)
+        vision = build(CLIPVisionConfig, vision_dict, f"{path}: vision_config")
+        if vision.hidden_act not in ACTIVATIONS:
+            raise CheckpointError(f"{path}: vision_config.hidden_act {vision.hidden_act!r} is not supported "
+                                  f"(supported: {', '.join(ACTIVATIONS)})")
+        text_dict = section(cfg, "text_config", path)
+        tie = cfg.get("tie_word_embeddings", text_dict.get("tie_word_embeddings", False))
+        text = build(LlamaConfig, {**text_dict, "tie_word_embeddings": tie}, f"{path}: text_config")
+        for where, ok, rule in (
+                ("vision_config", vision.image_size % vision.patch_size == 0, "image_size must be a multiple of patch_size"),
+                ("vision_config", vision.hidden_size % vision.num_attention_heads == 0,
+                 "hidden_size must be a multiple of num_attention_heads"),
+                ("text_config", text.num_attention_heads % text.num_key_value_heads == 0,
+                 "num_attention_heads must be a multiple of num_key_value_heads"),
+                ("text_config", "head_dim" in text_dict or text.hidden_size % text.num_attention_heads == 0,
+                 "hidden_size must be a multiple of num_attention_heads")):
+            if not ok:
+                raise CheckpointError(f"{path}: {where}: {rule}")
+
+        feature_layer = cfg.get("vision_feature_layer", -2)
+        if not is_int(feature_layer):
+            raise CheckpointError(f"{path}: vision_feature_layer must be one integer, got {feature_layer!r}")
+        try:
+            layers_to_run(feature_layer, vision.num_hidden_layers)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        image_token = cfg.get("image_token_index", cfg.get("image_token_id", 32000))
+        if not is_int(image_token) or not 0 <= image_token < text.vocab_size:
+            raise CheckpointError(f"{path}: image_token_index must be an id below vocab_size {text.vocab_size}, "
+                                  f"got {image_token!r}")
+
+        crop = pre.get("crop_size", vision.image_size)
+        crop = crop.get("height") if isinstance(crop, dict) else crop
+        if crop != vision.image_size:
+            raise CheckpointError(f"{pre_path}: crop_size {crop!r} does not match the vision tower's image_size "
+                                  f"{vision.image_size} in config.json")
+        pinpoints = cfg.get("image_grid_pinpoints") or pre.get("image_grid_pinpoints")
+        check_pinpoints(pinpoints, crop, path)
+        mean, std = pre.get("image_mean", anyres.CLIP_MEAN), pre.get("image_std", anyres.CLIP_STD)
+        for name, values in (("image_mean", mean), ("image_std", std)):
+            if not (isinstance(values, (list, tuple)) and len(values) == 3 and all(is_number(v) for v in values)):
+                raise CheckpointError(f"{pre_path}: {name} must be 3 finite numbers, got {values!r}")
+        if min(std) <= 0:
+            raise CheckpointError(f"{pre_path}: image_std must be positive, got {std!r}")
+        return cls(text=text, vision=vision, image_grid_pinpoints=pinpoints, image_token_index=image_token,
+                   vision_feature_layer=feature_layer, projector_bias=cfg.get("multimodal_projector_bias", True),
+                   crop_size=crop, image_mean=tuple(mean), image_std=tuple(std))
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or a CheckpointError saying what is wrong with the file."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: is {path.parent} a LLaVA checkpoint directory?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {os_error_text(e)}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not a {type(value).__name__}")
+    return value
+
+
+def section(cfg: dict, name: str, path: Path) -> dict:
+    value = cfg.get(name, {})
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: {name} must be a JSON object, got {value!r}")
+    return value
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+FIELD_CHECKS = {int: (is_int, "an integer"), float: (is_number, "a finite number"),
+                bool: (lambda v: isinstance(v, bool), "true or false"), str: (lambda v: isinstance(v, str), "a string")}
+
+
+def build(config_class, values: dict, where: str):
+    """config_class.from_dict(values), after checking every field's JSON type against the
+    dataclass annotation and every size against zero; errors name the field."""
+    for f in fields(config_class):
+        value = values.get(f.name)
+        if value is None:
+            continue
+        if f.name == "eos_token_id" and isinstance(value, list) and value and all(map(is_int, value)):
+            continue  # Llama 3 lists several end-of-turn ids
+        kinds = f.type.__args__ if isinstance(f.type, types.UnionType) else (f.type,)
+        checks = [FIELD_CHECKS[k] for k in kinds if k in FIELD_CHECKS]
+        if checks and not any(check(value) for check, _ in checks):
+            raise CheckpointError(f"{where}.{f.name} must be {checks[0][1]}, got {value!r}")
+        if f.name.endswith(("_size", "_layers", "_heads", "_eps", "head_dim", "rope_theta")) and value <= 0:
+            raise CheckpointError(f"{where}.{f.name} must be positive, got {value!r}")
+    try:
+        return config_class.from_dict(values)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def check_pinpoints(pinpoints, crop: int, path: Path) -> None:
+    """AnyRes canvases [[h, w], ...]: at least one, each side a positive multiple of the crop size."""
+    if not isinstance(pinpoints, list) or not pinpoints:
+        raise CheckpointError(f"{path}: image_grid_pinpoints is missing or empty; LLaVA-NeXT needs its AnyRes "
+                              "canvases, e.g. [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]")
+    for p in pinpoints:
+        if not (isinstance(p, (list, tuple)) and len(p) == 2 and all(is_int(v) and v > 0 and v % crop == 0 for v in p)):
+            raise CheckpointError(f"{path}: image_grid_pinpoints entry {p!r} must be [height, width], "
+                                  f"each a positive multiple of the crop size {crop}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+def resolve_checkpoint(model: str) -> Path:
+    """A local directory as it is, or a Hub id downloaded (configs, tokenizer, safetensors only)."""
+    if model == "":
+        raise CheckpointError("the model is an empty path or id (an unset shell variable?)")
+    path = Path(model).expanduser()
+    try:
+        is_dir = path.stat().st_mode & 0o170000 == 0o040000
+    except FileNotFoundError:
+        is_dir = None
+    except OSError as e:
+        raise CheckpointError(f"cannot open {model}: {os_error_text(e)}") from None
+    if is_dir:
+        return path
+    if is_dir is False or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise CheckpointError(f"{model} is not a checkpoint directory")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    try:
+        return Path(snapshot_download(repo_id=model, allow_patterns=HUB_FILES))
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{model} is neither a local directory nor a model on the Hugging Face Hub") from None
+    except (LocalEntryNotFoundError, OSError) as e:
+        raise CheckpointError(f"cannot download {model} from the Hugging Face Hub ({type(e).__name__}); "
+                              "if you are offline, pass a local checkpoint directory with --model DIR") from None
+    except HFValidationError:
+        raise CheckpointError(f"{model} is neither a local directory nor a valid Hub model id") from None
+
+
+def load_tokenizer(directory: Path, cfg: LlavaNextConfig):
+    """The checkpoint's tokenizer.json, checked against the model: every id it can produce must
+    have an embedding, and '<image>' must be the config's image token."""
+    from tokenizers import Tokenizer
+    path = directory / "tokenizer.json"
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception on a missing or bad file
+        raise CheckpointError(f"cannot read {path} ({e})") from None
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > cfg.text.vocab_size:
+        raise CheckpointError(f"{path} has {size} token ids but the model embeds only vocab_size "
+                              f"{cfg.text.vocab_size} (config.json): the tokenizer belongs to another model")
+    image_id = tokenizer.token_to_id("<image>")
+    if image_id != cfg.image_token_index:
+        found = "has no '<image>' token" if image_id is None else f"maps '<image>' to id {image_id}"
+        raise CheckpointError(f"{path} {found}, but config.json's image_token_index is {cfg.image_token_index}: "
+                              "the tokenizer and the config do not belong together")
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------
+
+def hub_key(key: str) -> str:
+    """A checkpoint tensor name -> our module's parameter name. Every layout in one place:
+    - Hub (transformers 4.x): vision_tower.vision_model.*, multi_modal_projector.*, image_newline,
+      language_model.model.*, language_model.lm_head.weight
+    - transformers 5.x: model.vision_tower[.vision_model].*, model.multi_modal_projector.*,
+      model.image_newline, model.language_model.*, lm_head.weight
+    """
+    if key == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    key = key.removeprefix("model.")
+    key = key.replace("language_model.model.", "language_model.", 1)
+    return key.replace("vision_tower.vision_model.", "vision_tower.", 1)
+
+
+def unused_key(name: str, vision_layers_run: int) -> bool:
+    """Checkpoint tensors we deliberately never load: vision layers after the feature layer and the
+    post-LayerNorm (they never reach LLaVA), and buffers older checkpoints saved by mistake."""
+    if name.startswith("vision_tower.post_layernorm.") or name.endswith((".position_ids", ".rotary_emb.inv_freq")):
+        return True
+    prefix = "vision_tower.encoder.layers."
+    layer = name[len(prefix):].split(".")[0] if name.startswith(prefix) else ""
+    return layer.isdigit() and int(layer) >= vision_layers_run
+
+
+def load_weights(model: torch.nn.Module, directory: Path, device: torch.device, dtype: torch.dtype) -> None:
+    """Load every *.safetensors file in `directory` into `model` (built on the meta device), cast to dtype.
+
+    Refused, naming the tensor: a name in two shards, an integer tensor where a float weight
+    belongs, a tensor holding NaN or inf, and any missing, unexpected or mis-shaped names.
+    """
+    from safetensors import SafetensorError, safe_open
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory} has no *.safetensors weights (pickled .bin weights are never loaded)")
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    vision_layers_run = len(model.vision_tower.encoder.layers)
+    # float64 sums see any NaN or inf and cannot overflow on finite weights; MPS has no float64.
+    sum_dtype = torch.float32 if device.type == "mps" else torch.float64
+    state, source, unexpected, misshaped = {}, {}, [], []
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    name = hub_key(key)
+                    if name not in expected:
+                        if not unused_key(name, vision_layers_run):
+                            unexpected.append(key)
+                        continue
+                    if name in source:
+                        raise CheckpointError(f"{key} is in two weight files, {source[name].name} and {file.name}: "
+                                              "remove the stale one")
+                    source[name] = file
+                    tensor = f.get_tensor(key)
+                    if not tensor.is_floating_point():
+                        raise CheckpointError(f"{file}: {key} holds {tensor.dtype} values where float weights belong")
+                    if tensor.shape != expected[name]:
+                        misshaped.append(f"{key} {tuple(tensor.shape)} (expected {tuple(expected[name])})")
+                    elif not torch.isfinite(tensor.sum(dtype=sum_dtype)):
+                        raise CheckpointError(f"{file}: {key} holds NaN or inf values: the file is damaged")
+                    state[name] = tensor.to(dtype)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
+    if model.config.text.tie_word_embeddings and "language_model.embed_tokens.weight" in state:
+        state.setdefault("language_model.lm_head.weight", state["language_model.embed_tokens.weight"])
+    missing = sorted(set(expected) - set(state))
+    problems = [f"{label} ({len(names)}): {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+                for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+                if names]
+    if problems:
+        raise CheckpointError(f"weights in {directory} do not match config.json: " + "; ".join(problems))
+    model.load_state_dict(state, assign=True)
