@@ -1,9 +1,10 @@
 """LLaVA-NeXT AnyRes: image -> crops for CLIP, and crop features -> one packed token sequence.
 
-Reproduces Hugging Face's `LlavaNextImageProcessorPil` and `pack_image_features` (SPEC.md §2, §4).
+Reproduces transformers' `LlavaNextImageProcessorPil` and `LlavaNextModel.pack_image_features`.
 Besides the packed tokens, `pack` returns where each token comes from, which Stage 1 of ToDRE
 (pivot on the thumbnail, newline tokens are not candidates) and the selection picture need.
 """
+
 import math
 from dataclasses import dataclass
 
@@ -14,10 +15,13 @@ from PIL import Image
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 NEWLINE = -1  # source index of an `image_newline` token in `pack`'s output
+# The AnyRes canvases (h, w) of the llava-v1.6 checkpoints (their config.json's image_grid_pinpoints).
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
 def select_best_resolution(height: int, width: int, pinpoints) -> tuple[int, int]:
-    """The pinpoint (h, w) that keeps the most image pixels, then wastes the fewest (SPEC §2)."""
+    """The pinpoint (h, w) that keeps the most image pixels, then wastes the fewest; the first wins
+    ties (transformers' select_best_resolution)."""
     best, best_effective, best_waste = None, 0, float("inf")
     for h, w in pinpoints:
         scale = min(w / width, h / height)
@@ -60,7 +64,7 @@ def preprocess(image: Image.Image, pinpoints, crop_size: int = 336, mean=CLIP_ME
     """Image -> (pixel_values (1 + crops, 3, crop_size, crop_size), (H, W) of the RGB original).
 
     Order: the thumbnail (the whole image squashed to crop_size x crop_size, aspect ratio NOT kept),
-    then the crops of the best-resolution canvas row-major (SPEC §2).
+    then the crops of the best-resolution canvas row-major (transformers' get_image_patches).
     """
     image = to_rgb(image)
     width, height = image.size
@@ -69,11 +73,12 @@ def preprocess(image: Image.Image, pinpoints, crop_size: int = 336, mean=CLIP_ME
     resized = np.asarray(image.resize((new_w, new_h), Image.Resampling.BICUBIC))
     canvas = np.zeros((best_h, best_w, 3), dtype=np.uint8)  # centred black padding
     top, left = (best_h - new_h) // 2, (best_w - new_w) // 2
-    canvas[top:top + new_h, left:left + new_w] = resized
+    canvas[top : top + new_h, left : left + new_w] = resized
     thumbnail = image.resize((crop_size, crop_size), Image.Resampling.BICUBIC)
     crops = [thumbnail] + [
-        canvas[y:y + crop_size, x:x + crop_size]
-        for y in range(0, best_h, crop_size) for x in range(0, best_w, crop_size)
+        canvas[y : y + crop_size, x : x + crop_size]
+        for y in range(0, best_h, crop_size)
+        for x in range(0, best_w, crop_size)
     ]
     return torch.stack([normalize(c, mean, std) for c in crops]), (height, width)
 
@@ -85,18 +90,19 @@ class Layout:
     The crops' patch grids are laid side by side into a mosaic of (side*grid_h, side*grid_w) tokens;
     `unpad` keeps mosaic rows [row0, row1) and columns [col0, col1), which undoes the black padding.
     """
-    image_size: tuple[int, int]       # (H, W) of the original image
+
+    image_size: tuple[int, int]  # (H, W) of the original image
     best_resolution: tuple[int, int]  # (h, w) pinpoint the image was fitted into
-    grid: tuple[int, int]             # crops per column and per row of the canvas
-    crop_size: int                    # pixels per crop side (336)
-    side: int                         # patch tokens per crop side (24 for CLIP-L/14 at 336)
-    rows: tuple[int, int]             # kept mosaic rows [row0, row1)
-    cols: tuple[int, int]             # kept mosaic columns [col0, col1)
+    grid: tuple[int, int]  # crops per column and per row of the canvas
+    crop_size: int  # pixels per crop side (336)
+    side: int  # patch tokens per crop side (24 for CLIP-L/14 at 336)
+    rows: tuple[int, int]  # kept mosaic rows [row0, row1)
+    cols: tuple[int, int]  # kept mosaic columns [col0, col1)
 
     @property
     def num_tokens(self) -> int:
         """Packed length: thumbnail tokens + kept mosaic rows, each with one newline token."""
-        return self.side ** 2 + (self.rows[1] - self.rows[0]) * (self.cols[1] - self.cols[0] + 1)
+        return self.side**2 + (self.rows[1] - self.rows[0]) * (self.cols[1] - self.cols[0] + 1)
 
 
 def layout(image_size, pinpoints, crop_size: int = 336, patch_size: int = 14) -> Layout:
@@ -121,7 +127,8 @@ def token_sources(lay: Layout) -> torch.Tensor:
     """For each packed token, its index into the flattened (crops * side * side) features, or NEWLINE.
 
     The thumbnail (crop 0) comes first, unchanged; then the unpadded mosaic row by row, each row
-    followed by one newline token (SPEC §4). Crop c >= 1 is the canvas cell (r, q) = divmod(c - 1, grid_w).
+    followed by one newline token (transformers' pack_image_features). Crop c >= 1 is the canvas
+    cell (r, q) = divmod(c - 1, grid_w).
     """
     side, grid_w = lay.side, lay.grid[1]
     r = torch.arange(*lay.rows)[:, None]
@@ -159,12 +166,19 @@ def token_boxes(lay: Layout, sources: torch.Tensor) -> torch.Tensor:
     patch = lay.crop_size // lay.side
     new_h, new_w = resized_size(height, width, *lay.best_resolution)
     top, left = (lay.best_resolution[0] - new_h) // 2, (lay.best_resolution[1] - new_w) // 2
-    crop, within = sources.div(lay.side ** 2, rounding_mode="floor"), sources % lay.side ** 2
+    crop, within = sources.div(lay.side**2, rounding_mode="floor"), sources % lay.side**2
     cell_y, cell_x = ((crop - 1).clamp(min=0) // lay.grid[1]).double(), ((crop - 1).clamp(min=0) % lay.grid[1]).double()
     y0 = cell_y * lay.crop_size + (within // lay.side * patch).double() - top  # pixels of the resized image
     x0 = cell_x * lay.crop_size + (within % lay.side * patch).double() - left
     sy, sx = height / new_h, width / new_w
-    mosaic = torch.stack([(x0 * sx).clamp(0, width), (y0 * sy).clamp(0, height),
-                          ((x0 + patch) * sx).clamp(0, width), ((y0 + patch) * sy).clamp(0, height)], dim=-1)
+    mosaic = torch.stack(
+        [
+            (x0 * sx).clamp(0, width),
+            (y0 * sy).clamp(0, height),
+            ((x0 + patch) * sx).clamp(0, width),
+            ((y0 + patch) * sy).clamp(0, height),
+        ],
+        dim=-1,
+    )
     boxes = torch.where((crop == 0)[:, None], squashed_boxes(within, lay.image_size, lay.side), mosaic)
     return torch.where((sources == NEWLINE)[:, None], torch.full_like(boxes, float("nan")), boxes)

@@ -7,36 +7,60 @@ random weights and the same synthetic 672x672 image (2880 patch tokens) and ques
 Random weights give meaningless attention ratios, so Stage 2 is forced after the paper's layer
 L/2 (index L/2 - 1, --evict-layer); everywhere else the real decision rule (eq. 7 < tau) is the default.
 """
+
 import argparse
 import importlib.util
 import json
 import statistics
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import torch
 from PIL import Image
 
+import anyres
 import model as llava
+import todre
 from clip import CLIPVisionConfig
 from llama import LlamaConfig
 
-CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                  image_size=336, patch_size=14)
+CLIP_L_336 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+)
 PRESETS = {
-    "tiny": dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                             image_size=336, patch_size=14),
-                 text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=2)),
+    "tiny": dict(
+        vision=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=336,
+            patch_size=14,
+        ),
+        text=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+        ),
+    ),
     # the exact CLIP ViT-L/14-336 tower and a ~0.3B Llama
-    "small": dict(vision=CLIP_L_336, text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
-                                               num_attention_heads=16)),
+    "small": dict(
+        vision=CLIP_L_336,
+        text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16),
+    ),
     # the exact LLaVA-NeXT Vicuna-7B shapes
-    "7b": dict(vision=CLIP_L_336, text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                            num_attention_heads=32)),
+    "7b": dict(
+        vision=CLIP_L_336,
+        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    ),
 }
-PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+TEXT_DEFAULTS = dict(vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)
+PINPOINTS = anyres.LLAVA_NEXT_PINPOINTS
 CONFIGS = ["full", "stage1-0.10", "todre-0.25", "todre-0.10", "hf-full"]
 PREFIX_TOKENS, SUFFIX_TOKENS = 35, 12  # the Vicuna system prompt and "USER:"; a short question and " ASSISTANT:"
 IMAGE_TOKEN = 32000
@@ -45,23 +69,20 @@ IMAGE_TOKEN = 32000
 def model_config(preset: str) -> llava.LlavaNextConfig:
     p = PRESETS[preset]
     # eos_token_id -1: random weights must not stop early; every configuration decodes --new-tokens tokens.
-    text = LlamaConfig.from_dict({**p["text"], "vocab_size": 32064, "max_position_embeddings": 4096,
-                                  "rms_norm_eps": 1e-5, "eos_token_id": -1})
-    return llava.LlavaNextConfig(text=text, vision=CLIPVisionConfig.from_dict(p["vision"]),
-                                 image_grid_pinpoints=PINPOINTS, image_token_index=IMAGE_TOKEN)
+    text = LlamaConfig.from_dict({**p["text"], **TEXT_DEFAULTS, "eos_token_id": -1})
+    return llava.LlavaNextConfig(
+        text=text,
+        vision=CLIPVisionConfig.from_dict(p["vision"]),
+        image_grid_pinpoints=PINPOINTS,
+        image_token_index=IMAGE_TOKEN,
+    )
 
 
-def settings_for(name: str, evict_layer: int) -> llava.ToDRE:
-    """A configuration name, e.g. "todre-0.10" (paper v1) or "todre-0.10-v2" (its revision's selection)."""
-    base, _, version = name.partition("-v")
-    v = "v" + (version or "1")
-    return {
-        "full": llava.NO_PRUNING,
-        "stage1-0.10": llava.variant(v, retain=0.10, tau=0.0),
-        "todre-0.25": llava.variant(v, retain=0.25, evict_layer=evict_layer),
-        "todre-0.10": llava.variant(v, retain=0.10, evict_layer=evict_layer),
-        "probe-0.10": llava.variant(v, retain=0.10, tau=1e-9),  # every probe layer measured, never evicts
-    }[base]
+def settings_for(name: str, evict_layer: int) -> todre.Settings:
+    """A configuration name (todre.parse_config's grammar), with Stage 2 forced after evict_layer
+    wherever it is on: random weights never bring the ratios below tau."""
+    settings = todre.parse_config(name)
+    return replace(settings, evict_layer=evict_layer) if settings.tau > 0 else settings
 
 
 def build_model(cfg: llava.LlavaNextConfig, device, dtype, seed: int) -> llava.LlavaNext:
@@ -86,30 +107,34 @@ def synthetic_image() -> Image.Image:
     return Image.fromarray((rgb + rng.integers(0, 32, rgb.shape)).clip(0, 255).astype(np.uint8))
 
 
-def prompt_ids(num_visual: int, device) -> torch.Tensor:
+def synthetic_prompt_ids(num_visual: int, device) -> torch.Tensor:
+    """BOS, a system prompt's worth of random text, the image tokens, a question's worth of text."""
     g = torch.Generator().manual_seed(1)
     text = torch.randint(3, 31000, (PREFIX_TOKENS + SUFFIX_TOKENS,), generator=g)
-    ids = torch.cat([torch.tensor([1]), text[:PREFIX_TOKENS], torch.full((num_visual,), IMAGE_TOKEN), text[PREFIX_TOKENS:]])
+    ids = torch.cat(
+        [torch.tensor([1]), text[:PREFIX_TOKENS], torch.full((num_visual,), IMAGE_TOKEN), text[PREFIX_TOKENS:]]
+    )
     return ids.to(device)
 
 
 def flops(cfg: LlamaConfig, n: int, visual: int, evict_layer: int | None, new_tokens: int):
-    """Paper eq. 1-2: prefill and decode FLOPs, layers before and after eviction counted
-    with their own input length (the evicting layer's prefill still sees the visual tokens; its
-    decoding does not)."""
+    """Paper eq. 1-2: prefill and decode FLOPs, layers before and after eviction counted with their
+    own input length (the evicting layer's prefill still sees the visual tokens; its decoding does not)."""
     d, m, T, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, new_tokens
 
     def prefill(n):
-        return 4 * n * d ** 2 + 2 * n ** 2 * d + 2 * n * d * m
+        return 4 * n * d**2 + 2 * n**2 * d + 2 * n * d * m
 
     def decode(n):
-        return 4 * L * d ** 2 + 2 * L * d * m + d * L * (2 * n + L - 1)
+        return 4 * L * d**2 + 2 * L * d * m + d * L * (2 * n + L - 1)
 
     if evict_layer is None:
         return T * prefill(n), T * decode(n)
     before, after = evict_layer + 1, T - evict_layer - 1
-    return (before * prefill(n) + after * prefill(n - visual),
-            evict_layer * decode(n) + (T - evict_layer) * decode(n - visual))
+    return (
+        before * prefill(n) + after * prefill(n - visual),
+        evict_layer * decode(n) + (T - evict_layer) * decode(n - visual),
+    )
 
 
 def exact_prefill_flops(cfg: LlamaConfig, n: int, visual: int, evict_layer: int | None) -> float:
@@ -127,6 +152,25 @@ def exact_prefill_flops(cfg: LlamaConfig, n: int, visual: int, evict_layer: int 
     return (evict_layer + 1) * layer(n) + (T - evict_layer - 1) * layer(n - visual)
 
 
+def time_probes(model, ids, visual_embeds, settings, device) -> dict:
+    """Stage 2's own cost: eq. 7 (todre.cross_modal_ratios) at every probe layer, timed alone, on
+    that layer's real keys and queries of the same shape (its cost does not depend on their values)."""
+    lm = model.language_model
+    kv_cache = model.new_kv_cache(1)
+    model.prefill(ids, visual_embeds, replace(settings, tau=0.0, evict_layer=None), kv_cache)  # keys of every layer
+    is_visual = ids == IMAGE_TOKEN
+    positions = torch.arange(len(ids), device=device)
+    visual_pos, text_pos = positions[is_visual], positions[positions > positions[is_visual].max()]
+    layers = todre.probe_layers(len(lm.layers), settings.probe_fractions)
+    attention = lm.layers[0].self_attn
+    queries = torch.randn(attention.heads, len(ids), attention.head_dim, device=device, dtype=model.dtype)
+    start = llava.now(device)
+    for layer in layers:
+        keys, _ = kv_cache.get(layer)
+        todre.cross_modal_ratios(queries, keys[0], visual_pos, text_pos)
+    return {"layers": layers, "probe_s": llava.now(device) - start}
+
+
 def run_ours(model, name, args, image, device):
     cfg = model.config
     settings = settings_for(name, args.evict_layer)
@@ -136,47 +180,63 @@ def run_ours(model, name, args, image, device):
         visual = model.encode_image(image)
         vision_done = llava.now(device)
         kept = model.select(visual, settings)
+        visual_embeds = visual.tokens[kept]
         select_done = llava.now(device)
-        ids = prompt_ids(len(kept), device)
-        stats = llava.Stats()
-        generated = list(model.generate(ids, visual.tokens[kept], settings, args.new_tokens, stats=stats))
+        ids = synthetic_prompt_ids(len(kept), device)
+        kv_cache = model.new_kv_cache(args.new_tokens)
+        logits, info = model.prefill(ids, visual_embeds, settings, kv_cache)
+        prefill_done = llava.now(device)
+        generated = list(model.decode(logits[0, -1], len(ids), kv_cache, args.new_tokens))
+        decode_done = llava.now(device)
         assert len(generated) == args.new_tokens
-        times.append(dict(vision_s=vision_done - start, select_s=select_done - vision_done,
-                          prefill_s=stats.prefill_s, decode_s=stats.decode_s, probe_s=stats.prefill.probe_s))
-    info = stats.prefill
+        times.append(
+            dict(
+                vision_s=vision_done - start,
+                select_s=select_done - vision_done,
+                prefill_s=prefill_done - select_done,
+                decode_s=decode_done - prefill_done,
+            )
+        )
     prefill_flops, decode_flops = flops(cfg.text, len(ids), len(kept), info.evict_layer, args.new_tokens)
     exact = exact_prefill_flops(cfg.text, len(ids), len(kept), info.evict_layer)
-    return times[args.warmup:], dict(visual_tokens=len(kept), kv_cache_mb=stats.kv_cache_bytes / 2 ** 20,
-                                     evict_layer=info.evict_layer, prefill_tflops=prefill_flops / 1e12,
-                                     decode_tflops=decode_flops / 1e12, prefill_tflops_exact=exact / 1e12)
+    row = dict(
+        visual_tokens=len(kept),
+        kv_cache_mb=kv_cache.nbytes() / 2**20,
+        evict_layer=info.evict_layer,
+        prefill_tflops=prefill_flops / 1e12,
+        decode_tflops=decode_flops / 1e12,
+        prefill_tflops_exact=exact / 1e12,
+    )
+    if settings.tau > 0:
+        row["stage2_probe"] = time_probes(model, ids, visual_embeds, settings, device)
+    return times[args.warmup :], row
 
 
 def run_hf(model, args, image, device):
     """transformers' LlavaNext on our exact weights: HF preprocessing, vision + packing, prefill, decode."""
     import transformers as tf
+
+    import reference
+
     cfg, dtype = model.config, model.dtype
     p = PRESETS[args.preset]
-    hf_cfg = tf.LlavaNextConfig(
-        vision_config=tf.CLIPVisionConfig(**p["vision"], projection_dim=768),
-        text_config=tf.LlamaConfig(**p["text"], vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5),
-        image_grid_pinpoints=PINPOINTS, image_token_index=IMAGE_TOKEN)
+    hf_cfg = reference.llava_next_config(p["vision"], {**p["text"], **TEXT_DEFAULTS}, IMAGE_TOKEN, PINPOINTS)
     with torch.device(device):
         hf = tf.LlavaNextForConditionalGeneration._from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype).eval()
-    ours = {("lm_head.weight" if k == "language_model.lm_head.weight" else "model." + k): v
-            for k, v in model.state_dict().items()}
+    ours = {reference.transformers_name(k): v for k, v in model.state_dict().items()}
     missing, unexpected = hf.load_state_dict(ours, strict=False)
     assert not unexpected and all("post_layernorm" in k or ".layers." in k and "vision" in k for k in missing), missing
     del model
-    processor = tf.LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                                              image_grid_pinpoints=PINPOINTS)
+    processor = reference.image_processor(PINPOINTS)
     times = []
     for _ in range(args.warmup + args.repeats):
         start = llava.now(device)
         pixels = processor(image, return_tensors="pt")
-        packed = hf.model.get_image_features(pixels["pixel_values"].to(device, dtype),
-                                             pixels["image_sizes"].to(device)).pooler_output[0]
+        packed = hf.model.get_image_features(
+            pixels["pixel_values"].to(device, dtype), pixels["image_sizes"].to(device)
+        ).pooler_output[0]
         vision_done = llava.now(device)
-        ids = prompt_ids(len(packed), device)
+        ids = synthetic_prompt_ids(len(packed), device)
         embeds = hf.model.language_model.embed_tokens(ids[None])
         embeds[0, ids == IMAGE_TOKEN] = packed
         out = hf(inputs_embeds=embeds, use_cache=True)
@@ -187,13 +247,25 @@ def run_hf(model, args, image, device):
             out = hf(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
             cache, token = out.past_key_values, out.logits[0, -1].argmax()
         done = llava.now(device)
-        times.append(dict(vision_s=vision_done - start, select_s=0.0, prefill_s=prefill_done - vision_done,
-                          decode_s=done - prefill_done, probe_s=0.0))
+        times.append(
+            dict(
+                vision_s=vision_done - start,
+                select_s=0.0,
+                prefill_s=prefill_done - vision_done,
+                decode_s=done - prefill_done,
+            )
+        )
     kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     prefill_flops, decode_flops = flops(cfg.text, len(ids), len(packed), None, args.new_tokens)
-    return times[args.warmup:], dict(visual_tokens=len(packed), kv_cache_mb=kv_bytes / 2 ** 20, evict_layer=None,
-                                     prefill_tflops=prefill_flops / 1e12, decode_tflops=decode_flops / 1e12,
-                                     prefill_tflops_exact=exact_prefill_flops(cfg.text, len(ids), len(packed), None) / 1e12)
+    exact = exact_prefill_flops(cfg.text, len(ids), len(packed), None)
+    return times[args.warmup :], dict(
+        visual_tokens=len(packed),
+        kv_cache_mb=kv_bytes / 2**20,
+        evict_layer=None,
+        prefill_tflops=prefill_flops / 1e12,
+        decode_tflops=decode_flops / 1e12,
+        prefill_tflops_exact=exact / 1e12,
+    )
 
 
 @torch.inference_mode()
@@ -213,39 +285,65 @@ def run_one(args) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=todre.CONFIG_NAMES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--preset", default="tiny", choices=list(PRESETS))
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="auto: float16 on CUDA, float32 on CPU")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="auto: as generate.py, float16 on CUDA, bfloat16 on CPU",
+    )
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--evict-layer", type=int, default=None, help="Stage 2 forced after this layer (default: the first probe layer, the paper's L/2)")
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
-    p.add_argument("--variant", default="v1", help="paper version(s) for the pruned configurations: v1 (default), "
-                                                   "v2, or v1,v2 to time both selections side by side")
+    p.add_argument(
+        "--evict-layer",
+        type=int,
+        default=None,
+        help="Stage 2 forced after this layer (default: the first probe layer, the paper's L/2)",
+    )
+    p.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help="comma-separated configuration names, and hf-full for transformers (default: %(default)s)",
+    )
+    p.add_argument(
+        "--variant",
+        default="v1",
+        help="paper version(s) for the pruned configurations: v1 (default), v2, or v1,v2 to time both side by side",
+    )
     p.add_argument("--json", help="write the results here")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.dtype == "auto":
-        args.dtype = "float16" if args.device == "cuda" else "float32"
+        args.dtype = str(llava.auto_dtype(torch.device(args.device))).removeprefix("torch.")
     if args.evict_layer is None:
-        args.evict_layer = llava.todre.probe_layers(PRESETS[args.preset]["text"]["num_hidden_layers"])[0]
+        args.evict_layer = todre.probe_layers(PRESETS[args.preset]["text"]["num_hidden_layers"])[0]
     return args
 
 
 def print_table(result: dict, evict_layer: int) -> None:
     runs = {r["name"]: r for r in result["runs"]}
     full = runs.get("full")
-    print(f"preset {result['preset']} on {result['device']}, {result['dtype']}; Stage 2 forced after layer {evict_layer} "
-          "(random weights give meaningless attention ratios)")
-    print("times in seconds (median); 'x' columns: prefill speed-up over full, measured and FLOP-ideal "
-          "(eq. 1, and exact: SwiGLU's 3 matrices, causal attention)")
-    print(f"{'config':<15} {'tokens':>6} {'vision':>7} {'select':>7} {'prefill':>8} {'decode':>7} {'total':>7} "
-          f"{'total x':>7} {'peak MB':>8} {'KV MB':>7} {'pf TFLOP':>8} {'prefill x':>9} {'eq.1 x':>7} {'exact x':>7}")
+    print(
+        f"preset {result['preset']} on {result['device']}, {result['dtype']}; Stage 2 forced after layer "
+        f"{evict_layer} (random weights give meaningless attention ratios)"
+    )
+    print(
+        "times in seconds (median); 'x' columns: prefill speed-up over full, measured and FLOP-ideal "
+        "(eq. 1, and exact: SwiGLU's 3 matrices, causal attention)"
+    )
+    print(
+        f"{'config':<15} {'tokens':>6} {'vision':>7} {'select':>7} {'prefill':>8} {'decode':>7} {'total':>7} "
+        f"{'total x':>7} {'peak MB':>8} {'KV MB':>7} {'pf TFLOP':>8} {'prefill x':>9} {'eq.1 x':>7} {'exact x':>7}"
+    )
     for r in result["runs"]:
         total = speedup = ideal = exact = ""
         if full and r is not full:
@@ -253,17 +351,32 @@ def print_table(result: dict, evict_layer: int) -> None:
             speedup = f"{full['prefill_s'] / r['prefill_s']:.2f}"
             ideal = f"{full['prefill_tflops'] / r['prefill_tflops']:.2f}"
             exact = f"{full['prefill_tflops_exact'] / r['prefill_tflops_exact']:.2f}"
-        print(f"{r['name']:<15} {r['visual_tokens']:>6} {r['vision_s']:>7.3f} {r['select_s']:>7.3f} {r['prefill_s']:>8.3f} "
-              f"{r['decode_s']:>7.3f} {r['total_s']:>7.3f} {total:>7} {r['peak_mem_mb']:>8.0f} {r['kv_cache_mb']:>7.1f} "
-              f"{r['prefill_tflops']:>8.3f} {speedup:>9} {ideal:>7} {exact:>7}")
-    probe = result.get("stage2_probe")
-    if probe:
-        print(f"Stage-2 probes (eq. 7 at layers {probe['layers']}): {probe['probe_s'] * 1e3:.1f} ms = "
-              f"{100 * probe['probe_s'] / probe['prefill_s']:.2f}% of that run's prefill")
-    for name in ("todre-0.10", "todre-0.10-v2"):
-        if name in runs:
-            t = runs[name]
-            print(f"Stage-1 selection in {name}: {t['select_s'] * 1e3:.1f} ms = {100 * t['select_s'] / t['total_s']:.2f}% of its total")
+        print(
+            f"{r['name']:<15} {r['visual_tokens']:>6} {r['vision_s']:>7.3f} {r['select_s']:>7.3f} "
+            f"{r['prefill_s']:>8.3f} {r['decode_s']:>7.3f} {r['total_s']:>7.3f} {total:>7} {r['peak_mem_mb']:>8.0f} "
+            f"{r['kv_cache_mb']:>7.1f} {r['prefill_tflops']:>8.3f} {speedup:>9} {ideal:>7} {exact:>7}"
+        )
+    for r in result["runs"]:
+        if "stage2_probe" in r:
+            probe = r["stage2_probe"]
+            print(
+                f"Stage-2 probes in {r['name']} (eq. 7 at layers {probe['layers']}): {probe['probe_s'] * 1e3:.1f} ms "
+                f"= {100 * probe['probe_s'] / r['prefill_s']:.2f}% of its prefill"
+            )
+        if r["select_s"] > 0 and r["visual_tokens"] < (full or r)["visual_tokens"]:
+            print(
+                f"Stage-1 selection in {r['name']}: {r['select_s'] * 1e3:.1f} ms = "
+                f"{100 * r['select_s'] / r['total_s']:.2f}% of its total ({result['dtype']})"
+            )
+
+
+def expand(names: list[str], variants: list[str]) -> list[str]:
+    """Each pruned configuration once per paper version; v1 keeps the plain name."""
+    return [
+        n if n in ("full", "hf-full") or v == "v1" else f"{n}-{v}"
+        for n in names
+        for v in (variants if n not in ("full", "hf-full") else [None])
+    ]
 
 
 def main(argv=None) -> int:
@@ -271,37 +384,53 @@ def main(argv=None) -> int:
     if args.one:
         print(json.dumps(run_one(args)))
         return 0
-    names = [n for n in args.configs.split(",") if n]
-    if unknown := set(names) - set(CONFIGS):
-        print(f"error: unknown configuration(s) {', '.join(sorted(unknown))}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
-        return 2
     variants = args.variant.split(",")
-    if unknown := set(variants) - set(llava.VARIANTS):
+    if unknown := set(variants) - set(todre.VARIANTS):
         print(f"error: unknown variant(s) {', '.join(sorted(unknown))}; choose from v1, v2", file=sys.stderr)
         return 2
-    # each pruned configuration once per variant; v1 keeps the plain names of the JSON schema
-    names = [n if n in ("full", "hf-full") or v == "v1" else f"{n}-{v}"
-             for n in names for v in (variants if n not in ("full", "hf-full") else [None])]
-    probe = "probe-0.10" if "v1" in variants else "probe-0.10-v2"
+    names = expand([n for n in args.configs.split(",") if n], variants)
+    for name in set(names) - {"hf-full"}:
+        try:
+            todre.parse_config(name)
+        except ValueError as e:
+            print(f"error: {str(e).splitlines()[0]} (see --help for the names)", file=sys.stderr)
+            return 2
     if "hf-full" in names and importlib.util.find_spec("transformers") is None:  # the reference is optional
         print("transformers is not installed: skipping hf-full", file=sys.stderr)
         names.remove("hf-full")
-    common = ["--preset", args.preset, "--device", args.device, "--dtype", args.dtype, "--new-tokens", str(args.new_tokens),
-              "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--evict-layer", str(args.evict_layer)]
+    common = [
+        "--preset",
+        args.preset,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--new-tokens",
+        str(args.new_tokens),
+        "--repeats",
+        str(args.repeats),
+        "--warmup",
+        str(args.warmup),
+        "--evict-layer",
+        str(args.evict_layer),
+    ]
     runs = []
-    for name in names + [probe]:
+    for name in names:
         print(f"running {name} ...", file=sys.stderr)
         done = subprocess.run([sys.executable, __file__, *common, "--one", name], capture_output=True, text=True)
         if done.returncode != 0:
             print(done.stderr, file=sys.stderr)
             return 1
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    probe_run = runs.pop()
-    result = {"preset": args.preset, "device": args.device, "dtype": args.dtype, "new_tokens": args.new_tokens,
-              "evict_layer": args.evict_layer, "variant": args.variant, "runs": runs,
-              "stage2_probe": {"layers": llava.todre.probe_layers(PRESETS[args.preset]["text"]["num_hidden_layers"],
-                                                                  settings_for(probe, args.evict_layer).probe_fractions),
-                               "probe_s": probe_run["probe_s"], "prefill_s": probe_run["prefill_s"]}}
+    result = {
+        "preset": args.preset,
+        "device": args.device,
+        "dtype": args.dtype,
+        "new_tokens": args.new_tokens,
+        "evict_layer": args.evict_layer,
+        "variant": args.variant,
+        "runs": runs,
+    }
     print_table(result, args.evict_layer)
     if args.json:
         with open(args.json, "w") as f:

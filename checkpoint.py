@@ -5,6 +5,7 @@ Everything that knows the files of a Hugging Face LLaVA checkpoint lives here: `
 A checkpoint that cannot be used is a `CheckpointError` naming the file and the field.
 Weights are only ever read from safetensors: never pickles, never code from the checkpoint.
 """
+
 import errno
 import json
 import math
@@ -45,16 +46,18 @@ def os_error_text(e: OSError) -> str:
 # Configuration
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class LlavaNextConfig:
     """One LLaVA-NeXT checkpoint's settings, from config.json and preprocessor_config.json."""
+
     text: LlamaConfig
     vision: CLIPVisionConfig
     image_grid_pinpoints: list  # [[h, w], ...] canvases AnyRes may fit an image into
-    image_token_index: int      # the id of the <image> placeholder token
+    image_token_index: int  # the id of the <image> placeholder token
     vision_feature_layer: int = -2
     projector_bias: bool = True
-    crop_size: int = 336        # from preprocessor_config.json
+    crop_size: int = 336  # from preprocessor_config.json
     image_mean: tuple = anyres.CLIP_MEAN
     image_std: tuple = anyres.CLIP_STD
 
@@ -74,19 +77,35 @@ class LlavaNextConfig:
         vision_dict = section(cfg, "vision_config", path)
         vision = build(CLIPVisionConfig, vision_dict, f"{path}: vision_config")
         if vision.hidden_act not in ACTIVATIONS:
-            raise CheckpointError(f"{path}: vision_config.hidden_act {vision.hidden_act!r} is not supported "
-                                  f"(supported: {', '.join(ACTIVATIONS)})")
+            raise CheckpointError(
+                f"{path}: vision_config.hidden_act {vision.hidden_act!r} is not supported "
+                f"(supported: {', '.join(ACTIVATIONS)})"
+            )
         text_dict = section(cfg, "text_config", path)
         tie = cfg.get("tie_word_embeddings", text_dict.get("tie_word_embeddings", False))
         text = build(LlamaConfig, {**text_dict, "tie_word_embeddings": tie}, f"{path}: text_config")
         for where, ok, rule in (
-                ("vision_config", vision.image_size % vision.patch_size == 0, "image_size must be a multiple of patch_size"),
-                ("vision_config", vision.hidden_size % vision.num_attention_heads == 0,
-                 "hidden_size must be a multiple of num_attention_heads"),
-                ("text_config", text.num_attention_heads % text.num_key_value_heads == 0,
-                 "num_attention_heads must be a multiple of num_key_value_heads"),
-                ("text_config", "head_dim" in text_dict or text.hidden_size % text.num_attention_heads == 0,
-                 "hidden_size must be a multiple of num_attention_heads")):
+            (
+                "vision_config",
+                vision.image_size % vision.patch_size == 0,
+                "image_size must be a multiple of patch_size",
+            ),
+            (
+                "vision_config",
+                vision.hidden_size % vision.num_attention_heads == 0,
+                "hidden_size must be a multiple of num_attention_heads",
+            ),
+            (
+                "text_config",
+                text.num_attention_heads % text.num_key_value_heads == 0,
+                "num_attention_heads must be a multiple of num_key_value_heads",
+            ),
+            (
+                "text_config",
+                "head_dim" in text_dict or text.hidden_size % text.num_attention_heads == 0,
+                "hidden_size must be a multiple of num_attention_heads",
+            ),
+        ):
             if not ok:
                 raise CheckpointError(f"{path}: {where}: {rule}")
 
@@ -99,14 +118,17 @@ class LlavaNextConfig:
             raise CheckpointError(f"{path}: {e}") from None
         image_token = cfg.get("image_token_index", cfg.get("image_token_id", 32000))
         if not is_int(image_token) or not 0 <= image_token < text.vocab_size:
-            raise CheckpointError(f"{path}: image_token_index must be an id below vocab_size {text.vocab_size}, "
-                                  f"got {image_token!r}")
+            raise CheckpointError(
+                f"{path}: image_token_index must be an id below vocab_size {text.vocab_size}, got {image_token!r}"
+            )
 
         crop = pre.get("crop_size", vision.image_size)
         crop = crop.get("height") if isinstance(crop, dict) else crop
         if crop != vision.image_size:
-            raise CheckpointError(f"{pre_path}: crop_size {crop!r} does not match the vision tower's image_size "
-                                  f"{vision.image_size} in config.json")
+            raise CheckpointError(
+                f"{pre_path}: crop_size {crop!r} does not match the vision tower's image_size "
+                f"{vision.image_size} in config.json"
+            )
         pinpoints = cfg.get("image_grid_pinpoints") or pre.get("image_grid_pinpoints")
         check_pinpoints(pinpoints, crop, path)
         mean, std = pre.get("image_mean", anyres.CLIP_MEAN), pre.get("image_std", anyres.CLIP_STD)
@@ -115,9 +137,17 @@ class LlavaNextConfig:
                 raise CheckpointError(f"{pre_path}: {name} must be 3 finite numbers, got {values!r}")
         if min(std) <= 0:
             raise CheckpointError(f"{pre_path}: image_std must be positive, got {std!r}")
-        return cls(text=text, vision=vision, image_grid_pinpoints=pinpoints, image_token_index=image_token,
-                   vision_feature_layer=feature_layer, projector_bias=cfg.get("multimodal_projector_bias", True),
-                   crop_size=crop, image_mean=tuple(mean), image_std=tuple(std))
+        return cls(
+            text=text,
+            vision=vision,
+            image_grid_pinpoints=pinpoints,
+            image_token_index=image_token,
+            vision_feature_layer=feature_layer,
+            projector_bias=cfg.get("multimodal_projector_bias", True),
+            crop_size=crop,
+            image_mean=tuple(mean),
+            image_std=tuple(std),
+        )
 
 
 def read_json(path: Path) -> dict:
@@ -150,8 +180,12 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-FIELD_CHECKS = {int: (is_int, "an integer"), float: (is_number, "a finite number"),
-                bool: (lambda v: isinstance(v, bool), "true or false"), str: (lambda v: isinstance(v, str), "a string")}
+FIELD_CHECKS = {
+    int: (is_int, "an integer"),
+    float: (is_number, "a finite number"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
 
 
 def build(config_class, values: dict, where: str):
@@ -178,17 +212,22 @@ def build(config_class, values: dict, where: str):
 def check_pinpoints(pinpoints, crop: int, path: Path) -> None:
     """AnyRes canvases [[h, w], ...]: at least one, each side a positive multiple of the crop size."""
     if not isinstance(pinpoints, list) or not pinpoints:
-        raise CheckpointError(f"{path}: image_grid_pinpoints is missing or empty; LLaVA-NeXT needs its AnyRes "
-                              "canvases, e.g. [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]")
+        raise CheckpointError(
+            f"{path}: image_grid_pinpoints is missing or empty; LLaVA-NeXT needs its AnyRes "
+            "canvases, e.g. [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]"
+        )
     for p in pinpoints:
         if not (isinstance(p, (list, tuple)) and len(p) == 2 and all(is_int(v) and v > 0 and v % crop == 0 for v in p)):
-            raise CheckpointError(f"{path}: image_grid_pinpoints entry {p!r} must be [height, width], "
-                                  f"each a positive multiple of the crop size {crop}")
+            raise CheckpointError(
+                f"{path}: image_grid_pinpoints entry {p!r} must be [height, width], "
+                f"each a positive multiple of the crop size {crop}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
+
 
 def resolve_checkpoint(model: str) -> Path:
     """A local directory as it is, or a Hub id downloaded (configs, tokenizer, safetensors only)."""
@@ -207,13 +246,16 @@ def resolve_checkpoint(model: str) -> Path:
         raise CheckpointError(f"{model} is not a checkpoint directory")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
     try:
         return Path(snapshot_download(repo_id=model, allow_patterns=HUB_FILES))
     except RepositoryNotFoundError:
         raise CheckpointError(f"{model} is neither a local directory nor a model on the Hugging Face Hub") from None
     except (LocalEntryNotFoundError, OSError) as e:
-        raise CheckpointError(f"cannot download {model} from the Hugging Face Hub ({type(e).__name__}); "
-                              "if you are offline, pass a local checkpoint directory with --model DIR") from None
+        raise CheckpointError(
+            f"cannot download {model} from the Hugging Face Hub ({type(e).__name__}); "
+            "if you are offline, pass a local checkpoint directory with --model DIR"
+        ) from None
     except HFValidationError:
         raise CheckpointError(f"{model} is neither a local directory nor a valid Hub model id") from None
 
@@ -222,6 +264,7 @@ def load_tokenizer(directory: Path, cfg: LlavaNextConfig):
     """The checkpoint's tokenizer.json, checked against the model: every id it can produce must
     have an embedding, and '<image>' must be the config's image token."""
     from tokenizers import Tokenizer
+
     path = directory / "tokenizer.json"
     try:
         tokenizer = Tokenizer.from_file(str(path))
@@ -229,19 +272,24 @@ def load_tokenizer(directory: Path, cfg: LlavaNextConfig):
         raise CheckpointError(f"cannot read {path} ({e})") from None
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size > cfg.text.vocab_size:
-        raise CheckpointError(f"{path} has {size} token ids but the model embeds only vocab_size "
-                              f"{cfg.text.vocab_size} (config.json): the tokenizer belongs to another model")
+        raise CheckpointError(
+            f"{path} has {size} token ids but the model embeds only vocab_size "
+            f"{cfg.text.vocab_size} (config.json): the tokenizer belongs to another model"
+        )
     image_id = tokenizer.token_to_id("<image>")
     if image_id != cfg.image_token_index:
         found = "has no '<image>' token" if image_id is None else f"maps '<image>' to id {image_id}"
-        raise CheckpointError(f"{path} {found}, but config.json's image_token_index is {cfg.image_token_index}: "
-                              "the tokenizer and the config do not belong together")
+        raise CheckpointError(
+            f"{path} {found}, but config.json's image_token_index is {cfg.image_token_index}: "
+            "the tokenizer and the config do not belong together"
+        )
     return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
 # Weights
 # ---------------------------------------------------------------------------------------------
+
 
 def hub_key(key: str) -> str:
     """A checkpoint tensor name -> our module's parameter name. Every layout in one place:
@@ -263,7 +311,7 @@ def unused_key(name: str, vision_layers_run: int) -> bool:
     if name.startswith("vision_tower.post_layernorm.") or name.endswith((".position_ids", ".rotary_emb.inv_freq")):
         return True
     prefix = "vision_tower.encoder.layers."
-    layer = name[len(prefix):].split(".")[0] if name.startswith(prefix) else ""
+    layer = name[len(prefix) :].split(".")[0] if name.startswith(prefix) else ""
     return layer.isdigit() and int(layer) >= vision_layers_run
 
 
@@ -274,6 +322,7 @@ def load_weights(model: torch.nn.Module, directory: Path, device: torch.device, 
     belongs, a tensor holding NaN or inf, and any missing, unexpected or mis-shaped names.
     """
     from safetensors import SafetensorError, safe_open
+
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{directory} has no *.safetensors weights (pickled .bin weights are never loaded)")
@@ -292,8 +341,9 @@ def load_weights(model: torch.nn.Module, directory: Path, device: torch.device, 
                             unexpected.append(key)
                         continue
                     if name in source:
-                        raise CheckpointError(f"{key} is in two weight files, {source[name].name} and {file.name}: "
-                                              "remove the stale one")
+                        raise CheckpointError(
+                            f"{key} is in two weight files, {source[name].name} and {file.name}: remove the stale one"
+                        )
                     source[name] = file
                     tensor = f.get_tensor(key)
                     if not tensor.is_floating_point():
@@ -308,9 +358,11 @@ def load_weights(model: torch.nn.Module, directory: Path, device: torch.device, 
     if model.config.text.tie_word_embeddings and "language_model.embed_tokens.weight" in state:
         state.setdefault("language_model.lm_head.weight", state["language_model.embed_tokens.weight"])
     missing = sorted(set(expected) - set(state))
-    problems = [f"{label} ({len(names)}): {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
-                for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
-                if names]
+    problems = [
+        f"{label} ({len(names)}): {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+        if names
+    ]
     if problems:
         raise CheckpointError(f"weights in {directory} do not match config.json: " + "; ".join(problems))
     model.load_state_dict(state, assign=True)

@@ -1,9 +1,10 @@
-"""CLIP ViT vision tower (SPEC.md §3), run only up to the layer whose output LLaVA uses.
+"""CLIP ViT vision tower (transformers' CLIPVisionModel), run only up to the layer whose output LLaVA uses.
 
 Module names follow the Hub's `vision_model.*` weights so loading is a prefix strip.
 Besides the features, `forward` can return the [CLS] -> patch attention of the feature layer,
 averaged over heads: ToDRE's pivot score (paper eq. 3).
 """
+
 from dataclasses import dataclass, fields
 
 import torch

@@ -6,6 +6,7 @@ The answer streams to stdout and nothing else goes there; progress, --stats and 
 A user mistake (bad flag, unreadable image, wrong checkpoint) is one line on stderr and exit code 2;
 a failure to write the answer or the picture is one line and exit code 1; Ctrl-C is a quiet 130.
 """
+
 import signal
 
 # Ctrl-C while torch imports: end quietly, as any Unix tool does (exit 130). Left alone where the
@@ -31,10 +32,11 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 import anyres
 import model as llava
+import todre
 from checkpoint import os_error_text
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-WAIT_FOR_WRITER_S = 5.0   # how long a FIFO may stay without a writer before that is an error
+WAIT_FOR_WRITER_S = 5.0  # how long a FIFO may stay without a writer before that is an error
 MAX_STREAM_BYTES = 2**30  # an image read from a pipe larger than this is not an image
 
 
@@ -49,6 +51,7 @@ class OutputError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Flags
 # ---------------------------------------------------------------------------------------------
+
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
@@ -66,22 +69,51 @@ def parse_args(argv):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
-                   help="auto: float16 on a GPU, bfloat16 on CPU")
-    p.add_argument("--variant", default="v1", choices=["v1", "v2"],
-                   help="paper version: v1 (default: k-center, 4 probe layers, tau 0.03) or v2 (max-sum, 7L/8, tau 0.10)")
-    p.add_argument("--retain", type=float,
-                   help="Stage 1: fraction of visual tokens kept, in (0, 1]; 1 = Stage 1 off (default 0.1)")
-    p.add_argument("--tau", type=float, help="Stage 2: evict visual tokens once both attention ratios < tau; "
-                                             "0 = off (default: the variant's, 0.03 or 0.10)")
-    p.add_argument("--probe-layers", help="Stage 2: comma-separated layers to probe, 0-based (the paper counts from 1: "
-                                          "its layer 16 is 15 here); default: the variant's, 15,19,23,27 for 32 layers")
-    p.add_argument("--select", choices=list(llava.SELECTORS),
-                   help="Stage 1 selector: k-center (v1), max-sum (v2), or the [CLS] top-k baseline: "
-                        "per crop as FasterVLM does (cls), or one global top-k (cls-global)")
-    p.add_argument("--newlines", choices=["drop", "keep"], default="drop",
-                   help="Stage 1 and the image_newline tokens (never candidates): drop them all (default) "
-                        "or keep them all in place, as GlobalCom2 does")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float16", "bfloat16", "float32"],
+        help="auto: float16 on a GPU, bfloat16 on CPU",
+    )
+    p.add_argument(
+        "--variant",
+        default="v1",
+        choices=["v1", "v2"],
+        help="paper version: v1 (default: k-center, 4 probe layers, tau 0.03) or v2 (max-sum, 7L/8, tau 0.10)",
+    )
+    p.add_argument(
+        "--retain", type=float, help="Stage 1: fraction of visual tokens kept, in (0, 1]; 1 = Stage 1 off (default 0.1)"
+    )
+    p.add_argument(
+        "--keep-tokens",
+        type=int,
+        metavar="N",
+        help="Stage 1: keep N visual tokens instead of a fraction (the budgets peers report: 64, 128, 192)",
+    )
+    p.add_argument(
+        "--tau",
+        type=float,
+        help="Stage 2: evict visual tokens once both attention ratios < tau; "
+        "0 = off (default: the variant's, 0.03 or 0.10)",
+    )
+    p.add_argument(
+        "--probe-layers",
+        help="Stage 2: comma-separated layers to probe, 0-based (the paper counts from 1: "
+        "its layer 16 is 15 here); default: the variant's, 15,19,23,27 for 32 layers",
+    )
+    p.add_argument(
+        "--select",
+        choices=list(todre.SELECTORS),
+        help="Stage 1 selector: k-center (v1), max-sum (v2), or the [CLS] top-k baseline: "
+        "per crop as FasterVLM does (cls), or one global top-k (cls-global)",
+    )
+    p.add_argument(
+        "--newlines",
+        choices=["drop", "keep"],
+        default="drop",
+        help="Stage 1 and the image_newline tokens (never candidates): drop them all (default) "
+        "or keep them all in place, as GlobalCom2 does",
+    )
     p.add_argument("--no-todre", action="store_true", help="no pruning; the same as --retain 1 --tau 0")
     p.add_argument("--save-selection", metavar="PNG", help="save the image with the kept visual tokens highlighted")
     p.add_argument("--stats", action="store_true", help="token counts, attention ratios and timings to stderr")
@@ -92,9 +124,12 @@ def parse_args(argv):
             raise UsageError(f"--{name.replace('_', '-')} is empty (an unset shell variable?)")
     if args.image and args.video:
         raise UsageError("give --image or --video, not both")
-    if args.no_todre and (args.retain is not None or args.tau is not None):
-        raise UsageError("--no-todre means no pruning: drop --retain/--tau, or drop --no-todre")
+    if args.no_todre and (args.retain is not None or args.tau is not None or args.keep_tokens is not None):
+        raise UsageError("--no-todre means no pruning: drop --retain/--keep-tokens/--tau, or drop --no-todre")
+    if args.retain is not None and args.keep_tokens is not None:
+        raise UsageError("give --retain (a fraction) or --keep-tokens (a count), not both")
     check_number("--retain", args.retain, 0, 1, low_open=True)
+    check_number("--keep-tokens", args.keep_tokens, 1, math.inf)
     check_number("--tau", args.tau, 0, math.inf)
     check_number("--temperature", args.temperature, 0, math.inf)
     check_number("--max-new-tokens", args.max_new_tokens, 1, math.inf)
@@ -104,14 +139,18 @@ def parse_args(argv):
         try:
             args.probe_layers = [int(x) for x in args.probe_layers.split(",")]
         except ValueError:
-            raise UsageError(f"--probe-layers must be comma-separated layer numbers, got {args.probe_layers!r}") from None
+            raise UsageError(
+                f"--probe-layers must be comma-separated layer numbers, got {args.probe_layers!r}"
+            ) from None
         if min(args.probe_layers) < 0:
             raise UsageError("--probe-layers must be 0 or more")
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError as e:  # Python keeps argv bytes that are not UTF-8 as lone surrogates
-        raise UsageError(f"--prompt is not valid UTF-8 (undecodable byte at character {e.start}): "
-                         "use a UTF-8 terminal or locale, or re-encode the text") from None
+        raise UsageError(
+            f"--prompt is not valid UTF-8 (undecodable byte at character {e.start}): "
+            "use a UTF-8 terminal or locale, or re-encode the text"
+        ) from None
     if args.save_selection is not None:
         if not (args.image or args.video):
             raise UsageError("--save-selection needs --image or --video")
@@ -141,14 +180,13 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cpu" else torch.float16
-    return getattr(torch, name)
+    return llava.auto_dtype(device) if name == "auto" else getattr(torch, name)
 
 
 # ---------------------------------------------------------------------------------------------
 # Images and frames
 # ---------------------------------------------------------------------------------------------
+
 
 def check_path(path: str, what: str) -> os.stat_result:
     """os.stat(path), or a UsageError that says in words what is wrong with the path."""
@@ -190,8 +228,10 @@ def read_pipe(path: str) -> bytes:
             elif chunks or os.get_blocking(fd):
                 return b"".join(chunks)
             elif time.monotonic() > deadline:
-                raise UsageError(f"nothing is writing to {path} (a FIFO with no writer for "
-                                 f"{WAIT_FOR_WRITER_S:.0f} s): start the writer, or pass the image file itself")
+                raise UsageError(
+                    f"nothing is writing to {path} (a FIFO with no writer for "
+                    f"{WAIT_FOR_WRITER_S:.0f} s): start the writer, or pass the image file itself"
+                )
             else:
                 time.sleep(0.05)
     finally:
@@ -288,6 +328,7 @@ def even_picks(total: int, count: int) -> list[int]:
 # The selection picture
 # ---------------------------------------------------------------------------------------------
 
+
 def check_writable(path: str, inputs: list[str]) -> None:
     """Fail now, before minutes of model loading, if the picture could not be written later."""
     p = Path(path)
@@ -322,8 +363,9 @@ def check_writable(path: str, inputs: list[str]) -> None:
         raise UsageError(f"cannot write {path}: cannot create a file in {p.parent} ({os_error_text(e)})") from None
 
 
-def selection_panel(image: Image.Image, boxes: torch.Tensor, kept: torch.Tensor, title: str, size: int = 512,
-                    note: str = ""):
+def selection_panel(
+    image: Image.Image, boxes: torch.Tensor, kept: torch.Tensor, title: str, size: int = 512, note: str = ""
+):
     """One picture: the image dimmed, with the boxes of the kept tokens at full brightness."""
     scale = size / max(image.size)
     shown = anyres.to_rgb(image).resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
@@ -354,7 +396,7 @@ def draw_selection(media, visual: llava.VisualTokens, kept: torch.Tensor, select
             panels.append(selection_panel(media, boxes[part], is_kept[part], f"{select} {title}", note=note))
     else:
         per_frame = visual.cls_attn.shape[1]
-        side = int(per_frame ** 0.5)
+        side = int(per_frame**0.5)
         for f, frame in enumerate(media):
             part = sources.div(per_frame, rounding_mode="floor") == f
             boxes = anyres.squashed_boxes(sources[part] % per_frame, (frame.height, frame.width), side)
@@ -390,6 +432,7 @@ def save_png(picture: Image.Image, path: str) -> None:
 # Answering
 # ---------------------------------------------------------------------------------------------
 
+
 def write_answer(text: str) -> None:
     """Text to stdout, now. A reader that went away (closed pipe) ends the program quietly in
     `main`; any other failure to write is an OutputError."""
@@ -402,14 +445,26 @@ def write_answer(text: str) -> None:
         raise OutputError(f"cannot write the answer to stdout: {os_error_text(e)}") from None
 
 
+def settings_from(args) -> todre.Settings:
+    if args.no_todre:
+        return todre.NO_PRUNING
+    return todre.variant(
+        args.variant,
+        retain=args.retain,
+        keep_tokens=args.keep_tokens,
+        tau=args.tau,
+        select=args.select,
+        probe_layers=args.probe_layers,
+        newlines=args.newlines,
+    )
+
+
 @torch.inference_mode()
 def answer(args) -> None:
     """Load, encode, prune, generate: stream the answer, then the picture and --stats."""
     if sys.stdout is None:  # started with stdout closed (`>&-`): file descriptor 1 may become any file
         raise UsageError("stdout is closed: the answer would have nowhere to go")
-    settings = llava.NO_PRUNING if args.no_todre else llava.variant(
-        args.variant, retain=args.retain, tau=args.tau, select=args.select, probe_layers=args.probe_layers,
-        newlines=args.newlines)
+    settings = settings_from(args)
     device = pick_device(args.device)
     media = open_image(args.image) if args.image else open_frames(args.video, args.frames) if args.video else None
     if sys.stderr.isatty():  # progress for people; a script reading stderr sees only errors and --stats
@@ -423,46 +478,51 @@ def answer(args) -> None:
     visual = None
     if media is not None:
         visual = model.encode_image(media) if isinstance(media, Image.Image) else model.encode_frames(media)
-    vision_s = llava.now(device) - start
-    start = llava.now(device)
+    vision_done = llava.now(device)
     kept = model.select(visual, settings) if visual is not None else None
-    select_s = llava.now(device) - start
-    tokens = visual.tokens[kept] if visual is not None else None
-    input_ids = llava.prompt_ids(tokenizer, args.prompt, model.config.image_token_index,
-                                 None if tokens is None else len(tokens)).to(device)
+    visual_embeds = visual.tokens[kept] if visual is not None else None
+    select_done = llava.now(device)
+    input_ids = llava.prompt_ids(
+        tokenizer, args.prompt, model.config.image_token_index, None if visual is None else len(kept)
+    ).to(device)
+    model.check_generation(input_ids, visual_embeds, args.max_new_tokens, args.temperature)
 
-    stats = llava.Stats()
+    kv_cache = model.new_kv_cache(args.max_new_tokens)
+    logits, info = model.prefill(input_ids, visual_embeds, settings, kv_cache)
+    prefill_done = llava.now(device)
     generator = torch.Generator(device).manual_seed(args.seed)
     answer_ids, printed = [], ""
-    for token in model.generate(input_ids, tokens, settings, args.max_new_tokens, args.temperature, generator, stats):
-        if token == model.config.text.eos_token_id:
-            continue  # not printed; the generator ends after it (and records its timings)
+    for token in model.decode(
+        logits[0, -1], len(input_ids), kv_cache, args.max_new_tokens, args.temperature, generator
+    ):
         answer_ids.append(token)
         text = tokenizer.decode(answer_ids)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            write_answer(text[len(printed):])
+            write_answer(text[len(printed) :])
             printed = text
+    decode_done = llava.now(device)
     write_answer("\n")
     if args.save_selection:
         save_png(draw_selection(media, visual, kept, settings.select), args.save_selection)
 
     if args.stats:
-        info = stats.prefill
         lines = []
         if visual is not None:
             newlines = int((visual.sources[kept] == anyres.NEWLINE).sum())
-            lines.append(f"visual tokens: {len(visual.tokens)} packed -> {len(kept)} after Stage 1 ({settings.select}, "
-                         f"{newlines} of {int((visual.sources == anyres.NEWLINE).sum())} newlines kept)")
+            lines.append(
+                f"visual tokens: {len(visual.tokens)} packed -> {len(kept)} after Stage 1 ({settings.select}, "
+                f"{newlines} of {int((visual.sources == anyres.NEWLINE).sum())} newlines kept)"
+            )
             ratios = ", ".join(f"layer {i}: a_tv={tv:.4f} a_vt={vt:.4f}" for i, (tv, vt) in info.ratios.items())
             lines.append(f"attention ratios (eq. 7): {ratios or 'not measured (tau = 0)'}")
             lines.append("eviction: " + (f"after layer {info.evict_layer}" if info.evict_layer is not None else "none"))
         lines += [
-            f"prompt tokens: {info.prompt_len}",
-            f"vision encode: {vision_s:.3f} s",
-            f"Stage 1 selection: {select_s:.3f} s",
-            f"prefill: {stats.prefill_s:.3f} s",
-            f"decode: {stats.decode_s:.3f} s for {stats.new_tokens} tokens",
-            f"KV cache: {stats.kv_cache_bytes / 2 ** 20:.1f} MiB",
+            f"prompt tokens: {len(input_ids)}",
+            f"vision encode: {vision_done - start:.3f} s",
+            f"Stage 1 selection: {select_done - vision_done:.3f} s",
+            f"prefill: {prefill_done - select_done:.3f} s",
+            f"decode: {decode_done - prefill_done:.3f} s for {len(answer_ids)} tokens",
+            f"KV cache: {kv_cache.nbytes() / 2**20:.1f} MiB",
             f"peak memory: {llava.peak_memory_mb(device):.0f} MiB",
         ]
         print("\n".join(lines), file=sys.stderr)

@@ -1,9 +1,10 @@
-"""Llama decoder with a hand-written KV cache (SPEC.md §5). Knows nothing of images.
+"""Llama decoder with a hand-written KV cache, as transformers' LlamaModel. Knows nothing of images.
 
 Module names follow the Hub's `model.*` weights so loading is a prefix strip. The caller drives
 the layer loop (model.py does, to run ToDRE's Stage 2 between layers); `Llama.forward` is the
 plain loop for everything else.
 """
+
 from dataclasses import dataclass, fields
 
 import torch
@@ -12,11 +13,27 @@ from torch import nn
 
 # transformers' defaults per text model_type: the Hub's LLaVA config.json omits most of them.
 DEFAULTS = {
-    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                  num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0),
-    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32,
-                    rms_norm_eps=1e-6, rope_theta=10000.0),
+    "llama": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+    ),
+    "mistral": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=4096 * 32,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+    ),
 }
 
 
@@ -31,7 +48,7 @@ class LlamaConfig:
     rms_norm_eps: float
     rope_theta: float
     num_key_value_heads: int | None = None  # None = num_attention_heads (no GQA)
-    head_dim: int | None = None             # None = hidden_size // num_attention_heads
+    head_dim: int | None = None  # None = hidden_size // num_attention_heads
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
     eos_token_id: int = 2
@@ -64,7 +81,7 @@ class KVCache:
     tokens, so layers that never see the evicted visual tokens (ToDRE Stage 2) hold smaller buffers.
     """
 
-    def __init__(self, num_layers: int, room: int):
+    def __init__(self, num_layers: int, *, room: int):
         self.room = room
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
@@ -119,7 +136,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()  # variance in float32 (SPEC §5)
+        x32 = x.float()  # variance in float32, as transformers' LlamaRMSNorm
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 

@@ -1,6 +1,7 @@
 """ToDRE: training-free visual token pruning by diversity and task relevance (arXiv 2505.18757 v1).
 
-Pure tensor functions; imports only torch, so this file can be copied into another codebase alone.
+Pure tensor functions and their settings; imports only torch and the standard library, so this file
+can be copied into another codebase alone.
 
 Stage 1 (before the LLM, paper §4.1, Algorithm 1): pick a pivot by [CLS] attention, then grow a
 maximally diverse set of k visual tokens with greedy k-center on cosine similarity (the paper's
@@ -9,22 +10,37 @@ Stage 2 (inside the LLM prefill, paper §4.2): at a few probe layers, measure ho
 flows between text and visual tokens (eq. 7); once both directions fall below tau, the visual
 tokens have handed their information to the text and are removed for the rest of the model.
 """
+
+import math
+from dataclasses import dataclass, replace
+
 import torch
 
+V1_PROBES = (4 / 8, 5 / 8, 6 / 8, 7 / 8)  # paper v1 §4.2: L/2, 5L/8, 6L/8, 7L/8
+V2_PROBES = (7 / 8,)  # paper v2: one probe layer
 
-def token_budget(num_candidates: int, retain: float | int) -> int:
-    """k for Stage 1: `retain` is a fraction of the candidates in (0, 1], or an int count of tokens.
 
-    Rounded to the nearest integer and clamped to [1, num_candidates] (paper §5.1's budgets): 0.10 of the 2880
-    patch tokens of a 672x672 image keeps 288, 0.25 keeps 720.
-    """
-    if isinstance(retain, bool) or not isinstance(retain, (int, float)) or not retain > 0:  # NaN fails too
-        raise ValueError(f"retain must be a fraction in (0, 1] or a positive token count, got {retain!r}")
-    if isinstance(retain, float):
-        if not retain <= 1:
-            raise ValueError(f"retain as a fraction must be in (0, 1], got {retain}")
-        retain = round(retain * num_candidates)
-    return max(1, min(num_candidates, retain))
+def is_count(value) -> bool:
+    """An int that is not a bool: a token count, a layer number."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: diversity-driven selection, before the LLM
+# ---------------------------------------------------------------------------------------------
+
+
+def token_budget(num_candidates: int, retain: float = 1.0, keep_tokens: int | None = None) -> int:
+    """k for Stage 1: `keep_tokens` if given, else round(retain * num_candidates); clamped to
+    [1, num_candidates]. 0.10 of the 2880 patch tokens of a 672x672 image keeps 288, 0.25 keeps 720."""
+    if keep_tokens is not None:
+        if not (is_count(keep_tokens) and keep_tokens >= 1):
+            raise ValueError(f"keep_tokens must be a positive integer, got {keep_tokens!r}")
+        return min(num_candidates, keep_tokens)
+    if isinstance(retain, bool) or not isinstance(retain, (int, float)) or not 0 < retain <= 1:  # NaN fails too
+        hint = f"; for a token count use keep_tokens={retain}" if is_count(retain) and retain > 1 else ""
+        raise ValueError(f"retain is a fraction in (0, 1], got {retain!r}{hint}")
+    return max(1, min(num_candidates, round(retain * num_candidates)))
 
 
 def select_pivot(cls_attn: torch.Tensor, anyres: bool) -> int:
@@ -91,6 +107,7 @@ def scaled_rows(features: torch.Tensor, dtype: torch.dtype | None = None) -> tup
     return rows.to(dtype), inv_norm
 
 
+@torch.no_grad()  # a selection has no gradient; features that require one are fine
 def _greedy_diverse(features: torch.Tensor, k: int, pivot: int, update, dtype) -> torch.Tensor:
     """The greedy loop both selectors share; `update(score, similarity_to_new_token)` is max or sum."""
     n = features.shape[0]
@@ -145,12 +162,34 @@ def cls_top_k_per_crop(cls_scores: torch.Tensor, crops: torch.Tensor, k: int) ->
     if len(kept_by_score) >= k:
         chosen = kept_by_score[:k]  # trim the lowest-scoring kept tokens
     else:
-        chosen = torch.cat([kept_by_score, others_by_score[:k - len(kept_by_score)]])  # fill with the best others
+        chosen = torch.cat([kept_by_score, others_by_score[: k - len(kept_by_score)]])  # fill with the best others
     return chosen.sort().values
 
 
-V1_PROBES = (4 / 8, 5 / 8, 6 / 8, 7 / 8)  # paper v1 §4.2
-V2_PROBES = (7 / 8,)                       # paper v2: one probe layer
+@dataclass
+class Candidates:
+    """Stage 1's input: the candidate visual tokens and what the selectors read of them."""
+
+    features: torch.Tensor  # (n, d) candidate tokens (after the projector, in LLM embedding space)
+    cls_scores: torch.Tensor  # (n,) each candidate's [CLS] attention within its crop or frame
+    crops: torch.Tensor  # (n,) the crop (or frame) each candidate comes from
+    pivot: int  # the candidate Algorithm 1 starts from (select_pivot)
+
+
+# Stage 1 selectors by name, each (candidates, k) -> LongTensor of k candidate indices: the paper's
+# two diversity selections, and the [CLS] baseline of FasterVLM (a Table 1 peer), per crop as
+# FasterVLM does or as one global top-k.
+SELECTORS = {
+    "kcenter": lambda c, k: greedy_k_center(c.features, k, c.pivot),
+    "maxsum": lambda c, k: greedy_max_sum(c.features, k, c.pivot),
+    "cls": lambda c, k: cls_top_k_per_crop(c.cls_scores, c.crops, k),
+    "cls-global": lambda c, k: cls_top_k(c.cls_scores, k),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: relevance-driven eviction, inside the LLM prefill
+# ---------------------------------------------------------------------------------------------
 
 
 def probe_layers(num_layers: int, fractions=V1_PROBES) -> list[int]:
@@ -164,8 +203,9 @@ def probe_layers(num_layers: int, fractions=V1_PROBES) -> list[int]:
     return sorted({max(0, int(f * num_layers) - 1) for f in fractions})
 
 
-def cross_modal_ratios(q: torch.Tensor, k: torch.Tensor, visual: torch.Tensor, text: torch.Tensor,
-                       chunk: int = 256) -> tuple[float, float]:
+def cross_modal_ratios(
+    q: torch.Tensor, k: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, chunk: int = 256
+) -> tuple[float, float]:
     """Eq. 7: the share of attention that text queries pay to visual keys (a_tv), and vice versa (a_vt).
 
     q: (heads, n, head_dim) one layer's queries after RoPE, for a causal prefill of n tokens;
@@ -190,10 +230,119 @@ def cross_modal_ratios(q: torch.Tensor, k: torch.Tensor, visual: torch.Tensor, t
         rows = queries[queries >= targets.min()]  # the other rows see no target through the causal mask
         to_target = torch.zeros((), device=q.device)
         for part in rows.split(chunk):
-            scores = (q[:, part].float() @ keys.transpose(1, 2)) * head_dim ** -0.5  # (heads, r, n)
+            scores = (q[:, part].float() @ keys.transpose(1, 2)) * head_dim**-0.5  # (heads, r, n)
             scores.masked_fill_(key_pos[None, None, :] > part[None, :, None], float("-inf"))  # causal
             attn = scores.softmax(dim=-1).mean(dim=0)  # (r, n): A_ij averaged over heads
             to_target = to_target + attn[:, is_target].sum()
         return float(to_target) / len(queries)
 
     return ratio(text, visual), ratio(visual, text)
+
+
+def should_evict(ratios: tuple[float, float], tau: float) -> bool:
+    """Paper §4.2: the visual tokens go once both a_tv and a_vt (eq. 7) have fallen below tau."""
+    return all(ratio < tau for ratio in ratios)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to prune; the defaults are the paper's v1 (retain 10%, k-center, 4 probes, tau 0.03)."""
+
+    retain: float = 0.1  # Stage 1 budget: a fraction of the patch tokens, in (0, 1]; 1.0 = Stage 1 off
+    keep_tokens: int | None = None  # Stage 1 budget as a token count instead (peers report 64/128/192)
+    select: str = "kcenter"  # Stage 1 selector, a key of SELECTORS
+    newlines: str = "drop"  # what Stage 1 does with the image_newline tokens: "drop" or "keep" them all
+    tau: float = 0.03  # Stage 2 threshold on both eq. 7 ratios; 0 = Stage 2 off
+    probe_fractions: tuple = V1_PROBES  # Stage 2 probe layers, as fractions of the depth L
+    probe_layers: tuple | None = None  # explicit probe layers (0-based), overriding probe_fractions
+    evict_layer: int | None = None  # force Stage 2 after this layer whatever the ratios (benchmarks only)
+
+    @property
+    def stage1(self) -> bool:
+        """Whether Stage 1 runs: retain 1.0 with no token count switches it off, newlines included."""
+        return self.keep_tokens is not None or self.retain != 1.0
+
+    def probes(self, num_layers: int) -> list[int]:
+        """The Stage 2 probe layers (0-based) of a decoder with num_layers layers; none when tau is 0."""
+        if self.tau == 0:
+            return []
+        return sorted(self.probe_layers) if self.probe_layers else probe_layers(num_layers, self.probe_fractions)
+
+    def __post_init__(self):
+        if not (isinstance(self.retain, (int, float)) and not isinstance(self.retain, bool) and 0 < self.retain <= 1):
+            hint = f"; for a token count use keep_tokens={self.retain}" if is_count(self.retain) else ""
+            raise ValueError(f"retain is a fraction in (0, 1], got {self.retain!r}{hint}")
+        if self.keep_tokens is not None and not (is_count(self.keep_tokens) and self.keep_tokens >= 1):
+            raise ValueError(f"keep_tokens must be a positive integer, got {self.keep_tokens!r}")
+        if self.select not in SELECTORS:
+            raise ValueError(f"unknown selector {self.select!r}: use one of {', '.join(SELECTORS)}")
+        if self.newlines not in ("drop", "keep"):
+            raise ValueError(f"newlines must be 'drop' or 'keep', got {self.newlines!r}")
+        if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau) and self.tau >= 0):
+            raise ValueError(f"tau must be a finite number >= 0, got {self.tau!r}")
+
+
+# The paper's two versions. v1 (May 2025) is the default; its authors' revision v2 (Nov 2025)
+# selects by max-sum diversity and probes once, at 7L/8, with tau 0.10.
+VARIANTS = {
+    "v1": Settings(),
+    "v2": Settings(select="maxsum", tau=0.10, probe_fractions=V2_PROBES),
+}
+NO_PRUNING = Settings(retain=1.0, tau=0.0)
+
+
+def variant(name: str, **overrides) -> Settings:
+    """The settings of paper version `name` ("v1" or "v2"), with every override that is not None applied."""
+    if "probe_layers" in overrides and overrides["probe_layers"] is not None:
+        overrides["probe_layers"] = tuple(overrides["probe_layers"])
+    return replace(VARIANTS[name], **{key: value for key, value in overrides.items() if value is not None})
+
+
+CONFIG_NAMES = """configuration names:
+  full                  no pruning
+  stage2                Stage 2 only (all visual tokens enter the LLM)
+  stage1-R, todre-R     Stage 1 only, or both stages, keeping a fraction R of the patch tokens (todre-0.10)
+  cls-R, cls-global-R   the [CLS] top-k baseline (FasterVLM per crop, or one global top-k), Stage 1 only
+  METHOD-keep-N         any of the above keeping N tokens instead of a fraction (stage1-keep-64)
+  keep-N                the same as todre-keep-N
+  ...-v2                with the paper's v2 settings (max-sum selection, one probe at 7L/8, tau 0.10)"""
+
+
+def parse_config(name: str) -> Settings:
+    """A configuration name (todre-0.10, stage1-0.25, keep-64, cls-0.10, todre-0.10-v2, ...) -> Settings.
+
+    One grammar for every tool that compares configurations (bench.py, evaluate.py); CONFIG_NAMES
+    lists it. Raises ValueError for a name outside it.
+    """
+    if name == "full":
+        return NO_PRUNING
+    base, version = (name[:-3], "v2") if name.endswith("-v2") else (name, "v1")
+    if base == "stage2":
+        return variant(version, retain=1.0)
+    if base.startswith("keep-"):
+        base = "todre-" + base
+    for method, overrides in (
+        ("cls-global", dict(select="cls-global", tau=0.0)),
+        ("cls", dict(select="cls", tau=0.0)),
+        ("stage1", dict(tau=0.0)),
+        ("todre", {}),
+    ):
+        if base.startswith(method + "-"):
+            budget = base[len(method) + 1 :]
+            if budget.isdigit():
+                raise ValueError(
+                    f"configuration {name!r}: the budget is a fraction such as 0.10; "
+                    f"for {budget} tokens write {method}-keep-{budget}\n{CONFIG_NAMES}"
+                )
+            try:
+                if budget.startswith("keep-"):
+                    return variant(version, retain=1.0, keep_tokens=int(budget[5:]), **overrides)
+                return variant(version, retain=float(budget), **overrides)
+            except ValueError as e:
+                raise ValueError(f"configuration {name!r}: {e}\n{CONFIG_NAMES}") from None
+    raise ValueError(f"unknown configuration {name!r}\n{CONFIG_NAMES}")

@@ -1,0 +1,353 @@
+"""What the tests share: tiny random checkpoints, images, the command line, and the independent
+references every claim is checked against.
+
+References: Hugging Face transformers (LlavaNext, its PIL image processor and processor, in eager
+attention mode), brute-force transcriptions of the paper's equations, and a dense masked forward
+built from transformers' own layers. The checkpoints are tiny random LLaVA-NeXTs made here, once
+per test session.
+"""
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from PIL import Image
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+import generate
+import model as llava
+import reference
+import todre
+
+HERE = Path(__file__).parent
+PINPOINTS = reference.PINPOINTS
+QUESTION = "What is in the image?"
+
+# Two decoder shapes: multi-head with 2 layers and vision feature layer -2 (the Hub's), grouped-query
+# with 8 layers (probe layers 3..6) and feature layer -1 (all vision layers run).
+SHAPES = {
+    "mha": dict(hidden=64, heads=4, kv_heads=4, layers=2, v_hidden=32, v_heads=4, v_layers=3, feature_layer=-2),
+    "gqa": dict(hidden=96, heads=6, kv_heads=2, layers=8, v_hidden=48, v_heads=4, v_layers=2, feature_layer=-1),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def make_tokenizer(directory: Path) -> Tokenizer:
+    """A small Llama-like BPE tokenizer (Metaspace, BOS by post-processor, <image> as an added token)."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    corpus = [llava.IMAGE_PROMPT.format(QUESTION), "the quick brown fox jumps over the lazy dog 0123456789 .,;:!?'\n"]
+    tok.train_from_iterator(corpus * 3, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.add_special_tokens(["<image>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(directory / "tokenizer.json"))
+    return tok
+
+
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    """Weights large enough that every part of the model moves the logits by O(1), so a wrong detail
+    cannot hide under 1e-4. Vision and projector matrices ~ N(0, 1/fan_in) keep the visual features
+    O(1), so 1e-5 on them is a real bound. Decoder matrices are 2x that (1.5x for queries and keys) so
+    greedy decoding does not collapse into one repeated token; sharper attention than that only
+    amplifies float32 rounding (eager vs fused softmax) past 1e-4 without testing anything more."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() == 1 and "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                scale = 1.0
+                if "language_model" in name:
+                    scale = 1.5 if name.endswith(("q_proj.weight", "k_proj.weight")) else 2.0
+                p.copy_(scale * torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+
+
+class Checkpoint:
+    """A tiny random LLaVA-NeXT saved by transformers, with HF's model/processor and ours loaded from
+    it, and short helpers for the chains the tests repeat (prompt ids, prefill, prune)."""
+
+    def __init__(self, directory: Path, shape: str, seed: int):
+        s = SHAPES[shape]
+        directory.mkdir(parents=True, exist_ok=True)
+        image_token = make_tokenizer(directory).token_to_id("<image>")
+        vision = dict(
+            hidden_size=s["v_hidden"],
+            intermediate_size=2 * s["v_hidden"],
+            num_hidden_layers=s["v_layers"],
+            num_attention_heads=s["v_heads"],
+            image_size=336,
+            patch_size=14,
+        )
+        text = dict(
+            vocab_size=image_token + 16,
+            hidden_size=s["hidden"],
+            intermediate_size=2 * s["hidden"],
+            num_hidden_layers=s["layers"],
+            num_attention_heads=s["heads"],
+            num_key_value_heads=s["kv_heads"],
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+        config = reference.llava_next_config(vision, text, image_token, PINPOINTS, s["feature_layer"])
+        self.hf = tf.LlavaNextForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
+        randomize(self.hf, seed)
+        self.hf.save_pretrained(directory)
+        self.image_processor = reference.image_processor(PINPOINTS)
+        self.image_processor.save_pretrained(directory)
+        hf_tokenizer = tf.PreTrainedTokenizerFast(
+            tokenizer_file=str(directory / "tokenizer.json"), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        )
+        self.processor = tf.LlavaNextProcessor(
+            image_processor=self.image_processor,
+            tokenizer=hf_tokenizer,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+        )
+        self.directory, self.shape, self.layers = directory, shape, s["layers"]
+        self.model, self.tokenizer = llava.load(str(directory))
+        self.image_token = self.model.config.image_token_index
+
+    def hf_inputs(self, image=None, question=QUESTION):
+        text = llava.IMAGE_PROMPT.format(question) if image is not None else llava.TEXT_PROMPT.format(question)
+        return self.processor(images=image, text=text, return_tensors="pt")
+
+    def prompt(self, num_visual: int | None, question: str = QUESTION) -> torch.Tensor:
+        """Our prompt ids with num_visual image tokens (None: text only)."""
+        return llava.prompt_ids(self.tokenizer, question, self.image_token, num_visual)
+
+    @torch.inference_mode()
+    def prefill(self, ids, visual_embeds, settings=todre.NO_PRUNING, room: int = 0):
+        """Our prefill on a fresh cache: (logits (n', vocab) of every remaining token, info, cache)."""
+        kv_cache = self.model.new_kv_cache(room) if room else llava.KVCache(self.layers, room=0)
+        logits, info = self.model.prefill(ids, visual_embeds, settings, kv_cache, all_logits=True)
+        return logits[0], info, kv_cache
+
+    @torch.inference_mode()
+    def pruned(self, image, settings):
+        """Encode `image`, run Stage 1: (visual tokens, kept indices, prompt ids for the kept tokens)."""
+        visual = self.model.encode_image(image)
+        kept = self.model.select(visual, settings)
+        return visual, kept, self.prompt(len(kept))
+
+
+@pytest.fixture(scope="session")
+def mha(tmp_path_factory):
+    return Checkpoint(tmp_path_factory.mktemp("mha"), "mha", seed=3)
+
+
+@pytest.fixture(scope="session")
+def gqa(tmp_path_factory):
+    return Checkpoint(tmp_path_factory.mktemp("gqa"), "gqa", seed=3)
+
+
+@pytest.fixture(params=list(SHAPES))
+def ckpt(request):
+    """Each of the two tiny checkpoints in turn."""
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def image_processor():
+    return reference.image_processor(PINPOINTS)
+
+
+def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def resave(ckpt: Checkpoint, directory: Path, state: dict) -> Path:
+    """A copy of the checkpoint's JSON files with `state` as its only weights file."""
+    directory.mkdir()
+    for f in ckpt.directory.glob("*.json"):
+        shutil.copy(f, directory)
+    save_file({k: v.contiguous() for k, v in state.items()}, directory / "model.safetensors")
+    return directory
+
+
+def hf_runtime_state(ckpt: Checkpoint) -> dict:
+    """transformers 5's own parameter names: model.vision_tower.*, model.language_model.*, lm_head.weight."""
+    return {k: v.detach().clone() for k, v in ckpt.hf.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+
+def run_cli(capsys, *argv):
+    """generate.py's main in this process: (exit code, stdout, stderr)."""
+    code = generate.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def cli_args(ckpt, *extra):
+    return ["--model", str(ckpt.directory), "--prompt", QUESTION, "--device", "cpu", "--dtype", "float32", *extra]
+
+
+def one_line_error(capsys, argv, message, code=2):
+    returned, out, err = run_cli(capsys, *argv)
+    assert returned == code and out == "" and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+def cli_process(ckpt, tmp_path, *extra, **popen):
+    """generate.py in a subprocess on a small image, as a shell would start it."""
+    noise_image(120, 90, seed=40).save(tmp_path / "photo.png")
+    argv = [sys.executable, str(HERE / "generate.py"), *cli_args(ckpt, "--image", str(tmp_path / "photo.png"), *extra)]
+    return subprocess.Popen(
+        argv, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **popen
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent references
+# ---------------------------------------------------------------------------------------------
+
+
+def hf_packed_features(ckpt: Checkpoint, inputs) -> torch.Tensor:
+    return ckpt.hf.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output[0]
+
+
+def hf_cls_attention(ckpt: Checkpoint, pixel_values: torch.Tensor) -> torch.Tensor:
+    """[CLS] -> patch attention of the feature layer, head-averaged, from HF's eager attention weights."""
+    out = ckpt.hf.model.vision_tower(pixel_values, output_attentions=True)
+    s = SHAPES[ckpt.shape]
+    feature_layer_index = s["feature_layer"] % (s["v_layers"] + 1) - 1  # hidden_states[f] = output of layer f-1
+    return out.attentions[feature_layer_index][:, :, 0, 1:].mean(dim=1)  # (crops, 576)
+
+
+def hf_embeddings(ckpt: Checkpoint, input_ids: torch.Tensor, visual_embeds: torch.Tensor) -> torch.Tensor:
+    embeds = ckpt.hf.model.language_model.embed_tokens(input_ids[None]).clone()
+    embeds[0, input_ids == ckpt.image_token] = visual_embeds
+    return embeds
+
+
+def hf_logits(ckpt: Checkpoint, input_ids: torch.Tensor, visual_embeds: torch.Tensor) -> torch.Tensor:
+    """transformers' language model and head on our prompt with these visual tokens: (n, vocab)."""
+    hidden = ckpt.hf.model.language_model(inputs_embeds=hf_embeddings(ckpt, input_ids, visual_embeds)).last_hidden_state
+    return ckpt.hf.lm_head(hidden)[0]
+
+
+def dense_forward(ckpt: Checkpoint, embeds: torch.Tensor, allowed) -> torch.Tensor:
+    """Logits from transformers' own Llama layers with an explicit (n, n) attention mask per layer:
+    `allowed(layer, n)` says which keys each query may see. Dense eager attention, no cache."""
+    lm, n = ckpt.hf.model.language_model, embeds.shape[1]
+    cos, sin = lm.rotary_emb(embeds, torch.arange(n)[None])
+    x = embeds
+    for i, layer in enumerate(lm.layers):
+        a, h = layer.self_attn, layer.input_layernorm(x)
+        shape = (1, n, -1, a.head_dim)
+        q = a.q_proj(h).view(shape).transpose(1, 2)
+        k = a.k_proj(h).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        v = a.v_proj(h).view(shape).transpose(1, 2)
+        groups = q.shape[1] // k.shape[1]
+        scores = q @ repeat_kv(k, groups).transpose(2, 3) / math.sqrt(a.head_dim)
+        probs = scores.masked_fill(~allowed(i, n), float("-inf")).softmax(dim=-1)
+        x = x + a.o_proj((probs @ repeat_kv(v, groups)).transpose(1, 2).reshape(1, n, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return ckpt.hf.lm_head(lm.norm(x))
+
+
+def causal(layer, n):
+    return torch.ones(n, n, dtype=torch.bool).tril()
+
+
+def greedy_bruteforce(x: torch.Tensor, k: int, pivot: int, aggregate) -> list[int]:
+    """The greedy selection transcribed literally from its equation: pairwise cosine similarities,
+    an explicit aggregate over the chosen set (max: Algorithm 1 / eq. 4-5; sum: the paper's v2
+    max-sum) and an explicit argmin."""
+    x = x.double()
+
+    def cos(a, b):
+        na, nb = a.norm(), b.norm()
+        return 0.0 if na == 0 or nb == 0 else float(a @ b / (na * nb))
+
+    chosen = [pivot]
+    while len(chosen) < k:
+        best, best_value = None, math.inf
+        for v in range(len(x)):
+            if v not in chosen:
+                value = aggregate(cos(x[v], x[c]) for c in chosen)
+                if value < best_value:  # strict: the lowest index wins ties
+                    best, best_value = v, value
+        chosen.append(best)
+    return chosen
+
+
+def kcenter_bruteforce(x, k, pivot):
+    return greedy_bruteforce(x, k, pivot, max)
+
+
+def max_sum_bruteforce(x, k, pivot):
+    return greedy_bruteforce(x, k, pivot, sum)
+
+
+# Each diversity selector with its literal reference.
+GREEDY = {"kcenter": (todre.greedy_k_center, kcenter_bruteforce), "maxsum": (todre.greedy_max_sum, max_sum_bruteforce)}
+
+
+def greedy_matrix(x: torch.Tensor, k: int, pivot: int, aggregate=lambda s: s.max(dim=1).values) -> list[int]:
+    """The same selection the DivPrune way, over the full n x n cosine matrix (for n in the
+    thousands, fine as a test reference); aggregate over the chosen columns: max (k-center) or sum."""
+    unit = torch.nn.functional.normalize(x.double(), dim=-1)
+    sim = unit @ unit.T
+    chosen = [pivot]
+    while len(chosen) < k:
+        score = aggregate(sim[:, chosen])
+        score[chosen] = math.inf
+        chosen.append(int(score.argmin()))
+    return chosen
+
+
+def k_center_radius(x: torch.Tensor, chosen: torch.Tensor) -> float:
+    """The k-center objective, in float64: the largest cosine distance from any token to the chosen set."""
+    unit = torch.nn.functional.normalize(x.double(), dim=-1)
+    return float((1 - (unit @ unit[chosen].T).max(dim=1).values).max())
+
+
+def cls_per_crop_reference(scores: list[float], crops: list[int], k: int) -> list[int]:
+    """FasterVLM's per-crop [CLS] top-k read literally: each crop keeps round(k/n * its size) of its
+    best tokens (ties: lowest index); then drop the worst kept, or add the best others, to reach k."""
+    n = len(scores)
+    kept = []
+    for crop in sorted(set(crops)):
+        mine = sorted((i for i in range(n) if crops[i] == crop), key=lambda i: (-scores[i], i))
+        kept += mine[: round(k / n * len(mine))]
+    by_score = sorted(range(n), key=lambda i: (-scores[i], i))
+    while len(kept) > k:
+        kept.remove(max(kept, key=lambda i: (-scores[i], i)))  # the worst kept token
+    while len(kept) < k:
+        kept.append(next(i for i in by_score if i not in kept))  # the best token not kept
+    return sorted(kept)
+
+
+def ratios_dense(q, k, visual, text):
+    """Eq. 7 over the explicitly built (n, n) causal attention matrix averaged over heads."""
+    heads, n, d = q.shape
+    keys = k.repeat_interleave(heads // k.shape[0], dim=0)
+    scores = (q @ keys.transpose(1, 2)) / math.sqrt(d)
+    attn = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf")).softmax(-1).mean(0)
+    a_tv = attn[text][:, visual].sum() / attn[text].sum()
+    a_vt = attn[visual][:, text].sum() / attn[visual].sum()
+    return float(a_tv), float(a_vt)

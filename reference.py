@@ -1,0 +1,49 @@
+"""transformers as the independent reference: what the tests and bench.py both build from it.
+
+Never imported by the library files (clip, anyres, llama, todre, checkpoint, model, generate):
+transformers is a test and benchmark dependency only (requirements-dev.txt).
+"""
+
+import transformers as tf
+
+from anyres import LLAVA_NEXT_PINPOINTS as PINPOINTS
+
+
+def image_processor(pinpoints=PINPOINTS, crop: int = 336) -> tf.LlavaNextImageProcessorPil:
+    """LLaVA-NeXT's image processor on its PIL path. (The default `LlavaNextImageProcessor` switches to
+    a torchvision resize whenever torchvision is installed, which differs by a few 1/255 steps.)"""
+    return tf.LlavaNextImageProcessorPil(
+        size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop}, image_grid_pinpoints=pinpoints
+    )
+
+
+def llava_next_config(
+    vision: dict, text: dict, image_token: int, pinpoints=PINPOINTS, vision_feature_layer: int = -2
+) -> tf.LlavaNextConfig:
+    """A LlavaNextConfig from plain dicts of CLIP vision and Llama text fields."""
+    return tf.LlavaNextConfig(
+        vision_config=tf.CLIPVisionConfig(**vision, projection_dim=32),
+        text_config=tf.LlamaConfig(**text),
+        image_grid_pinpoints=pinpoints,
+        image_token_index=image_token,
+        vision_feature_layer=vision_feature_layer,
+    )
+
+
+def transformers_name(name: str) -> str:
+    """Our parameter name -> transformers 5's LlavaNextForConditionalGeneration name (the reverse
+    of checkpoint.hub_key for that layout)."""
+    return "lm_head.weight" if name == "language_model.lm_head.weight" else "model." + name
+
+
+def hub_name(name: str) -> str:
+    """transformers 5's name -> the name in the Hub's llava-hf checkpoints (saved by transformers 4)."""
+    for new, old in [
+        ("model.vision_tower.", "vision_tower.vision_model."),
+        ("model.language_model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+        ("model.", ""),
+    ]:
+        if name.startswith(new):
+            return old + name[len(new) :]
+    raise ValueError(f"not a transformers 5 LLaVA-NeXT name: {name}")
