@@ -1,8 +1,12 @@
-"""LLaVA-NeXT AnyRes: image -> crops for CLIP, and crop features -> one packed token sequence.
+"""Images -> crops for CLIP, and crop features -> one packed token sequence, with where each token
+comes from (ToDRE's pivot, its candidates and the selection picture need that).
 
-Reproduces transformers' `LlavaNextImageProcessorPil` and `LlavaNextModel.pack_image_features`.
-Besides the packed tokens, `pack` returns where each token comes from, which Stage 1 of ToDRE
-(pivot on the thumbnail, newline tokens are not candidates) and the selection picture need.
+Two ways of framing an image:
+- LLaVA-NeXT's AnyRes (transformers' `LlavaNextImageProcessorPil` and
+  `LlavaNextModel.pack_image_features`): a squashed thumbnail plus high-resolution crops, packed
+  with one `image_newline` token ending each row of the unpadded crop mosaic.
+- One square crop (transformers' `CLIPImageProcessorPil`): the shortest edge resized, then a
+  centre crop; LLaVA-1.5 images and video frames, with optional newlines per row for video.
 """
 
 import math
@@ -146,14 +150,6 @@ def pack(features: torch.Tensor, sources: torch.Tensor, image_newline: torch.Ten
     return torch.where((sources == NEWLINE)[:, None], image_newline.to(tokens.dtype), tokens)
 
 
-def squashed_boxes(patches: torch.Tensor, image_size, side: int) -> torch.Tensor:
-    """Boxes (x0, y0, x1, y1) in original pixels of patches (row-major index in a side x side grid)
-    of an image squashed to a square, as the thumbnail and video frames are."""
-    height, width = image_size
-    r, c = (patches // side).double(), (patches % side).double()
-    return torch.stack([c * width / side, r * height / side, (c + 1) * width / side, (r + 1) * height / side], dim=-1)
-
-
 def token_boxes(lay: Layout, sources: torch.Tensor) -> torch.Tensor:
     """For each packed token, the box (x0, y0, x1, y1) of original-image pixels its patch was made
     from; NaN for newlines.
@@ -180,5 +176,119 @@ def token_boxes(lay: Layout, sources: torch.Tensor) -> torch.Tensor:
         ],
         dim=-1,
     )
-    boxes = torch.where((crop == 0)[:, None], squashed_boxes(within, lay.image_size, lay.side), mosaic)
+    thumbnail = patch_boxes(Framing.squashed(lay.image_size, lay.crop_size), within, lay.side)
+    boxes = torch.where((crop == 0)[:, None], thumbnail, mosaic)
     return torch.where((sources == NEWLINE)[:, None], torch.full_like(boxes, float("nan")), boxes)
+
+
+# ---------------------------------------------------------------------------------------------
+# One square crop per image or video frame
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How one square model input of crop x crop pixels was cut from an image of (H, W) pixels:
+    the image was scaled to `scaled` (h, w) pixels, and the input is the crop x crop window whose
+    top-left corner sits at `offset` (y, x) in those scaled pixels (negative: padding)."""
+
+    image_size: tuple[int, int]
+    scaled: tuple[float, float]
+    offset: tuple[float, float]
+    crop: int
+
+    @classmethod
+    def squashed(cls, image_size, crop: int) -> "Framing":
+        """The whole image resized to crop x crop, aspect ratio not kept (AnyRes's thumbnail)."""
+        return cls(tuple(image_size), (crop, crop), (0, 0), crop)
+
+
+def shortest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(h, w) with the shorter side `size` and the longer int(size * long / short), truncated, as
+    transformers' get_resize_output_image_size(default_to_square=False): 352x288 -> 410x336."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def expand_to_square(image: Image.Image, mean=CLIP_MEAN) -> tuple[Image.Image, tuple[int, int]]:
+    """The image centred on a square of its longer side, filled with the mean colour: LLaVA's own
+    `expand2square`, which its evaluation (and the published LLaVA-1.5 numbers) used.
+    Returns the square and where the image sits in it (y, x)."""
+    width, height = image.size
+    side = max(width, height)
+    offset = ((side - height) // 2, (side - width) // 2)
+    square = Image.new("RGB", (side, side), tuple(int(255 * m) for m in mean))
+    square.paste(image, (offset[1], offset[0]))
+    return square, offset
+
+
+def preprocess_square(
+    image: Image.Image, size: int, crop: int, mean=CLIP_MEAN, std=CLIP_STD, pad_to_square: bool = False
+):
+    """Image -> (pixel_values (1, 3, crop, crop), Framing), as transformers' CLIPImageProcessorPil:
+    shortest edge resized to `size` (bicubic), then a centre crop of crop x crop (zero-padded
+    where the image is smaller). With pad_to_square, the image is first centred on a square of
+    its mean colour (`expand_to_square`), so nothing is cropped away."""
+    image = to_rgb(image)
+    height, width = image.height, image.width
+    square_offset = (0, 0)
+    if pad_to_square:
+        image, square_offset = expand_to_square(image, mean)
+    new_h, new_w = shortest_edge_size(image.height, image.width, size)
+    pixels = np.asarray(image.resize((new_w, new_h), Image.Resampling.BICUBIC))
+    # transformers' center_crop: the window's corner in the resized image; negative: zero padding.
+    top, left = (new_h - crop) // 2, (new_w - crop) // 2
+    pad_y, pad_x = max(0, -top), max(0, -left)
+    if pad_y or pad_x:
+        pixels = np.pad(pixels, ((pad_y, max(0, crop - new_h - pad_y)), (pad_x, max(0, crop - new_w - pad_x)), (0, 0)))
+    window = pixels[top + pad_y : top + pad_y + crop, left + pad_x : left + pad_x + crop]
+    scale_y, scale_x = new_h / image.height, new_w / image.width  # the same for a square
+    framing = Framing(
+        (height, width),
+        (height * scale_y, width * scale_x),
+        (top - square_offset[0] * scale_y, left - square_offset[1] * scale_x),
+        crop,
+    )
+    return normalize(Image.fromarray(np.ascontiguousarray(window)), mean, std)[None], framing
+
+
+def patch_boxes(framing: Framing, patches: torch.Tensor, side: int) -> torch.Tensor:
+    """Boxes (x0, y0, x1, y1) in original pixels of patches (row-major indices into a side x side
+    grid over the crop), clipped to the image (a box wholly in padding has zero area)."""
+    height, width = framing.image_size
+    cell = framing.crop / side
+    r, c = (patches // side).double(), (patches % side).double()
+    y0, x0 = framing.offset[0] + r * cell, framing.offset[1] + c * cell  # in scaled pixels
+    sy, sx = height / framing.scaled[0], width / framing.scaled[1]
+    return torch.stack(
+        [
+            (x0 * sx).clamp(0, width),
+            (y0 * sy).clamp(0, height),
+            ((x0 + cell) * sx).clamp(0, width),
+            ((y0 + cell) * sy).clamp(0, height),
+        ],
+        dim=-1,
+    )
+
+
+def frame_sources(frames: int, side: int, newlines: bool) -> torch.Tensor:
+    """Packed order of `frames` square grids of side x side tokens, frame after frame: each token's
+    index into the flattened (frames * side * side) features, and with `newlines` one NEWLINE
+    after every row of every frame (lmms-eval llava_vid's "grid" placement)."""
+    grid = torch.arange(frames * side * side).view(frames, side, side)
+    if newlines:
+        grid = torch.cat([grid, torch.full((frames, side, 1), NEWLINE)], dim=2)
+    return grid.flatten()
+
+
+def framed_boxes(framings: list[Framing], sources: torch.Tensor, side: int) -> torch.Tensor:
+    """For each packed token of square crops (one Framing per crop), the box of original pixels
+    its patch was made from; NaN for newlines."""
+    per_crop = side * side
+    crop, within = sources.clamp(min=0).div(per_crop, rounding_mode="floor"), sources.clamp(min=0) % per_crop
+    boxes = torch.full((len(sources), 4), float("nan"), dtype=torch.float64)
+    for i, framing in enumerate(framings):
+        mine = (crop == i) & (sources != NEWLINE)
+        boxes[mine] = patch_boxes(framing, within[mine], side)
+    return boxes

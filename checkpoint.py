@@ -24,6 +24,10 @@ DEFAULT_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.*"]
 
 
+# The checkpoint families this project runs (config.json's model_type).
+MODEL_TYPES = ("llava_next", "llava_next_video")
+
+
 class CheckpointError(Exception):
     """The checkpoint cannot be found or does not match this model; the message says what to do."""
 
@@ -60,13 +64,32 @@ class LlavaNextConfig:
     crop_size: int = 336  # from preprocessor_config.json
     image_mean: tuple = anyres.CLIP_MEAN
     image_std: tuple = anyres.CLIP_STD
+    model_type: str = "llava_next"
+    # Video (llava_next_video checkpoints set these; image checkpoints take video the same way,
+    # through their <image> placeholder, as lmms-eval's llava_vid does).
+    video_token_index: int | None = None  # the id of the <video> placeholder; None: the image one
+    spatial_pool_mode: str = "average"  # how each frame's patch grid is pooled before the projector
+    spatial_pool_stride: int = 2  # 24x24 -> 12x12 tokens per frame
+
+    def __post_init__(self):
+        if self.video_token_index is None:
+            self.video_token_index = self.image_token_index
+
+    def placeholder(self, video: bool) -> tuple[str, int]:
+        """The prompt text and token id that stand for the visual tokens of an image or a video."""
+        if video and self.video_token_index != self.image_token_index:
+            return "<video>", self.video_token_index
+        return "<image>", self.image_token_index
 
     @classmethod
     def from_dir(cls, directory: Path) -> "LlavaNextConfig":
         path = directory / "config.json"
         cfg = read_json(path)
-        if cfg.get("model_type") != "llava_next":
-            raise CheckpointError(f"{directory} holds a {cfg.get('model_type')!r} model, not LLaVA-NeXT (llava_next)")
+        model_type = cfg.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise CheckpointError(
+                f"{directory} holds a {model_type!r} model, not a LLaVA checkpoint ({', '.join(MODEL_TYPES)})"
+            )
         if cfg.get("vision_feature_select_strategy", "default") != "default":
             raise CheckpointError(f"{path}: only vision_feature_select_strategy 'default' (drop [CLS]) is supported")
         if cfg.get("projector_hidden_act", "gelu") != "gelu":
@@ -84,30 +107,26 @@ class LlavaNextConfig:
         text_dict = section(cfg, "text_config", path)
         tie = cfg.get("tie_word_embeddings", text_dict.get("tie_word_embeddings", False))
         text = build(LlamaConfig, {**text_dict, "tie_word_embeddings": tie}, f"{path}: text_config")
-        for where, ok, rule in (
-            (
-                "vision_config",
-                vision.image_size % vision.patch_size == 0,
-                "image_size must be a multiple of patch_size",
-            ),
-            (
-                "vision_config",
-                vision.hidden_size % vision.num_attention_heads == 0,
-                "hidden_size must be a multiple of num_attention_heads",
-            ),
-            (
-                "text_config",
-                text.num_attention_heads % text.num_key_value_heads == 0,
-                "num_attention_heads must be a multiple of num_key_value_heads",
-            ),
-            (
-                "text_config",
-                "head_dim" in text_dict or text.hidden_size % text.num_attention_heads == 0,
-                "hidden_size must be a multiple of num_attention_heads",
-            ),
-        ):
-            if not ok:
-                raise CheckpointError(f"{path}: {where}: {rule}")
+        require(
+            vision.image_size % vision.patch_size == 0,
+            path,
+            "vision_config: image_size must be a multiple of patch_size",
+        )
+        require(
+            vision.hidden_size % vision.num_attention_heads == 0,
+            path,
+            "vision_config: hidden_size must be a multiple of num_attention_heads",
+        )
+        require(
+            text.num_attention_heads % text.num_key_value_heads == 0,
+            path,
+            "text_config: num_attention_heads must be a multiple of num_key_value_heads",
+        )
+        require(
+            "head_dim" in text_dict or text.hidden_size % text.num_attention_heads == 0,
+            path,
+            "text_config: hidden_size must be a multiple of num_attention_heads",
+        )
 
         feature_layer = cfg.get("vision_feature_layer", -2)
         if not is_int(feature_layer):
@@ -117,10 +136,25 @@ class LlavaNextConfig:
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from None
         image_token = cfg.get("image_token_index", cfg.get("image_token_id", 32000))
-        if not is_int(image_token) or not 0 <= image_token < text.vocab_size:
-            raise CheckpointError(
-                f"{path}: image_token_index must be an id below vocab_size {text.vocab_size}, got {image_token!r}"
+        video_token = cfg.get("video_token_index", cfg.get("video_token_id", 32000)) if "video" in model_type else None
+        for name, token in (("image_token_index", image_token), ("video_token_index", video_token)):
+            require(
+                token is None or is_int(token) and 0 <= token < text.vocab_size,
+                path,
+                f"{name} must be an id below vocab_size {text.vocab_size}, got {token!r}",
             )
+        pool_mode, stride = cfg.get("spatial_pool_mode", "average"), cfg.get("spatial_pool_stride", 2)
+        require(
+            pool_mode in ("average", "max"),
+            path,
+            f"spatial_pool_mode {pool_mode!r} is not supported (supported: average, max)",
+        )
+        grid = vision.image_size // vision.patch_size
+        require(
+            is_int(stride) and stride >= 1 and grid % stride == 0,
+            path,
+            f"spatial_pool_stride must be a whole divisor of the {grid}x{grid} patch grid, got {stride!r}",
+        )
 
         crop = pre.get("crop_size", vision.image_size)
         crop = crop.get("height") if isinstance(crop, dict) else crop
@@ -147,7 +181,16 @@ class LlavaNextConfig:
             crop_size=crop,
             image_mean=tuple(mean),
             image_std=tuple(std),
+            model_type=model_type,
+            video_token_index=video_token,
+            spatial_pool_mode=pool_mode,
+            spatial_pool_stride=stride,
         )
+
+
+def require(ok: bool, path: Path, rule: str) -> None:
+    if not ok:
+        raise CheckpointError(f"{path}: {rule}")
 
 
 def read_json(path: Path) -> dict:
@@ -276,13 +319,16 @@ def load_tokenizer(directory: Path, cfg: LlavaNextConfig):
             f"{path} has {size} token ids but the model embeds only vocab_size "
             f"{cfg.text.vocab_size} (config.json): the tokenizer belongs to another model"
         )
-    image_id = tokenizer.token_to_id("<image>")
-    if image_id != cfg.image_token_index:
-        found = "has no '<image>' token" if image_id is None else f"maps '<image>' to id {image_id}"
-        raise CheckpointError(
-            f"{path} {found}, but config.json's image_token_index is {cfg.image_token_index}: "
-            "the tokenizer and the config do not belong together"
-        )
+    for video in (False, True):
+        text, expected = cfg.placeholder(video)
+        found = tokenizer.token_to_id(text)
+        if found != expected:
+            what = f"has no {text!r} token" if found is None else f"maps {text!r} to id {found}"
+            field = "video_token_index" if text == "<video>" else "image_token_index"
+            raise CheckpointError(
+                f"{path} {what}, but config.json's {field} is {expected}: "
+                "the tokenizer and the config do not belong together"
+            )
     return tokenizer
 
 

@@ -45,14 +45,14 @@ SHAPES = {
 # ---------------------------------------------------------------------------------------------
 
 
-def make_tokenizer(directory: Path) -> Tokenizer:
+def make_tokenizer(directory: Path, placeholders=("<image>",)) -> Tokenizer:
     """A small Llama-like BPE tokenizer (Metaspace, BOS by post-processor, <image> as an added token)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     corpus = [llava.IMAGE_PROMPT.format(QUESTION), "the quick brown fox jumps over the lazy dog 0123456789 .,;:!?'\n"]
     tok.train_from_iterator(corpus * 3, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
-    tok.add_special_tokens(["<image>"])
+    tok.add_special_tokens(list(placeholders))
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.save(str(directory / "tokenizer.json"))
     return tok
@@ -82,10 +82,12 @@ class Checkpoint:
     """A tiny random LLaVA-NeXT saved by transformers, with HF's model/processor and ours loaded from
     it, and short helpers for the chains the tests repeat (prompt ids, prefill, prune)."""
 
-    def __init__(self, directory: Path, shape: str, seed: int):
+    def __init__(self, directory: Path, shape: str, seed: int, model_type: str = "llava_next"):
         s = SHAPES[shape]
         directory.mkdir(parents=True, exist_ok=True)
-        image_token = make_tokenizer(directory).token_to_id("<image>")
+        video = model_type == "llava_next_video"
+        tokenizer = make_tokenizer(directory, ("<image>", "<video>") if video else ("<image>",))
+        image_token, video_token = tokenizer.token_to_id("<image>"), tokenizer.token_to_id("<video>")
         vision = dict(
             hidden_size=s["v_hidden"],
             intermediate_size=2 * s["v_hidden"],
@@ -107,8 +109,13 @@ class Checkpoint:
             eos_token_id=2,
             pad_token_id=0,
         )
-        config = reference.llava_next_config(vision, text, image_token, PINPOINTS, s["feature_layer"])
-        self.hf = tf.LlavaNextForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
+        if video:
+            config = reference.llava_next_video_config(vision, text, image_token, video_token, s["feature_layer"])
+            self.hf = tf.LlavaNextVideoForConditionalGeneration._from_config(config, attn_implementation="eager")
+        else:
+            config = reference.llava_next_config(vision, text, image_token, PINPOINTS, s["feature_layer"])
+            self.hf = tf.LlavaNextForConditionalGeneration._from_config(config, attn_implementation="eager")
+        self.hf.eval()
         randomize(self.hf, seed)
         self.hf.save_pretrained(directory)
         self.image_processor = reference.image_processor(PINPOINTS)
@@ -158,6 +165,12 @@ def mha(tmp_path_factory):
 @pytest.fixture(scope="session")
 def gqa(tmp_path_factory):
     return Checkpoint(tmp_path_factory.mktemp("gqa"), "gqa", seed=3)
+
+
+@pytest.fixture(scope="session")
+def video_ckpt(tmp_path_factory):
+    """A tiny llava_next_video checkpoint (transformers' LlavaNextVideoForConditionalGeneration)."""
+    return Checkpoint(tmp_path_factory.mktemp("video"), "mha", seed=4, model_type="llava_next_video")
 
 
 @pytest.fixture(params=list(SHAPES))

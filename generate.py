@@ -16,28 +16,21 @@ if CTRL_C_HANDLED:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse
-import io
 import math
 import os
 import stat
 import sys
 import tempfile
-import time
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
 import anyres
 import model as llava
 import todre
 from checkpoint import os_error_text
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-WAIT_FOR_WRITER_S = 5.0  # how long a FIFO may stay without a writer before that is an error
-MAX_STREAM_BYTES = 2**30  # an image read from a pipe larger than this is not an image
+from media import MediaError, open_image, open_video  # noqa: F401 (open_image: part of this module's interface)
 
 
 class UsageError(Exception):
@@ -61,8 +54,24 @@ class Parser(argparse.ArgumentParser):
 def parse_args(argv):
     p = Parser(description="LLaVA-NeXT with ToDRE visual token pruning.")
     p.add_argument("--image", help="image file to ask about")
-    p.add_argument("--video", help="directory of frames, or an animated GIF/WebP")
-    p.add_argument("--frames", type=int, default=8, help="frames sampled evenly from --video (default 8)")
+    p.add_argument(
+        "--video",
+        help="video file (.mp4, .mkv, .webm, .mov, .avi; needs PyAV), directory of frames, or animated GIF/WebP",
+    )
+    p.add_argument(
+        "--max-frames",
+        "--frames",
+        type=int,
+        default=20,
+        dest="max_frames",
+        help="--video: one frame per second, at most this many spread over the whole video (default 20)",
+    )
+    p.add_argument(
+        "--video-newlines",
+        choices=["grid", "none"],
+        default="grid",
+        help="--video: an image_newline after every row of 12 pooled tokens (grid, default), or none",
+    )
     p.add_argument("--prompt", required=True, help="the question")
     p.add_argument("--model", default=llava.DEFAULT_MODEL, help="Hub id or local checkpoint directory")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -133,7 +142,7 @@ def parse_args(argv):
     check_number("--tau", args.tau, 0, math.inf)
     check_number("--temperature", args.temperature, 0, math.inf)
     check_number("--max-new-tokens", args.max_new_tokens, 1, math.inf)
-    check_number("--frames", args.frames, 1, 10_000)
+    check_number("--max-frames", args.max_frames, 1, 10_000)
     check_number("--seed", args.seed, 0, 2**64 - 1)
     if args.probe_layers is not None:
         try:
@@ -181,147 +190,6 @@ def pick_device(name: str) -> torch.device:
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return llava.auto_dtype(device) if name == "auto" else getattr(torch, name)
-
-
-# ---------------------------------------------------------------------------------------------
-# Images and frames
-# ---------------------------------------------------------------------------------------------
-
-
-def check_path(path: str, what: str) -> os.stat_result:
-    """os.stat(path), or a UsageError that says in words what is wrong with the path."""
-    try:
-        return os.stat(path)
-    except FileNotFoundError:
-        raise UsageError(f"{what} not found: {path}") from None
-    except OSError as e:
-        raise UsageError(f"cannot open {what} {path}: {os_error_text(e)}") from None
-
-
-def read_pipe(path: str) -> bytes:
-    """All bytes of a FIFO or pipe (`<(cat x.png)`, `/dev/stdin` fed by a pipe), without ever
-    blocking on a FIFO that nobody writes to.
-
-    Opened non-blocking, an empty FIFO reads as end-of-file while no writer has it open, and as
-    "try again" while a writer does (POSIX read()). So a writer that is there is waited for as
-    long as it takes; one that never comes is an error after WAIT_FOR_WRITER_S seconds.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as e:
-        raise UsageError(f"cannot open image {path}: {os_error_text(e)}") from None
-    chunks, size = [], 0
-    deadline = time.monotonic() + WAIT_FOR_WRITER_S
-    try:
-        while True:
-            try:
-                chunk = os.read(fd, 1 << 20)
-            except BlockingIOError:  # a writer is there, nothing written yet: wait for it
-                os.set_blocking(fd, True)
-                continue
-            if chunk:
-                os.set_blocking(fd, True)  # from now on end-of-file means the writer is done
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > MAX_STREAM_BYTES:
-                    raise UsageError(f"{path} streams more than {MAX_STREAM_BYTES >> 30} GiB: not an image")
-            elif chunks or os.get_blocking(fd):
-                return b"".join(chunks)
-            elif time.monotonic() > deadline:
-                raise UsageError(
-                    f"nothing is writing to {path} (a FIFO with no writer for "
-                    f"{WAIT_FOR_WRITER_S:.0f} s): start the writer, or pass the image file itself"
-                )
-            else:
-                time.sleep(0.05)
-    finally:
-        os.close(fd)
-
-
-def decode(path: str) -> Image.Image:
-    """The opened (not yet decoded) image at `path`, or a UsageError saying what is wrong."""
-    mode = check_path(path, "image").st_mode
-    if stat.S_ISDIR(mode):
-        raise UsageError(f"{path} is a directory, not an image")
-    if stat.S_ISFIFO(mode):
-        source = io.BytesIO(read_pipe(path))
-    elif stat.S_ISREG(mode):
-        source = path
-    else:
-        kind = "a terminal" if stat.S_ISCHR(mode) and os.path.realpath(path).startswith("/dev/pts") else "a device"
-        raise UsageError(f"{path} is {kind}, not an image file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(source)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UsageError(f"{path} is too large to decode safely (over Pillow's decompression-bomb limit)") from None
-    except UnidentifiedImageError:
-        raise UsageError(f"{path} is not an image Pillow can read") from None
-    except OSError as e:
-        raise UsageError(f"cannot read image {path}: {os_error_text(e)}") from None
-
-
-def load_pixels(image: Image.Image, path: str) -> None:
-    """Decode the pixels now, so that a damaged file fails here, with its name."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UsageError(f"{path} is too large to decode safely (over Pillow's decompression-bomb limit)") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
-        raise UsageError(f"{path} is damaged and cannot be decoded ({e})") from None
-
-
-def to_8_bit(image: Image.Image) -> Image.Image:
-    """Integer images wider than 8 bits, scaled to 8 bits by their real bit depth (Pillow's own
-    conversion would clip them, turning most 16-bit pictures white).
-
-    16-bit modes divide by 257 (65535 -> 255). Mode "I" (32-bit) says nothing of the depth its
-    data had: values up to 255 are taken as 8-bit, up to 65535 as 16-bit, larger as 32-bit.
-    """
-    if not image.mode.startswith("I"):
-        return image
-    values = np.asarray(image, dtype=np.float64)
-    if image.mode.startswith("I;16"):
-        full_scale = 65535
-    else:
-        full_scale = next(top for top in (255, 65535, 2**32 - 1) if values.max(initial=0) <= top)
-    return Image.fromarray((values * (255 / full_scale)).clip(0, 255).round().astype(np.uint8))
-
-
-def open_image(path: str) -> Image.Image:
-    """A decoded image, upright (EXIF orientation applied, as transformers' load_image does), or a
-    UsageError saying what is wrong with the file."""
-    image = decode(path)
-    load_pixels(image, path)
-    return to_8_bit(ImageOps.exif_transpose(image))
-
-
-def open_frames(path: str, count: int) -> list[Image.Image]:
-    """Up to `count` frames sampled evenly from a directory of images or an animated GIF/WebP.
-    Only the sampled frames are ever decoded and kept."""
-    if stat.S_ISDIR(check_path(path, "video").st_mode):
-        files = sorted(f for f in Path(path).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-        if not files:
-            raise UsageError(f"{path} contains no image frames")
-        return [open_image(str(files[i])) for i in even_picks(len(files), count)]
-    animation = decode(path)
-    frames = []
-    for i in even_picks(getattr(animation, "n_frames", 1), count):
-        try:
-            animation.seek(i)  # GIF/WebP decode up to frame i without keeping the frames before it
-        except EOFError:
-            raise UsageError(f"{path} is damaged and cannot be decoded (frame {i} is missing)") from None
-        load_pixels(animation, path)
-        frames.append(to_8_bit(animation.copy()))
-    return frames
-
-
-def even_picks(total: int, count: int) -> list[int]:
-    """min(count, total) frame indices spread evenly over [0, total), first and last included."""
-    return sorted({round(i) for i in np.linspace(0, total - 1, min(count, total))})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,13 +262,16 @@ def draw_selection(media, visual: llava.VisualTokens, kept: torch.Tensor, select
         newlines = f", newlines {int(is_kept[is_newline].sum())} of {int(is_newline.sum())}"
         for title, part, note in (("thumbnail", crop == 0, ""), ("crops", (crop > 0) & ~is_newline, newlines)):
             panels.append(selection_panel(media, boxes[part], is_kept[part], f"{select} {title}", note=note))
-    else:
+    else:  # square crops: one tile per video frame (or the one crop of an image)
         per_frame = visual.cls_attn.shape[1]
-        side = int(per_frame**0.5)
-        for f, frame in enumerate(media):
-            part = sources.div(per_frame, rounding_mode="floor") == f
-            boxes = anyres.squashed_boxes(sources[part] % per_frame, (frame.height, frame.width), side)
-            panels.append(selection_panel(frame, boxes, is_kept[part], f"{select} frame {f}", size=256))
+        side = math.isqrt(per_frame)
+        frames = media if isinstance(media, list) else [media]
+        frame_of = sources.clamp(min=0).div(per_frame, rounding_mode="floor")
+        for f, (frame, framing) in enumerate(zip(frames, visual.framings, strict=True)):
+            part = (frame_of == f) & (sources != anyres.NEWLINE)
+            boxes = anyres.patch_boxes(framing, sources[part] % per_frame, side)
+            title = f"{select} frame {f}" if len(frames) > 1 else select
+            panels.append(selection_panel(frame, boxes, is_kept[part], title, size=256 if len(frames) > 1 else 512))
     width = sum(p.width for p in panels) + 8 * (len(panels) - 1)
     picture = Image.new("RGB", (width, max(p.height for p in panels)), "white")
     x = 0
@@ -466,7 +337,8 @@ def answer(args) -> None:
         raise UsageError("stdout is closed: the answer would have nowhere to go")
     settings = settings_from(args)
     device = pick_device(args.device)
-    media = open_image(args.image) if args.image else open_frames(args.video, args.frames) if args.video else None
+    clip = open_video(args.video, args.max_frames) if args.video else None
+    media = open_image(args.image) if args.image else clip.frames if clip else None
     if sys.stderr.isatty():  # progress for people; a script reading stderr sees only errors and --stats
         print(f"loading {args.model} on {device} ...", file=sys.stderr)
     model, tokenizer = llava.load(args.model, device, pick_dtype(args.dtype, device))
@@ -477,14 +349,14 @@ def answer(args) -> None:
     start = llava.now(device)
     visual = None
     if media is not None:
-        visual = model.encode_image(media) if isinstance(media, Image.Image) else model.encode_frames(media)
+        visual = model.encode_image(media) if clip is None else model.encode_video(media, args.video_newlines)
     vision_done = llava.now(device)
     kept = model.select(visual, settings) if visual is not None else None
     visual_embeds = visual.tokens[kept] if visual is not None else None
     select_done = llava.now(device)
-    input_ids = llava.prompt_ids(
-        tokenizer, args.prompt, model.config.image_token_index, None if visual is None else len(kept)
-    ).to(device)
+    placeholder, placeholder_id = model.config.placeholder(video=clip is not None)
+    num_visual = None if visual is None else len(kept)
+    input_ids = llava.prompt_ids(tokenizer, args.prompt, placeholder_id, num_visual, placeholder).to(device)
     model.check_generation(input_ids, visual_embeds, args.max_new_tokens, args.temperature)
 
     kv_cache = model.new_kv_cache(args.max_new_tokens)
@@ -507,6 +379,9 @@ def answer(args) -> None:
 
     if args.stats:
         lines = []
+        if clip is not None:
+            when = ", ".join(f"{t:.1f}" for t in clip.times) + " s" if clip.times else "no timing: spread evenly"
+            lines.append(f"video frames: {len(clip.frames)} of {clip.total_frames} ({when})")
         if visual is not None:
             newlines = int((visual.sources[kept] == anyres.NEWLINE).sum())
             lines.append(
@@ -543,7 +418,7 @@ def main(argv=None) -> int:
     try:
         answer(parse_args(argv))
         return 0
-    except (UsageError, llava.CheckpointError, llava.InputError, OutputError) as e:
+    except (UsageError, MediaError, llava.CheckpointError, llava.InputError, OutputError) as e:
         if isinstance(e, OutputError):
             silence_stdout()
         try:

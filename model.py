@@ -52,7 +52,8 @@ class VisualTokens:
     tokens: torch.Tensor  # (n, d) packed tokens, in sequence order
     sources: torch.Tensor  # (n,) index into cls_attn.flatten() (crop * t + patch), or anyres.NEWLINE
     cls_attn: torch.Tensor  # (crops or frames, t) [CLS] -> patch attention of the feature layer
-    layout: anyres.Layout | None  # AnyRes packing geometry; None for video frames
+    layout: anyres.Layout | None  # AnyRes packing geometry; None for square crops (video frames)
+    framings: list[anyres.Framing] | None = None  # how each square crop was cut from its image or frame
 
 
 @dataclass
@@ -91,13 +92,26 @@ class LlavaNext(nn.Module):
 
     # -- vision ---------------------------------------------------------------------------------
 
-    def project(self, pixel_values: torch.Tensor):
-        """(crops, 3, S, S) -> patch tokens in LLM space (crops, t, d) and [CLS] attention (crops, t)."""
+    def vision_features(self, pixel_values: torch.Tensor):
+        """(crops, 3, S, S) -> the feature layer's patch features (crops, t, d_vision), [CLS]
+        dropped (the 'default' feature strategy), and its [CLS] -> patch attention (crops, t)."""
         features, cls_attn = self.vision_tower(pixel_values.to(self.device), return_cls_attn=True)
+        return features[:, 1:], cls_attn
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Vision features -> LLM embedding space: linear_2(gelu(linear_1(x))), as transformers'
+        LlavaNextMultiModalProjector."""
         p = self.multi_modal_projector
-        # 'default' feature strategy: drop [CLS]; projector = linear_2(gelu(linear_1(x))), as
-        # transformers' LlavaNextMultiModalProjector.
-        return p.linear_2(F.gelu(p.linear_1(features[:, 1:]))), cls_attn
+        return p.linear_2(F.gelu(p.linear_1(features)))
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """(frames, side * side, c) -> (frames, (side / stride)^2, c): each frame's patch grid pooled
+        with kernel = stride (2: 24x24 -> 12x12), as transformers' LlavaNextVideoPooler."""
+        cfg = self.config
+        side, stride = cfg.vision.image_size // cfg.vision.patch_size, cfg.spatial_pool_stride
+        grid = x.transpose(1, 2).unflatten(2, (side, side))  # (frames, c, side, side)
+        pool = F.avg_pool2d if cfg.spatial_pool_mode == "average" else F.max_pool2d
+        return pool(grid, stride, stride).flatten(2).transpose(1, 2)
 
     @torch.inference_mode()
     def encode_image(self, image: Image.Image) -> VisualTokens:
@@ -107,22 +121,37 @@ class LlavaNext(nn.Module):
         pixel_values, size = anyres.preprocess(
             image, cfg.image_grid_pinpoints, cfg.crop_size, cfg.image_mean, cfg.image_std
         )
-        features, cls_attn = self.project(pixel_values)
+        features, cls_attn = self.vision_features(pixel_values)
         lay = anyres.layout(size, cfg.image_grid_pinpoints, cfg.crop_size, cfg.vision.patch_size)
         sources = anyres.token_sources(lay).to(self.device)
-        return VisualTokens(anyres.pack(features, sources, self.image_newline), sources, cls_attn, lay)
+        return VisualTokens(anyres.pack(self.project(features), sources, self.image_newline), sources, cls_attn, lay)
 
     @torch.inference_mode()
-    def encode_frames(self, frames: list[Image.Image]) -> VisualTokens:
-        """Video frames -> each one 336x336 image without AnyRes, tokens frame after frame, no newlines."""
+    def encode_video(self, frames: list[Image.Image], newlines: str = "grid") -> VisualTokens:
+        """Video frames -> pooled tokens, the way lmms-eval's llava_vid feeds LLaVA-NeXT (the paper's
+        Table 2 setting: 20 frames x 144 = 2880 tokens).
+
+        Each frame is CLIP-preprocessed (shortest edge, centre crop), its 24x24 patch features are
+        pooled 2x2 BEFORE the projector (transformers' LlavaNextVideoModel.get_video_features), and
+        the frames follow one another. newlines "grid" ends every 12-token row of every frame with
+        image_newline (llava_vid's default); "none" adds none (transformers' LlavaNextVideo).
+        The [CLS] attention is pooled the same way, so Algorithm 1's video pivot is its argmax
+        over (frame, pooled token).
+        """
         cfg = self.config
         if not frames:
             raise InputError("a video needs at least one frame")
-        squashed = [anyres.to_rgb(f).resize((cfg.crop_size, cfg.crop_size), Image.Resampling.BICUBIC) for f in frames]
-        pixel_values = torch.stack([anyres.normalize(f, cfg.image_mean, cfg.image_std) for f in squashed])
-        features, cls_attn = self.project(pixel_values)  # (frames, t, d)
-        sources = torch.arange(cls_attn.numel(), device=self.device)
-        return VisualTokens(features.flatten(0, 1), sources, cls_attn, None)
+        if newlines not in ("grid", "none"):
+            raise InputError(f"video newlines must be 'grid' or 'none', got {newlines!r}")
+        crops = [
+            anyres.preprocess_square(f, cfg.crop_size, cfg.crop_size, cfg.image_mean, cfg.image_std) for f in frames
+        ]
+        features, cls_attn = self.vision_features(torch.cat([pixels for pixels, _ in crops]))  # (f, 576, d_vision)
+        features, cls_attn = self.pool(features), self.pool(cls_attn[..., None])[..., 0]  # (f, 144, .), (f, 144)
+        side = cfg.vision.image_size // cfg.vision.patch_size // cfg.spatial_pool_stride
+        sources = anyres.frame_sources(len(frames), side, newlines == "grid").to(self.device)
+        tokens = anyres.pack(self.project(features), sources, self.image_newline)
+        return VisualTokens(tokens, sources, cls_attn, None, [framing for _, framing in crops])
 
     # -- Stage 1 --------------------------------------------------------------------------------
 
@@ -165,10 +194,15 @@ class LlavaNext(nn.Module):
 
     # -- the language model, with Stage 2 ---------------------------------------------------------
 
+    def is_visual(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(n,) bool: the positions of image or video placeholder tokens, where visual tokens go."""
+        cfg = self.config
+        return (input_ids == cfg.image_token_index) | (input_ids == cfg.video_token_index)
+
     def embed(self, input_ids: torch.Tensor, visual_embeds: torch.Tensor | None) -> torch.Tensor:
         """(n,) ids -> (1, n, d) embeddings with the visual tokens scattered into the image positions."""
         x = self.language_model.embed_tokens(input_ids)
-        is_visual = input_ids == self.config.image_token_index
+        is_visual = self.is_visual(input_ids)
         count = 0 if visual_embeds is None else len(visual_embeds)
         if int(is_visual.sum()) != count:
             raise InputError(f"the prompt has {int(is_visual.sum())} image tokens for {count} visual tokens")
@@ -194,7 +228,7 @@ class LlavaNext(nn.Module):
         x = self.embed(input_ids, visual_embeds)
         positions = torch.arange(len(input_ids), device=input_ids.device)
         cos, sin = lm.rope(positions, x.dtype)
-        is_visual = input_ids == self.config.image_token_index
+        is_visual = self.is_visual(input_ids)
         visual_pos = positions[is_visual]
         # Eq. 7's sets: S = the tokens before the image, V = the image, T = the text after it.
         text_pos = positions[positions > visual_pos.max()] if len(visual_pos) else positions[:0]
@@ -295,8 +329,11 @@ class LlavaNext(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def prompt_ids(tokenizer, prompt: str, image_token: int, num_visual: int | None) -> torch.Tensor:
-    """Token ids of the Vicuna prompt, its one <image> expanded to num_visual image tokens.
+def prompt_ids(
+    tokenizer, prompt: str, placeholder_id: int, num_visual: int | None, placeholder: str = "<image>"
+) -> torch.Tensor:
+    """Token ids of the Vicuna prompt, its one placeholder (<image>, or <video> for video
+    checkpoints) expanded to num_visual placeholder ids, one per visual token.
 
     num_visual None: a text-only prompt. BOS comes from the tokenizer's own post-processor.
     """
@@ -307,13 +344,16 @@ def prompt_ids(tokenizer, prompt: str, image_token: int, num_visual: int | None)
             f"the prompt is not valid UTF-8 text (undecodable byte at character {e.start}): "
             "use a UTF-8 terminal or locale, or re-encode the text"
         ) from None
-    text = TEXT_PROMPT.format(prompt) if num_visual is None else IMAGE_PROMPT.format(prompt)
+    if num_visual is None:
+        text = TEXT_PROMPT.format(prompt)
+    else:
+        text = IMAGE_PROMPT.replace("<image>", placeholder).format(prompt)
     ids = tokenizer.encode(text).ids
-    if ids.count(image_token) != (0 if num_visual is None else 1):
-        raise InputError("the prompt must not contain the image placeholder '<image>' itself")
+    if ids.count(placeholder_id) != (0 if num_visual is None else 1):
+        raise InputError(f"the prompt must not contain the placeholder {placeholder!r} itself")
     if num_visual is not None:
-        at = ids.index(image_token)
-        ids = ids[:at] + [image_token] * num_visual + ids[at + 1 :]
+        at = ids.index(placeholder_id)
+        ids = ids[:at] + [placeholder_id] * num_visual + ids[at + 1 :]
     return torch.tensor(ids)
 
 

@@ -30,6 +30,29 @@ def llava_next_config(
     )
 
 
+def llava_next_video_config(
+    vision: dict, text: dict, image_token: int, video_token: int, vision_feature_layer: int = -2
+) -> tf.LlavaNextVideoConfig:
+    """A LlavaNextVideoConfig: LLaVA-NeXT plus 2x2 average pooling of each frame before the projector."""
+    return tf.LlavaNextVideoConfig(
+        vision_config=tf.CLIPVisionConfig(**vision, projection_dim=32),
+        text_config=tf.LlamaConfig(**text),
+        image_grid_pinpoints=PINPOINTS,
+        image_token_index=image_token,
+        video_token_index=video_token,
+        spatial_pool_mode="average",
+        spatial_pool_stride=2,
+        vision_feature_layer=vision_feature_layer,
+    )
+
+
+def clip_image_processor(size: int = 336) -> tf.CLIPImageProcessorPil:
+    """CLIP's image processor on its PIL path: shortest edge to `size`, centre crop size x size.
+    (transformers' video processor does the same per frame but needs torchvision, which would
+    switch every other image processor here to its torchvision backend.)"""
+    return tf.CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
 def transformers_name(name: str) -> str:
     """Our parameter name -> transformers 5's LlavaNextForConditionalGeneration name (the reverse
     of checkpoint.hub_key for that layout)."""

@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 
 import anyres
 import generate
+import media
 import model as llava
 import reference
 import todre
@@ -32,7 +33,7 @@ from conftest import (
     GREEDY,
     HERE,
     PINPOINTS,
-    SHAPES,
+    QUESTION,
     causal,
     cli_args,
     cli_process,
@@ -733,7 +734,7 @@ def test_hub_config_defaults_match_transformers(tmp_path):
 
 def test_not_llava_next_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(llava.CheckpointError, match="not LLaVA-NeXT"):
+    with pytest.raises(llava.CheckpointError, match="not a LLaVA checkpoint"):
         llava.LlavaNextConfig.from_dir(tmp_path)
     with pytest.raises(llava.CheckpointError, match="config.json is missing"):
         llava.LlavaNextConfig.from_dir(tmp_path / "nowhere")
@@ -966,25 +967,6 @@ def test_keep_tokens_budget_in_the_model(gqa):
     assert all_of_them.tolist() == candidates.tolist()
 
 
-def test_video_frames_encode_like_hf_and_pivot_over_frames(ckpt):
-    frames = [noise_image(200 + 40 * i, 300, seed=20 + i) for i in range(3)]
-    with torch.inference_mode():
-        visual = ckpt.model.encode_frames(frames)
-        pixel_values = torch.stack([anyres.normalize(f.resize((336, 336), Image.Resampling.BICUBIC)) for f in frames])
-        squashed = frames[0].resize((336, 336), Image.Resampling.BICUBIC)
-        reference_pixels = ckpt.image_processor(squashed, return_tensors="pt")["pixel_values"][0, 0]
-        torch.testing.assert_close(pixel_values[0], reference_pixels, atol=1e-6, rtol=0)
-        out = ckpt.hf.model.vision_tower(pixel_values, output_hidden_states=True)
-        features = ckpt.hf.model.multi_modal_projector(out.hidden_states[SHAPES[ckpt.shape]["feature_layer"]][:, 1:])
-        cls_attn = hf_cls_attention(ckpt, pixel_values)
-    assert visual.tokens.shape == (3 * 576, SHAPES[ckpt.shape]["hidden"]) and visual.layout is None
-    torch.testing.assert_close(visual.tokens, features.flatten(0, 1), atol=1e-5, rtol=0)
-    kept = ckpt.model.select(visual, todre.Settings(keep_tokens=20))
-    pivot = int(cls_attn.flatten().argmax())  # frame a, token b -> a * 576 + b
-    assert len(kept) == 20 and pivot in kept.tolist()
-    assert kept.tolist() == sorted(greedy_matrix(features.flatten(0, 1), 20, pivot))
-
-
 def test_v2_selects_by_max_sum_and_probes_only_at_7L_8(gqa):
     visual, kept, ids = gqa.pruned(noise_image(517, 301, seed=23), todre.variant("v2"))
     candidates = (visual.sources != anyres.NEWLINE).nonzero()[:, 0]
@@ -1084,7 +1066,206 @@ def test_python_api_validates_at_the_entry_point(mha):
     with pytest.raises(llava.InputError, match="temperature must be a finite number"):
         next(mha.model.generate(ids, None, todre.NO_PRUNING, 4, temperature=float("nan")))
     with pytest.raises(llava.InputError, match="at least one frame"):
-        mha.model.encode_frames([])
+        mha.model.encode_video([])
+    with pytest.raises(llava.InputError, match="video newlines must be 'grid' or 'none'"):
+        mha.model.encode_video([noise_image(40, 30)], newlines="row")
+
+
+# ---------------------------------------------------------------------------------------------
+# media.py and video: sampling as lmms-eval's llava_vid, frames as CLIP's processor, pooled tokens
+# ---------------------------------------------------------------------------------------------
+
+
+def write_video(path, frames: int, fps: int, size=(64, 48)):
+    """A synthetic video written with PyAV: frame i is a flat colour whose red channel is 4 * i."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(frames):
+            pixels = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+            pixels[..., 0], pixels[..., 1] = 4 * i, 128
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def llava_vid_indices(total: int, fps: float, max_frames: int) -> list[int]:
+    """lmms-eval llava_vid's sampling, read literally: every round(fps)-th frame; if that is more
+    than max_frames, np.linspace over the whole video cast to int."""
+    indices = [i for i in range(0, total, round(fps))]
+    if len(indices) > max_frames:
+        indices = [int(x) for x in np.linspace(0, total - 1, max_frames)]
+    return indices
+
+
+@pytest.mark.parametrize("fps", [1, 2, 8, 24, 25, 29.97, 30, 60])
+def test_frame_indices_follow_llava_vid_for_every_length(fps):
+    for total in [1, 2, 5, 23, 24, 25, 59, 60, 61, 100, 599, 600, 601, 1799, 1800, 7213]:
+        for max_frames in (1, 4, 20, 64):
+            assert media.frame_indices(total, fps, max_frames) == llava_vid_indices(total, fps, max_frames)
+    assert media.frame_indices(5, None, 20) == [0, 1, 2, 3, 4]  # no timing: uniform
+    assert media.frame_indices(100, None, 4) == [0, 33, 66, 99]
+
+
+@pytest.mark.parametrize(
+    "frames, fps, max_frames, expected",
+    [
+        (35, 10, 20, [0, 10, 20, 30]),  # 1 fps
+        (35, 10, 3, [0, 17, 34]),  # the uniform cap
+        (6, 10, 20, [0]),
+    ],
+)  # shorter than 1 s
+def test_video_files_are_sampled_at_one_frame_per_second(tmp_path, frames, fps, max_frames, expected):
+    write_video(tmp_path / "clip.mp4", frames, fps)
+    clip = media.open_video(str(tmp_path / "clip.mp4"), max_frames)
+    assert clip.indices == expected and clip.total_frames == frames and clip.fps == fps
+    assert clip.times == [i / fps for i in expected]
+    reds = [np.asarray(f.convert("RGB"), dtype=float)[..., 0].mean() for f in clip.frames]
+    assert all(abs(red - 4 * i) < 6 for red, i in zip(reds, expected, strict=True))  # the right frames, decoded
+
+
+def test_video_file_without_pyav_is_one_line_saying_pip_install_av(tmp_path, capsys, monkeypatch, mha):
+    write_video(tmp_path / "clip.mp4", 3, 1)
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now fails as if PyAV were not installed
+    one_line_error(capsys, cli_args(mha, "--video", str(tmp_path / "clip.mp4")), "needs PyAV: pip install av")
+    for i in range(2):  # frame directories keep working without it
+        noise_image(40, 30, seed=i).save(tmp_path / f"{i}.png")
+    assert len(media.open_video(str(tmp_path), 20).frames) == 2
+
+
+def test_animated_gif_durations_give_its_frame_rate(tmp_path):
+    frames = [Image.new("RGB", (40, 30), (i * 25, 0, 0)) for i in range(10)]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=1000)  # 1 fps
+    clip = media.open_video(str(tmp_path / "clip.gif"), 4)
+    assert clip.fps == 1.0 and clip.indices == [0, 3, 6, 9]
+    assert [f.convert("RGB").getpixel((0, 0))[0] for f in clip.frames] == [0, 75, 150, 225]
+    assert media.open_video(str(tmp_path / "clip.gif"), 50).indices == list(range(10))
+
+
+def test_animated_gif_decodes_only_the_sampled_frames(tmp_path, monkeypatch):
+    frames = [Image.new("RGB", (64, 48), (i * 4, 0, 0)) for i in range(60)]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=100)  # 10 fps
+    copies = []
+    real_copy = Image.Image.copy
+    monkeypatch.setattr(Image.Image, "copy", lambda self: copies.append(1) or real_copy(self))
+    clip = media.open_video(str(tmp_path / "clip.gif"), 20)
+    assert [f.convert("RGB").getpixel((0, 0))[0] for f in clip.frames] == [0, 40, 80, 120, 160, 200]  # 1 per s
+    assert len(copies) <= 2 * 6  # the sampled frames (and Pillow's own copies of them), not all 60
+
+
+def test_frame_directory_skips_entries_that_are_not_files(tmp_path):
+    (tmp_path / "sub.png").mkdir()  # a directory named like an image
+    for i in range(3):
+        noise_image(40, 30, seed=i).save(tmp_path / f"{i}.png")
+    assert len(media.open_video(str(tmp_path), 8).frames) == 3
+
+
+FRAME_SIZES = [(352, 288), (288, 352), (640, 480), (336, 336), (1920, 1080), (30, 20), (20, 300), (1000, 336)]
+
+
+@pytest.mark.parametrize("size", FRAME_SIZES, ids=[f"{w}x{h}" for w, h in FRAME_SIZES])
+def test_frame_pixels_match_clip_image_processor(size):
+    """Shortest edge to 336, the long edge truncated (352x288 -> 410x336), then a centre crop."""
+    frame = noise_image(*size, seed=size[0])
+    pixels, framing = anyres.preprocess_square(frame, 336, 336)
+    expected = reference.clip_image_processor(336)(frame, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels, expected, atol=1e-6, rtol=0)
+    assert anyres.shortest_edge_size(288, 352, 336) == (336, 410)
+    boxes = anyres.patch_boxes(framing, torch.arange(576), 24)  # the crop, mapped back onto the frame
+    assert (boxes[:, 2] > boxes[:, 0]).all() and boxes[:, 2].max() <= size[0] and boxes[:, 3].max() <= size[1]
+
+
+def hf_video_logits(ckpt, frames, question=QUESTION):
+    """transformers' LlavaNextVideoForConditionalGeneration on frames preprocessed by CLIP's
+    processor, with the <video> placeholder expanded as its processor does: (input_ids, logits)."""
+    pixels = torch.cat([reference.clip_image_processor(336)(f, return_tensors="pt")["pixel_values"] for f in frames])
+    tokenizer = ckpt.processor.tokenizer
+    text = llava.IMAGE_PROMPT.format(question).replace("<image>", "<video>" * (len(frames) * 144))
+    ids = torch.tensor(tokenizer(text)["input_ids"])
+    with torch.inference_mode():
+        return ids, ckpt.hf(input_ids=ids[None], pixel_values_videos=pixels[None]).logits[0]
+
+
+@pytest.mark.parametrize("count", [3, 8])
+def test_video_logits_match_llava_next_video(video_ckpt, count):
+    frames = [noise_image(*FRAME_SIZES[(i + count) % len(FRAME_SIZES)], seed=60 + i) for i in range(count)]
+    visual = video_ckpt.model.encode_video(frames, newlines="none")
+    assert visual.tokens.shape[0] == count * 144 and (visual.sources != anyres.NEWLINE).all()
+    ids = llava.prompt_ids(
+        video_ckpt.tokenizer, QUESTION, video_ckpt.model.config.video_token_index, len(visual.tokens), "<video>"
+    )
+    expected_ids, expected = hf_video_logits(video_ckpt, frames)
+    assert torch.equal(ids, expected_ids)
+    ours, _, _ = video_ckpt.prefill(ids, visual.tokens)
+    assert expected.std() > 0.5 and (ours - expected).abs().max() < 1e-4
+
+
+def test_images_on_the_video_checkpoint_still_match(video_ckpt):
+    image = noise_image(500, 375, seed=62)
+    ref = video_ckpt.hf_inputs(image)
+    with torch.inference_mode():
+        visual = video_ckpt.model.encode_image(image)
+        expected = video_ckpt.hf(**ref).logits[0]
+    ids = video_ckpt.prompt(len(visual.tokens))
+    assert torch.equal(ids, ref["input_ids"][0])
+    assert (video_ckpt.prefill(ids, visual.tokens)[0] - expected).abs().max() < 1e-4
+
+
+def test_video_grid_puts_one_newline_after_every_row_of_every_frame(mha):
+    frames = [noise_image(64 + 8 * i, 48, seed=63 + i) for i in range(3)]
+    grid, none = mha.model.encode_video(frames), mha.model.encode_video(frames, newlines="none")
+    assert len(grid.tokens) == 3 * 12 * 13 and len(none.tokens) == 3 * 144
+    rows = grid.sources.view(3, 12, 13)  # frame, row, 12 tokens + 1 newline
+    assert (rows[:, :, 12] == anyres.NEWLINE).all() and (rows[:, :, :12] != anyres.NEWLINE).all()
+    assert torch.equal(rows[:, :, :12].flatten(), torch.arange(3 * 144))
+    newline_rows = grid.tokens[grid.sources == anyres.NEWLINE]
+    assert torch.equal(newline_rows, mha.model.image_newline.expand_as(newline_rows))
+    assert torch.equal(grid.tokens[grid.sources != anyres.NEWLINE], none.tokens)
+
+
+def test_video_pivot_is_the_argmax_of_the_pooled_cls_map(gqa):
+    """Algorithm 1, video case: p = a * t + b at the argmax over (frame a, pooled token b) of each
+    frame's [CLS] attention pooled 2x2 like the features; then k-center as the matrix reference."""
+    frames = [noise_image(120 + 30 * i, 90, seed=70 + i) for i in range(4)]
+    visual = gqa.model.encode_video(frames, newlines="none")
+    pixels = torch.cat([anyres.preprocess_square(f, 336, 336)[0] for f in frames])
+    with torch.inference_mode():
+        cls = hf_cls_attention(gqa, pixels).view(4, 24, 24)  # (frames, 24, 24)
+    pooled = torch.tensor(
+        [
+            [[float(cls[f, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2].mean()) for c in range(12)] for r in range(12)]
+            for f in range(4)
+        ]
+    )  # 2x2 means, written out
+    a, b = divmod(int(pooled.flatten().argmax()), 144)
+    torch.testing.assert_close(visual.cls_attn, pooled.view(4, 144), atol=1e-6, rtol=0)
+    kept = gqa.model.select(visual, todre.Settings(keep_tokens=30))
+    assert a * 144 + b in kept.tolist()
+    assert kept.tolist() == sorted(greedy_matrix(visual.tokens, 30, a * 144 + b))
+
+
+def test_twenty_frames_give_the_papers_2880_candidates_and_288_kept(mha):
+    frames = [noise_image(352, 288, seed=80 + i) for i in range(20)]
+    visual = mha.model.encode_video(frames)  # grid newlines: 3120 packed, 2880 of them candidates
+    kept = mha.model.select(visual, todre.Settings(retain=0.1))
+    assert len(visual.tokens) == 3120 and int((visual.sources != anyres.NEWLINE).sum()) == 2880 and len(kept) == 288
+
+
+def test_cli_answers_about_an_mp4(mha, tmp_path, capsys):
+    write_video(tmp_path / "clip.mp4", 35, 10)
+    picture = tmp_path / "kept.png"
+    argv = cli_args(
+        mha, "--video", str(tmp_path / "clip.mp4"), "--max-new-tokens", "3", "--stats", "--save-selection", str(picture)
+    )
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and out.strip(), err
+    assert "video frames: 4 of 35 (0.0, 1.0, 2.0, 3.0 s)" in err
+    assert "visual tokens: 624 packed -> 58 after Stage 1 (kcenter, 0 of 48 newlines kept)" in err  # 4 x (144 + 12)
+    with Image.open(picture) as saved:
+        assert saved.width == 4 * 256 + 3 * 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1228,25 +1409,11 @@ def test_cli_saves_the_selection_picture(mha, tmp_path, capsys):
     frames.mkdir()
     for i in range(5):
         noise_image(120, 90, seed=30 + i).save(frames / f"{i:03d}.png")
-    code, _, err = run_cli(
-        capsys,
-        *cli_args(
-            mha,
-            "--video",
-            str(frames),
-            "--frames",
-            "3",
-            "--max-new-tokens",
-            "2",
-            "--save-selection",
-            str(picture),
-            "--select",
-            "cls",
-            "--stats",
-        ),
-    )
+    argv = ["--video", str(frames), "--max-frames", "3", "--max-new-tokens", "2", "--save-selection", str(picture)]
+    code, _, err = run_cli(capsys, *cli_args(mha, *argv, "--select", "cls", "--stats"))
     assert code == 0, err
-    assert "visual tokens: 1728 packed -> 173 after Stage 1 (cls, 0 of 0 newlines kept)" in err  # 3 frames x 576
+    assert "video frames: 3 of 5 (no timing: spread evenly)" in err
+    assert "visual tokens: 468 packed -> 43 after Stage 1 (cls, 0 of 36 newlines kept)" in err  # 3 x (144 + 12)
     with Image.open(picture) as saved:
         assert saved.width == 3 * 256 + 2 * 8  # one tile per frame
 
@@ -1270,38 +1437,12 @@ def test_cli_newlines_flag_reaches_stats_and_picture(mha, tmp_path, capsys):
     one_line_error(capsys, [*common, "--newlines", "some"], "argument --newlines: invalid choice: 'some'")
 
 
-def test_cli_video_from_an_animated_gif_samples_frames_evenly(tmp_path):
-    frames = [Image.new("RGB", (40, 30), (i * 25, 0, 0)) for i in range(10)]
-    path = tmp_path / "clip.gif"
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=40)
-    picked = generate.open_frames(str(path), 4)
-    assert [f.convert("RGB").getpixel((0, 0))[0] for f in picked] == [0, 75, 150, 225]  # frames 0, 3, 6, 9
-    assert len(generate.open_frames(str(path), 50)) == 10
-
-
-def test_animated_gif_decodes_only_the_sampled_frames(tmp_path, monkeypatch):
-    frames = [Image.new("RGB", (64, 48), (i * 4, 0, 0)) for i in range(60)]
-    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=40)
-    copies = []
-    real_copy = Image.Image.copy
-    monkeypatch.setattr(Image.Image, "copy", lambda self: copies.append(1) or real_copy(self))
-    picked = generate.open_frames(str(tmp_path / "clip.gif"), 3)
-    assert [f.convert("RGB").getpixel((0, 0))[0] for f in picked] == [0, 120, 236]  # frames 0, 30, 59
-    assert len(copies) <= 2 * 3  # the sampled frames (and Pillow's own copies of them), not all 60
-
-
-def test_frame_directory_skips_entries_that_are_not_files(tmp_path):
-    (tmp_path / "sub.png").mkdir()  # a directory named like an image
-    for i in range(3):
-        noise_image(40, 30, seed=i).save(tmp_path / f"{i}.png")
-    assert len(generate.open_frames(str(tmp_path), 8)) == 3
-
-
 def bad_files(tmp):
     (tmp / "empty.png").write_bytes(b"")
     (tmp / "loop.png").symlink_to(tmp / "loop.png")
     (tmp / "link.png").symlink_to(tmp / "whole.png")
     (tmp / "notes.txt").write_text("hello")
+    (tmp / "notes.mp4").write_text("hello")
     noise_image(200, 200).save(tmp / "whole.png")
     (tmp / "truncated.png").write_bytes((tmp / "whole.png").read_bytes()[:3000])
     (tmp / "config_only").mkdir()
@@ -1328,7 +1469,10 @@ def bad_files(tmp):
         (["--seed", str(2**64)], "--seed must be an integer in [0, 18446744073709551615]"),
         (["--seed", "1" + "0" * 400], "--seed must be an integer in [0, 18446744073709551615]"),
         (["--seed", "-1"], "--seed must be an integer in [0, 18446744073709551615]"),
-        (["--frames", "0"], "--frames must be an integer in [1, 10000]"),
+        (["--max-frames", "0"], "--max-frames must be an integer in [1, 10000]"),
+        (["--frames", "0"], "--max-frames must be an integer in [1, 10000]"),
+        (["--video", "{tmp}/notes.mp4"], "is not a video PyAV can read"),
+        (["--video", "/dev/zero"], "/dev/zero is not a regular file"),
         (["--image", ""], "--image is empty (an unset shell variable?)"),
         (["--video", ""], "--video is empty (an unset shell variable?)"),
         (["--model", ""], "--model is empty"),
@@ -1361,7 +1505,7 @@ def bad_files(tmp):
         (["--image", "{tmp}/whole.png", "--save-selection", "{tmp}/kept.jpg"], "ending in .png"),
         (["--model", "{tmp}/no_such_dir"], "is not a checkpoint directory"),
         (["--model", "{tmp}"], "config.json is missing"),
-        (["--model", "{tmp}/config_only"], "not LLaVA-NeXT"),
+        (["--model", "{tmp}/config_only"], "holds a 'llama' model, not a LLaVA checkpoint"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys, monkeypatch):
@@ -1476,7 +1620,7 @@ def test_cli_image_from_a_pipe_works_and_a_fifo_without_writer_is_an_error(mha, 
     os.mkfifo(fifo)
     threading.Thread(target=lambda: write(os.open(fifo, os.O_WRONLY), 0)).start()  # a writer that comes late
     assert np.array_equal(np.asarray(generate.open_image(str(fifo))), expected)
-    monkeypatch.setattr(generate, "WAIT_FOR_WRITER_S", 0.3)
+    monkeypatch.setattr(media, "WAIT_FOR_WRITER_S", 0.3)
     started = time.monotonic()
     one_line_error(capsys, cli_args(mha, "--image", str(fifo)), f"nothing is writing to {fifo}")
     assert time.monotonic() - started < 10

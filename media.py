@@ -1,0 +1,256 @@
+"""Reading what people ask about: image files, frame directories, animations and video files.
+
+Every failure is a `MediaError` whose message says what is wrong with the file, in words.
+Images come out upright (EXIF orientation applied, as transformers' `load_image` does) and in at
+most 8 bits per channel. Videos are sampled by frame index exactly as lmms-eval's `llava_vid`
+does (the setting of the paper's video table), and only the sampled frames are ever kept.
+Video files need PyAV (`pip install av`); frame directories and GIF/WebP do not.
+"""
+
+import io
+import os
+import stat
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from checkpoint import os_error_text
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+ANIMATION_SUFFIXES = {".gif", ".webp", ".png", ".apng"}
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv"}
+WAIT_FOR_WRITER_S = 5.0  # how long a FIFO may stay without a writer before that is an error
+MAX_STREAM_BYTES = 2**30  # an image read from a pipe larger than this is not an image
+
+
+class MediaError(Exception):
+    """An image or video that cannot be read; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+
+def check_path(path: str, what: str) -> os.stat_result:
+    """os.stat(path), or a MediaError that says in words what is wrong with the path."""
+    if path == "":
+        raise MediaError(f"the {what} path is empty (an unset shell variable?)")
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        raise MediaError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise MediaError(f"cannot open {what} {path}: {os_error_text(e)}") from None
+
+
+def read_pipe(path: str) -> bytes:
+    """All bytes of a FIFO or pipe (`<(cat x.png)`, `/dev/stdin` fed by a pipe), without ever
+    blocking on a FIFO that nobody writes to.
+
+    Opened non-blocking, an empty FIFO reads as end-of-file while no writer has it open, and as
+    "try again" while a writer does (POSIX read()). So a writer that is there is waited for as
+    long as it takes; one that never comes is an error after WAIT_FOR_WRITER_S seconds.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise MediaError(f"cannot open image {path}: {os_error_text(e)}") from None
+    chunks, size = [], 0
+    deadline = time.monotonic() + WAIT_FOR_WRITER_S
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except BlockingIOError:  # a writer is there, nothing written yet: wait for it
+                os.set_blocking(fd, True)
+                continue
+            if chunk:
+                os.set_blocking(fd, True)  # from now on end-of-file means the writer is done
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_STREAM_BYTES:
+                    raise MediaError(f"{path} streams more than {MAX_STREAM_BYTES >> 30} GiB: not an image")
+            elif chunks or os.get_blocking(fd):
+                return b"".join(chunks)
+            elif time.monotonic() > deadline:
+                raise MediaError(
+                    f"nothing is writing to {path} (a FIFO with no writer for "
+                    f"{WAIT_FOR_WRITER_S:.0f} s): start the writer, or pass the image file itself"
+                )
+            else:
+                time.sleep(0.05)
+    finally:
+        os.close(fd)
+
+
+def decode(path: str) -> Image.Image:
+    """The opened (not yet decoded) image at `path`, or a MediaError saying what is wrong."""
+    mode = check_path(path, "image").st_mode
+    if stat.S_ISDIR(mode):
+        raise MediaError(f"{path} is a directory, not an image")
+    if stat.S_ISFIFO(mode):
+        source = io.BytesIO(read_pipe(path))
+    elif stat.S_ISREG(mode):
+        source = path
+    else:
+        kind = "a terminal" if stat.S_ISCHR(mode) and os.path.realpath(path).startswith("/dev/pts") else "a device"
+        raise MediaError(f"{path} is {kind}, not an image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(source)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise MediaError(f"{path} is too large to decode safely (over Pillow's decompression-bomb limit)") from None
+    except UnidentifiedImageError:
+        raise MediaError(f"{path} is not an image Pillow can read") from None
+    except OSError as e:
+        raise MediaError(f"cannot read image {path}: {os_error_text(e)}") from None
+
+
+def load_pixels(image: Image.Image, path: str) -> None:
+    """Decode the pixels now, so that a damaged file fails here, with its name."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise MediaError(f"{path} is too large to decode safely (over Pillow's decompression-bomb limit)") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+        raise MediaError(f"{path} is damaged and cannot be decoded ({e})") from None
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """Integer images wider than 8 bits, scaled to 8 bits by their real bit depth (Pillow's own
+    conversion would clip them, turning most 16-bit pictures white).
+
+    16-bit modes divide by 257 (65535 -> 255). Mode "I" (32-bit) says nothing of the depth its
+    data had: values up to 255 are taken as 8-bit, up to 65535 as 16-bit, larger as 32-bit.
+    """
+    if not image.mode.startswith("I"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        full_scale = 65535
+    else:
+        full_scale = next(top for top in (255, 65535, 2**32 - 1) if values.max(initial=0) <= top)
+    return Image.fromarray((values * (255 / full_scale)).clip(0, 255).round().astype(np.uint8))
+
+
+def open_image(path: str) -> Image.Image:
+    """A decoded image, upright (EXIF orientation applied, as transformers' load_image does), or a
+    MediaError saying what is wrong with the file."""
+    image = decode(path)
+    load_pixels(image, path)
+    return to_8_bit(ImageOps.exif_transpose(image))
+
+
+# ---------------------------------------------------------------------------------------------
+# Video
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Clip:
+    """The frames sampled from a video, with where they came from."""
+
+    frames: list[Image.Image]
+    indices: list[int]  # frame numbers in the source
+    total_frames: int
+    fps: float | None  # frames per second of the source; None where it has no timing
+
+    @property
+    def times(self) -> list[float] | None:
+        """Seconds into the video of each sampled frame."""
+        return None if not self.fps else [i / self.fps for i in self.indices]
+
+
+def frame_indices(total_frames: int, fps: float | None, max_frames: int) -> list[int]:
+    """Which frames to keep, as lmms-eval's llava_vid samples them: one frame per second
+    (step = round(fps), every step-th frame from frame 0), and if that is more than max_frames,
+    max_frames spread uniformly over the whole video (linspace(0, total - 1) cast to int).
+    A source without timing (frame directories, animations without durations) is uniform."""
+    if total_frames < 1:
+        return []
+    indices = list(range(0, total_frames, max(1, round(fps)))) if fps else []
+    if not indices or len(indices) > max_frames:
+        indices = np.linspace(0, total_frames - 1, min(max_frames, total_frames)).astype(int).tolist()
+    return sorted(set(indices))
+
+
+def open_video(path: str, max_frames: int) -> Clip:
+    """The frames of a video file, a directory of frames or an animated GIF/WebP, sampled by
+    `frame_indices`. Only the sampled frames are decoded into pictures and kept."""
+    mode = check_path(path, "video").st_mode
+    if stat.S_ISDIR(mode):
+        return open_frame_directory(path, max_frames)
+    if not stat.S_ISREG(mode):
+        raise MediaError(f"{path} is not a regular file: pass a video file, an animation or a directory of frames")
+    if Path(path).suffix.lower() in VIDEO_SUFFIXES:
+        return open_video_file(path, max_frames)
+    return open_animation(path, max_frames)
+
+
+def open_frame_directory(path: str, max_frames: int) -> Clip:
+    files = sorted(f for f in Path(path).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    if not files:
+        raise MediaError(f"{path} contains no image frames")
+    indices = frame_indices(len(files), None, max_frames)
+    return Clip([open_image(str(files[i])) for i in indices], indices, len(files), None)
+
+
+def open_animation(path: str, max_frames: int) -> Clip:
+    """A GIF/WebP/APNG (or any single image): its frames' durations give it a frame rate."""
+    animation = decode(path)
+    total = getattr(animation, "n_frames", 1)
+    duration_ms = animation.info.get("duration") or 0  # of the first frame; animations rarely vary
+    fps = 1000 / duration_ms if duration_ms > 0 and total > 1 else None
+    indices = frame_indices(total, fps, max_frames)
+    frames = []
+    for i in indices:
+        try:
+            animation.seek(i)  # decodes up to frame i without keeping the frames before it
+        except EOFError:
+            raise MediaError(f"{path} is damaged and cannot be decoded (frame {i} is missing)") from None
+        load_pixels(animation, path)
+        frames.append(to_8_bit(animation.copy()))
+    return Clip(frames, indices, total, fps)
+
+
+def open_video_file(path: str, max_frames: int) -> Clip:
+    """An .mp4/.mkv/.webm/.mov/.avi... through PyAV (the decoder transformers and lmms-eval use).
+
+    The frame count comes from the container, or, where it does not say, from counting the
+    stream's packets (no decoding); then the frames are decoded in order and only the sampled
+    ones are turned into pictures, so memory holds max_frames frames, never the whole video.
+    """
+    try:
+        import av
+    except ImportError:
+        raise MediaError(f"reading the video file {path} needs PyAV: pip install av") from None
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise MediaError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate) if stream.average_rate else None
+            total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+        indices = frame_indices(total, fps, max_frames)
+        wanted, frames = set(indices), []
+        with av.open(path) as container:
+            for number, frame in enumerate(container.decode(video=0)):
+                if number in wanted:
+                    frames.append(frame.to_image())
+                if len(frames) == len(wanted):
+                    break
+    except MediaError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise MediaError(f"{path} is not a video PyAV can read ({e})") from None
+    if not frames:
+        raise MediaError(f"{path} has no frames")
+    return Clip(frames, indices[: len(frames)], total, fps)
