@@ -143,10 +143,13 @@ def token_sources(lay: Layout) -> torch.Tensor:
     return torch.cat([torch.arange(side * side), torch.cat([mosaic, newline], dim=1).flatten()])
 
 
-def pack(features: torch.Tensor, sources: torch.Tensor, image_newline: torch.Tensor) -> torch.Tensor:
-    """Crop features (crops, side*side, d) -> packed tokens (len(sources), d) in HF's order."""
+def pack(features: torch.Tensor, sources: torch.Tensor, image_newline: torch.Tensor | None) -> torch.Tensor:
+    """Crop features (crops, side*side, d) -> packed tokens (len(sources), d) in HF's order; NEWLINE
+    sources become the image_newline vector (None: the sources have no newline)."""
     flat = features.reshape(-1, features.shape[-1])
     tokens = flat[sources.clamp(min=0)]
+    if image_newline is None:
+        return tokens
     return torch.where((sources == NEWLINE)[:, None], image_newline.to(tokens.dtype), tokens)
 
 

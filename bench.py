@@ -220,7 +220,7 @@ def run_hf(model, args, image, device):
 
     cfg, dtype = model.config, model.dtype
     p = PRESETS[args.preset]
-    hf_cfg = reference.llava_next_config(p["vision"], {**p["text"], **TEXT_DEFAULTS}, IMAGE_TOKEN, PINPOINTS)
+    hf_cfg = reference.llava_config("llava_next", p["vision"], {**p["text"], **TEXT_DEFAULTS}, IMAGE_TOKEN)
     with torch.device(device):
         hf = tf.LlavaNextForConditionalGeneration._from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype).eval()
     ours = {reference.transformers_name(k): v for k, v in model.state_dict().items()}

@@ -16,16 +16,17 @@ from pathlib import Path
 import torch
 
 import anyres
+import prompt
 from clip import ACTIVATIONS, CLIPVisionConfig, layers_to_run
 from llama import LlamaConfig
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
 # Only configs, tokenizer files and safetensors are ever downloaded or read: never pickles.
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer.*"]
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.*", "*.jinja"]  # .jinja: chat templates, rendered in a sandbox
 
 
 # The checkpoint families this project runs (config.json's model_type).
-MODEL_TYPES = ("llava_next", "llava_next_video")
+MODEL_TYPES = ("llava", "llava_next", "llava_next_video")
 
 
 class CheckpointError(Exception):
@@ -52,12 +53,12 @@ def os_error_text(e: OSError) -> str:
 
 
 @dataclass
-class LlavaNextConfig:
-    """One LLaVA-NeXT checkpoint's settings, from config.json and preprocessor_config.json."""
+class LlavaConfig:
+    """One LLaVA checkpoint's settings, from config.json and preprocessor_config.json."""
 
     text: LlamaConfig
     vision: CLIPVisionConfig
-    image_grid_pinpoints: list  # [[h, w], ...] canvases AnyRes may fit an image into
+    image_grid_pinpoints: list | None  # [[h, w], ...] canvases AnyRes may fit an image into; None: no AnyRes
     image_token_index: int  # the id of the <image> placeholder token
     vision_feature_layer: int = -2
     projector_bias: bool = True
@@ -65,6 +66,7 @@ class LlavaNextConfig:
     image_mean: tuple = anyres.CLIP_MEAN
     image_std: tuple = anyres.CLIP_STD
     model_type: str = "llava_next"
+    resize_shortest_edge: int = 336  # without AnyRes: the shortest edge is resized to this, then cropped
     # Video (llava_next_video checkpoints set these; image checkpoints take video the same way,
     # through their <image> placeholder, as lmms-eval's llava_vid does).
     video_token_index: int | None = None  # the id of the <video> placeholder; None: the image one
@@ -81,8 +83,18 @@ class LlavaNextConfig:
             return "<video>", self.video_token_index
         return "<image>", self.image_token_index
 
+    @property
+    def anyres(self) -> bool:
+        """LLaVA-NeXT tiles images (AnyRes); LLaVA-1.5 takes one square crop."""
+        return self.image_grid_pinpoints is not None
+
+    @property
+    def image_newline(self) -> bool:
+        """Whether the checkpoint has the learned image_newline vector (LLaVA-NeXT does, 1.5 not)."""
+        return self.model_type != "llava"
+
     @classmethod
-    def from_dir(cls, directory: Path) -> "LlavaNextConfig":
+    def from_dir(cls, directory: Path) -> "LlavaConfig":
         path = directory / "config.json"
         cfg = read_json(path)
         model_type = cfg.get("model_type")
@@ -94,8 +106,7 @@ class LlavaNextConfig:
             raise CheckpointError(f"{path}: only vision_feature_select_strategy 'default' (drop [CLS]) is supported")
         if cfg.get("projector_hidden_act", "gelu") != "gelu":
             raise CheckpointError(f"{path}: only a gelu projector (projector_hidden_act 'gelu') is supported")
-        pre_path = directory / "preprocessor_config.json"
-        pre = read_json(pre_path) if pre_path.exists() else {}
+        pre_path, pre = preprocessor_config(directory)
 
         vision_dict = section(cfg, "vision_config", path)
         vision = build(CLIPVisionConfig, vision_dict, f"{path}: vision_config")
@@ -163,8 +174,13 @@ class LlavaNextConfig:
                 f"{pre_path}: crop_size {crop!r} does not match the vision tower's image_size "
                 f"{vision.image_size} in config.json"
             )
-        pinpoints = cfg.get("image_grid_pinpoints") or pre.get("image_grid_pinpoints")
-        check_pinpoints(pinpoints, crop, path)
+        pinpoints = None
+        if model_type != "llava":
+            pinpoints = cfg.get("image_grid_pinpoints") or pre.get("image_grid_pinpoints")
+            check_pinpoints(pinpoints, crop, path)
+        size = pre.get("size", {"shortest_edge": crop})
+        size = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
+        require(is_int(size) and size > 0, pre_path, f"size must give a positive shortest_edge, got {size!r}")
         mean, std = pre.get("image_mean", anyres.CLIP_MEAN), pre.get("image_std", anyres.CLIP_STD)
         for name, values in (("image_mean", mean), ("image_std", std)):
             if not (isinstance(values, (list, tuple)) and len(values) == 3 and all(is_number(v) for v in values)):
@@ -182,10 +198,24 @@ class LlavaNextConfig:
             image_mean=tuple(mean),
             image_std=tuple(std),
             model_type=model_type,
+            resize_shortest_edge=size,
             video_token_index=video_token,
             spatial_pool_mode=pool_mode,
             spatial_pool_stride=stride,
         )
+
+
+def preprocessor_config(directory: Path) -> tuple[Path, dict]:
+    """The image processor's settings: preprocessor_config.json (the Hub's llava-hf checkpoints),
+    else the "image_processor" part of processor_config.json (what transformers 5 saves), else none."""
+    path = directory / "preprocessor_config.json"
+    if path.exists():
+        return path, read_json(path)
+    path = directory / "processor_config.json"
+    if path.exists():
+        section = read_json(path).get("image_processor", {})
+        return path, section if isinstance(section, dict) else {}
+    return directory / "preprocessor_config.json", {}
 
 
 def require(ok: bool, path: Path, rule: str) -> None:
@@ -303,9 +333,9 @@ def resolve_checkpoint(model: str) -> Path:
         raise CheckpointError(f"{model} is neither a local directory nor a valid Hub model id") from None
 
 
-def load_tokenizer(directory: Path, cfg: LlavaNextConfig):
-    """The checkpoint's tokenizer.json, checked against the model: every id it can produce must
-    have an embedding, and '<image>' must be the config's image token."""
+def load_tokenizer(directory: Path, cfg: LlavaConfig) -> "prompt.PromptTokenizer":
+    """The checkpoint's tokenizer.json, checked against the model (every id it can produce has an
+    embedding; '<image>' is the config's image token), with its conversation format."""
     from tokenizers import Tokenizer
 
     path = directory / "tokenizer.json"
@@ -329,7 +359,23 @@ def load_tokenizer(directory: Path, cfg: LlavaNextConfig):
                 f"{path} {what}, but config.json's {field} is {expected}: "
                 "the tokenizer and the config do not belong together"
             )
-    return tokenizer
+    text_model_type = read_json(directory / "config.json").get("text_config", {}).get("model_type", "llama")
+    try:
+        conversation = prompt.load_format(directory, text_model_type, tokenizer.get_vocab(with_added_tokens=True))
+    except prompt.PromptError as e:
+        raise CheckpointError(f"{directory}: {e}") from None
+    return prompt.PromptTokenizer(tokenizer, conversation, cfg)
+
+
+def stop_ids(directory: Path, cfg: LlavaConfig, tokenizer: "prompt.PromptTokenizer") -> set[int]:
+    """The ids that end an answer: config.json's EOS (Llama 3 lists several), generation_config.json's,
+    and the token that ends the assistant's turn in the checkpoint's format (<|im_end|>, <|eot_id|>)."""
+    ids = set(cfg.text.eos_token_ids)
+    generation = directory / "generation_config.json"
+    eos = read_json(generation).get("eos_token_id") if generation.exists() else None
+    ids.update(eos if isinstance(eos, list) else [eos] if is_int(eos) else [])
+    end_of_turn = tokenizer.end_of_turn_id()
+    return ids | ({end_of_turn} if end_of_turn is not None else set())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,3 +458,6 @@ def load_weights(model: torch.nn.Module, directory: Path, device: torch.device, 
     if problems:
         raise CheckpointError(f"weights in {directory} do not match config.json: " + "; ".join(problems))
     model.load_state_dict(state, assign=True)
+
+
+LlavaNextConfig = LlavaConfig  # the name before LLaVA-1.5 was supported

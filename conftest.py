@@ -7,6 +7,7 @@ built from transformers' own layers. The checkpoints are tiny random LLaVA-NeXTs
 per test session.
 """
 
+import json
 import math
 import os
 import shutil
@@ -20,11 +21,12 @@ import torch
 import transformers as tf
 from PIL import Image
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 import generate
 import model as llava
+import prompt
 import reference
 import todre
 
@@ -44,17 +46,83 @@ SHAPES = {
 # Tiny checkpoints
 # ---------------------------------------------------------------------------------------------
 
+# Chat templates in the style of the llava-hf checkpoints', rendering the formats transformers'
+# LLaVA-NeXT documentation gives for each family. (Test data: the loader must take them as they come.)
+IMAGES_THEN_TEXT = (
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\\n' }}"
+    "{% elif c['type'] == 'video' %}{{ '<video>\\n' }}{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+)
+TEMPLATES = {
+    "vicuna": "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ message['content'][0]['text'] + ' ' }}{% else %}{{ message['role'].upper() + ': ' }}"
+    + IMAGES_THEN_TEXT
+    + "{{ ' ' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}",
+    "mistral": "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+    + IMAGES_THEN_TEXT
+    + "{{ ' [/INST]' }}{% endif %}{% endfor %}",
+    "chatml": "{{ '<|im_start|>system\\nAnswer the questions.<|im_end|>' }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    + IMAGES_THEN_TEXT
+    + "{{ '<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+    "llama3": "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    + IMAGES_THEN_TEXT
+    + "{{ '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
+}
+# Special tokens beside the placeholders, the BOS and the end-of-generation ids, per family.
+SPECIALS = {
+    "vicuna": ([], "<s>", ["</s>"]),
+    "mistral": ([], "<s>", ["</s>"]),
+    "chatml": (["<|im_start|>", "<|im_end|>"], "<s>", ["</s>"]),
+    "llama3": (
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|begin_of_text|>",
+        ["<|end_of_text|>", "<|eot_id|>"],
+    ),
+}
+CORPUS = [
+    prompt.VICUNA_SYSTEM + " USER: What is in the image? ASSISTANT: [INST] Answer the questions. [/INST]",
+    "the quick brown fox jumps over the lazy dog 0123456789 .,;:!?'\n Tell me about it. What is in this picture?",
+]
 
-def make_tokenizer(directory: Path, placeholders=("<image>",)) -> Tokenizer:
-    """A small Llama-like BPE tokenizer (Metaspace, BOS by post-processor, <image> as an added token)."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    corpus = [llava.IMAGE_PROMPT.format(QUESTION), "the quick brown fox jumps over the lazy dog 0123456789 .,;:!?'\n"]
-    tok.train_from_iterator(corpus * 3, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
-    tok.add_special_tokens(list(placeholders))
+
+def sentencepiece_style_tokenizer(specials: list[str]) -> Tokenizer:
+    """A SentencePiece-style BPE tokenizer.json, as the Llama-2, Mistral and Yi checkpoints ship:
+    spaces as '▁', a '▁' prepended to every piece of text (the legacy normalizer, applied per
+    segment between special tokens), byte fallback for any other character, <s> added as BOS."""
+    trainer = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trainer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    trainer.train_from_iterator(
+        CORPUS * 3, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    )
+    learned = json.loads(trainer.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for token in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = trainer.normalizer
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens(["<unk>", "<s>", "</s>", *specials])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok.save(str(directory / "tokenizer.json"))
+    return tok
+
+
+def byte_level_tokenizer(specials: list[str]) -> Tokenizer:
+    """A byte-level BPE tokenizer.json, as Llama 3's (no '▁', BOS <|begin_of_text|> by post-processor)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(
+        CORPUS * 3, trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet, special_tokens=specials)
+    )
+    bos = specials[0]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
     return tok
 
 
@@ -79,15 +147,34 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
 
 
 class Checkpoint:
-    """A tiny random LLaVA-NeXT saved by transformers, with HF's model/processor and ours loaded from
-    it, and short helpers for the chains the tests repeat (prompt ids, prefill, prune)."""
+    """A tiny random LLaVA checkpoint saved by transformers (model, processor, tokenizer, chat
+    template), with HF's model/processor and ours loaded from it, and short helpers for the chains
+    the tests repeat (prompt ids, prefill, prune).
 
-    def __init__(self, directory: Path, shape: str, seed: int, model_type: str = "llava_next"):
+    model_type: llava (1.5), llava_next or llava_next_video; family: the conversation format and
+    tokenizer (vicuna, mistral, chatml: SentencePiece-style; llama3: byte-level); text: the
+    transformers text config class (llama or mistral) with any overrides.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        shape: str,
+        seed: int,
+        model_type: str = "llava_next",
+        family: str = "vicuna",
+        text_model: str = "llama",
+        **text_overrides,
+    ):
         s = SHAPES[shape]
         directory.mkdir(parents=True, exist_ok=True)
-        video = model_type == "llava_next_video"
-        tokenizer = make_tokenizer(directory, ("<image>", "<video>") if video else ("<image>",))
+        extra, bos, eos = SPECIALS[family]
+        placeholders = ["<image>", "<video>"] if model_type == "llava_next_video" else ["<image>"]
+        build = byte_level_tokenizer if family == "llama3" else sentencepiece_style_tokenizer
+        tokenizer = build([*extra, *placeholders])
+        tokenizer.save(str(directory / "tokenizer.json"))
         image_token, video_token = tokenizer.token_to_id("<image>"), tokenizer.token_to_id("<video>")
+        eos_ids = [tokenizer.token_to_id(t) for t in eos]
         vision = dict(
             hidden_size=s["v_hidden"],
             intermediate_size=2 * s["v_hidden"],
@@ -97,7 +184,7 @@ class Checkpoint:
             patch_size=14,
         )
         text = dict(
-            vocab_size=image_token + 16,
+            vocab_size=tokenizer.get_vocab_size() + 16,
             hidden_size=s["hidden"],
             intermediate_size=2 * s["hidden"],
             num_hidden_layers=s["layers"],
@@ -105,42 +192,63 @@ class Checkpoint:
             num_key_value_heads=s["kv_heads"],
             max_position_embeddings=4096,
             rms_norm_eps=1e-5,
-            bos_token_id=1,
-            eos_token_id=2,
+            bos_token_id=tokenizer.token_to_id(bos),
+            eos_token_id=eos_ids if len(eos_ids) > 1 else eos_ids[0],
             pad_token_id=0,
+            **text_overrides,
         )
-        if video:
-            config = reference.llava_next_video_config(vision, text, image_token, video_token, s["feature_layer"])
-            self.hf = tf.LlavaNextVideoForConditionalGeneration._from_config(config, attn_implementation="eager")
-        else:
-            config = reference.llava_next_config(vision, text, image_token, PINPOINTS, s["feature_layer"])
-            self.hf = tf.LlavaNextForConditionalGeneration._from_config(config, attn_implementation="eager")
-        self.hf.eval()
+        config = reference.llava_config(
+            model_type, vision, text, image_token, video_token, s["feature_layer"], text_model
+        )
+        model_class = {
+            "llava": tf.LlavaForConditionalGeneration,
+            "llava_next": tf.LlavaNextForConditionalGeneration,
+            "llava_next_video": tf.LlavaNextVideoForConditionalGeneration,
+        }[model_type]
+        self.hf = model_class._from_config(config, attn_implementation="eager").eval()
         randomize(self.hf, seed)
         self.hf.save_pretrained(directory)
-        self.image_processor = reference.image_processor(PINPOINTS)
-        self.image_processor.save_pretrained(directory)
+        if model_type == "llava":
+            self.image_processor = reference.clip_image_processor(336)
+        else:
+            self.image_processor = reference.image_processor(PINPOINTS)
         hf_tokenizer = tf.PreTrainedTokenizerFast(
-            tokenizer_file=str(directory / "tokenizer.json"), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+            tokenizer_file=str(directory / "tokenizer.json"),
+            bos_token=bos,
+            eos_token=eos[0],
+            unk_token="<unk>" if family != "llama3" else None,
         )
-        self.processor = tf.LlavaNextProcessor(
+        processor_class = tf.LlavaProcessor if model_type == "llava" else tf.LlavaNextProcessor
+        self.processor = processor_class(
             image_processor=self.image_processor,
             tokenizer=hf_tokenizer,
+            chat_template=TEMPLATES[family],
             patch_size=14,
             vision_feature_select_strategy="default",
             num_additional_image_tokens=1,
         )
-        self.directory, self.shape, self.layers = directory, shape, s["layers"]
+        self.processor.save_pretrained(directory)  # tokenizer_config.json, chat_template.jinja, processor_config.json
+        self.image_processor.save_pretrained(directory)  # preprocessor_config.json, as the Hub's llava-hf checkpoints
+        self.directory, self.shape, self.layers, self.family = directory, shape, s["layers"], family
         self.model, self.tokenizer = llava.load(str(directory))
         self.image_token = self.model.config.image_token_index
 
+    def hf_text(self, question=QUESTION, media: str | None = "image") -> str:
+        """transformers' apply_chat_template on the conversation (media: "image", "video" or None);
+        for Vicuna with LLaVA's system prompt as a system message, as LLaVA's evaluation prompted it."""
+        content = ([{"type": media}] if media else []) + [{"type": "text", "text": question}]
+        conversation = [{"role": "user", "content": content}]
+        if self.family == "vicuna":
+            conversation.insert(0, {"role": "system", "content": [{"type": "text", "text": prompt.VICUNA_SYSTEM}]})
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+
     def hf_inputs(self, image=None, question=QUESTION):
-        text = llava.IMAGE_PROMPT.format(question) if image is not None else llava.TEXT_PROMPT.format(question)
+        text = self.hf_text(question, "image" if image is not None else None)
         return self.processor(images=image, text=text, return_tensors="pt")
 
-    def prompt(self, num_visual: int | None, question: str = QUESTION) -> torch.Tensor:
-        """Our prompt ids with num_visual image tokens (None: text only)."""
-        return llava.prompt_ids(self.tokenizer, question, self.image_token, num_visual)
+    def prompt(self, num_visual: int | None, question: str = QUESTION, video: bool = False) -> torch.Tensor:
+        """Our prompt ids with num_visual image (or video) tokens (None: text only)."""
+        return llava.prompt_ids(self.tokenizer, question, num_visual, video)
 
     @torch.inference_mode()
     def prefill(self, ids, visual_embeds, settings=todre.NO_PRUNING, room: int = 0):
@@ -164,7 +272,7 @@ def mha(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gqa(tmp_path_factory):
-    return Checkpoint(tmp_path_factory.mktemp("gqa"), "gqa", seed=3)
+    return Checkpoint(tmp_path_factory.mktemp("gqa"), "gqa", seed=5)
 
 
 @pytest.fixture(scope="session")
@@ -364,3 +472,36 @@ def ratios_dense(q, k, visual, text):
     a_tv = attn[text][:, visual].sum() / attn[text].sum()
     a_vt = attn[visual][:, text].sum() / attn[visual].sum()
     return float(a_tv), float(a_vt)
+
+
+# The checkpoint families beside LLaVA-NeXT-Vicuna (mha, gqa): LLaVA-1.5, and LLaVA-NeXT with a
+# Mistral decoder (GQA, sliding window), a Llama-3 decoder (rope_theta 500000, two EOS ids,
+# byte-level tokenizer) and the 34B's ChatML format.
+FAMILIES = {
+    "llava15": dict(shape="mha", seed=6, model_type="llava"),
+    "mistral": dict(shape="gqa", seed=7, family="mistral", text_model="mistral", sliding_window=4096),
+    "llama3": dict(shape="mha", seed=8, family="llama3", rope_theta=500000.0),
+    "chatml": dict(shape="mha", seed=9, family="chatml"),
+}
+
+
+@pytest.fixture(scope="session")
+def families(tmp_path_factory):
+    """Each family's tiny checkpoint, built on first use."""
+    built = {}
+
+    def get(name: str) -> Checkpoint:
+        if name not in built:
+            options = dict(FAMILIES[name])
+            built[name] = Checkpoint(
+                tmp_path_factory.mktemp(name), options.pop("shape"), options.pop("seed"), **options
+            )
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request, families):
+    """Each of the other checkpoint families in turn."""
+    return families(request.param)

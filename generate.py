@@ -69,8 +69,14 @@ def parse_args(argv):
     p.add_argument(
         "--video-newlines",
         choices=["grid", "none"],
-        default="grid",
-        help="--video: an image_newline after every row of 12 pooled tokens (grid, default), or none",
+        help="--video: an image_newline after every row of 12 pooled tokens (grid, the default where the "
+        "checkpoint has that vector, as LLaVA-NeXT does), or none",
+    )
+    p.add_argument(
+        "--pad-to-square",
+        action="store_true",
+        help="LLaVA-1.5 checkpoints: centre the image on a square of the mean colour instead of centre-cropping "
+        "it, as LLaVA's own evaluation (and the published 1.5 numbers) did",
     )
     p.add_argument("--prompt", required=True, help="the question")
     p.add_argument("--model", default=llava.DEFAULT_MODEL, help="Hub id or local checkpoint directory")
@@ -349,14 +355,16 @@ def answer(args) -> None:
     start = llava.now(device)
     visual = None
     if media is not None:
-        visual = model.encode_image(media) if clip is None else model.encode_video(media, args.video_newlines)
+        if clip is None:
+            visual = model.encode_image(media, pad_to_square=args.pad_to_square)
+        else:
+            visual = model.encode_video(media, args.video_newlines)
     vision_done = llava.now(device)
     kept = model.select(visual, settings) if visual is not None else None
     visual_embeds = visual.tokens[kept] if visual is not None else None
     select_done = llava.now(device)
-    placeholder, placeholder_id = model.config.placeholder(video=clip is not None)
     num_visual = None if visual is None else len(kept)
-    input_ids = llava.prompt_ids(tokenizer, args.prompt, placeholder_id, num_visual, placeholder).to(device)
+    input_ids = llava.prompt_ids(tokenizer, args.prompt, num_visual, video=clip is not None).to(device)
     model.check_generation(input_ids, visual_embeds, args.max_new_tokens, args.temperature)
 
     kv_cache = model.new_kv_cache(args.max_new_tokens)
@@ -373,7 +381,7 @@ def answer(args) -> None:
             write_answer(text[len(printed) :])
             printed = text
     decode_done = llava.now(device)
-    write_answer("\n")
+    write_answer(tokenizer.decode(answer_ids)[len(printed) :] + "\n")  # a multi-byte character cut off, as is
     if args.save_selection:
         save_png(draw_selection(media, visual, kept, settings.select), args.save_selection)
 
@@ -383,6 +391,11 @@ def answer(args) -> None:
             when = ", ".join(f"{t:.1f}" for t in clip.times) + " s" if clip.times else "no timing: spread evenly"
             lines.append(f"video frames: {len(clip.frames)} of {clip.total_frames} ({when})")
         if visual is not None:
+            candidates = int((visual.sources != anyres.NEWLINE).sum())
+            if settings.keep_tokens is not None and settings.keep_tokens > candidates:
+                lines.append(
+                    f"Stage 1 budget: --keep-tokens {settings.keep_tokens} clamped to the {candidates} candidates"
+                )
             newlines = int((visual.sources[kept] == anyres.NEWLINE).sum())
             lines.append(
                 f"visual tokens: {len(visual.tokens)} packed -> {len(kept)} after Stage 1 ({settings.select}, "
@@ -392,6 +405,7 @@ def answer(args) -> None:
             lines.append(f"attention ratios (eq. 7): {ratios or 'not measured (tau = 0)'}")
             lines.append("eviction: " + (f"after layer {info.evict_layer}" if info.evict_layer is not None else "none"))
         lines += [
+            f"prompt format: {tokenizer.format.name}",
             f"prompt tokens: {len(input_ids)}",
             f"vision encode: {vision_done - start:.3f} s",
             f"Stage 1 selection: {select_done - vision_done:.3f} s",

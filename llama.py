@@ -33,6 +33,7 @@ DEFAULTS = {
         max_position_embeddings=4096 * 32,
         rms_norm_eps=1e-6,
         rope_theta=10000.0,
+        sliding_window=4096,
     ),
 }
 
@@ -51,11 +52,18 @@ class LlamaConfig:
     head_dim: int | None = None  # None = hidden_size // num_attention_heads
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
-    eos_token_id: int = 2
+    eos_token_id: int | list = 2  # Llama 3 lists several ids that end generation
+    # Mistral's sliding-window attention: this implementation attends to the whole sequence, which
+    # is the same thing as long as the sequence is no longer than the window (model.py checks).
+    sliding_window: int | None = None
 
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return tuple(self.eos_token_id) if isinstance(self.eos_token_id, list) else (self.eos_token_id,)
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
@@ -69,8 +77,6 @@ class LlamaConfig:
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ValueError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
         d["rope_theta"] = rope.get("rope_theta", d["rope_theta"])
-        if isinstance(d.get("eos_token_id"), list):
-            d["eos_token_id"] = d["eos_token_id"][0]
         return cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
 
 

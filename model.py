@@ -19,26 +19,21 @@ from PIL import Image
 from torch import nn
 
 import anyres
+import prompt
 import todre
 from checkpoint import (  # noqa: F401 (DEFAULT_MODEL, HUB_FILES, CheckpointError: re-exported for callers)
     DEFAULT_MODEL,
     HUB_FILES,
     CheckpointError,
+    LlavaConfig,
     LlavaNextConfig,
     load_tokenizer,
     load_weights,
     resolve_checkpoint,
+    stop_ids,
 )
 from clip import VisionTower, layers_to_run
 from llama import KVCache, Llama
-
-# Vicuna v1.5's conversation template, one line: the format LLaVA-NeXT-Vicuna was trained with.
-SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
-IMAGE_PROMPT = SYSTEM + " USER: <image>\n{} ASSISTANT:"
-TEXT_PROMPT = SYSTEM + " USER: {} ASSISTANT:"
 
 
 class InputError(ValueError):
@@ -65,8 +60,10 @@ class PrefillInfo:
     positions: torch.Tensor | None = None  # positions of the tokens left at the end of prefill
 
 
-class LlavaNext(nn.Module):
-    def __init__(self, cfg: LlavaNextConfig):
+class Llava(nn.Module):
+    """LLaVA-1.5, LLaVA-NeXT and LLaVA-NeXT-Video: CLIP tower, projector, Llama-family decoder."""
+
+    def __init__(self, cfg: LlavaConfig):
         super().__init__()
         self.config = cfg
         d_vision, d = cfg.vision.hidden_size, cfg.text.hidden_size
@@ -75,16 +72,17 @@ class LlavaNext(nn.Module):
         self.multi_modal_projector = nn.Module()
         self.multi_modal_projector.linear_1 = nn.Linear(d_vision, d, bias=cfg.projector_bias)
         self.multi_modal_projector.linear_2 = nn.Linear(d, d, bias=cfg.projector_bias)
-        self.image_newline = nn.Parameter(torch.zeros(d))
+        self.image_newline = nn.Parameter(torch.zeros(d)) if cfg.image_newline else None
         self.language_model = Llama(cfg.text)
+        self.stop_ids = set(cfg.text.eos_token_ids)  # load() adds the checkpoint's end-of-turn token
 
     @property
     def device(self) -> torch.device:
-        return self.image_newline.device
+        return self.language_model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.image_newline.dtype
+        return self.language_model.embed_tokens.weight.dtype
 
     def new_kv_cache(self, max_new_tokens: int) -> KVCache:
         """An empty cache for one prefill and up to max_new_tokens decoded tokens."""
@@ -114,10 +112,26 @@ class LlavaNext(nn.Module):
         return pool(grid, stride, stride).flatten(2).transpose(1, 2)
 
     @torch.inference_mode()
-    def encode_image(self, image: Image.Image) -> VisualTokens:
-        """An image -> AnyRes packed tokens: 576 thumbnail tokens, then the unpadded crop mosaic
-        with one image_newline token ending each row (transformers' pack_image_features)."""
+    def encode_image(self, image: Image.Image, pad_to_square: bool = False) -> VisualTokens:
+        """An image -> visual tokens in LLM space, the way the checkpoint's processor prepares it.
+
+        LLaVA-NeXT (AnyRes): 576 thumbnail tokens, then the unpadded crop mosaic with one
+        image_newline token ending each row (transformers' pack_image_features).
+        LLaVA-1.5: one crop, the shortest edge resized then centre-cropped (its processor's
+        default), or with pad_to_square the whole image centred on a square of the mean colour
+        first, as LLaVA's own evaluation did: 576 tokens.
+        """
         cfg = self.config
+        if not cfg.anyres:
+            size, crop = cfg.resize_shortest_edge, cfg.crop_size
+            pixel_values, framing = anyres.preprocess_square(
+                image, size, crop, cfg.image_mean, cfg.image_std, pad_to_square
+            )
+            features, cls_attn = self.vision_features(pixel_values)  # (1, 576, d_vision), (1, 576)
+            sources = torch.arange(cls_attn.numel(), device=self.device)
+            return VisualTokens(self.project(features[0]), sources, cls_attn, None, [framing])
+        if pad_to_square:
+            raise InputError("pad_to_square applies to checkpoints without AnyRes (LLaVA-1.5); LLaVA-NeXT tiles")
         pixel_values, size = anyres.preprocess(
             image, cfg.image_grid_pinpoints, cfg.crop_size, cfg.image_mean, cfg.image_std
         )
@@ -127,22 +141,26 @@ class LlavaNext(nn.Module):
         return VisualTokens(anyres.pack(self.project(features), sources, self.image_newline), sources, cls_attn, lay)
 
     @torch.inference_mode()
-    def encode_video(self, frames: list[Image.Image], newlines: str = "grid") -> VisualTokens:
+    def encode_video(self, frames: list[Image.Image], newlines: str | None = None) -> VisualTokens:
         """Video frames -> pooled tokens, the way lmms-eval's llava_vid feeds LLaVA-NeXT (the paper's
         Table 2 setting: 20 frames x 144 = 2880 tokens).
 
         Each frame is CLIP-preprocessed (shortest edge, centre crop), its 24x24 patch features are
         pooled 2x2 BEFORE the projector (transformers' LlavaNextVideoModel.get_video_features), and
         the frames follow one another. newlines "grid" ends every 12-token row of every frame with
-        image_newline (llava_vid's default); "none" adds none (transformers' LlavaNextVideo).
+        image_newline (llava_vid's default); "none" adds none (transformers' LlavaNextVideo). The
+        default is grid for checkpoints that have an image_newline (LLaVA-NeXT), else none.
         The [CLS] attention is pooled the same way, so Algorithm 1's video pivot is its argmax
         over (frame, pooled token).
         """
         cfg = self.config
         if not frames:
             raise InputError("a video needs at least one frame")
+        newlines = newlines or ("grid" if cfg.image_newline else "none")
         if newlines not in ("grid", "none"):
             raise InputError(f"video newlines must be 'grid' or 'none', got {newlines!r}")
+        if newlines == "grid" and not cfg.image_newline:
+            raise InputError("this checkpoint has no image_newline vector (LLaVA-1.5): use video newlines 'none'")
         crops = [
             anyres.preprocess_square(f, cfg.crop_size, cfg.crop_size, cfg.image_mean, cfg.image_std) for f in frames
         ]
@@ -279,7 +297,7 @@ class LlavaNext(nn.Module):
                 token = int(torch.multinomial(probs, 1, generator=generator))
             else:
                 token = int(logits.argmax())
-            if token == self.config.text.eos_token_id:
+            if token in self.stop_ids:
                 return
             yield token
             if step < max_new_tokens - 1:
@@ -310,7 +328,13 @@ class LlavaNext(nn.Module):
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
             raise InputError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        max_len = self.config.text.max_position_embeddings
+        max_len, window = self.config.text.max_position_embeddings, self.config.text.sliding_window
+        if window and len(input_ids) + max_new_tokens > window:
+            raise InputError(
+                f"the prompt ({len(input_ids)} tokens) plus {max_new_tokens} new tokens exceeds the {window}-token "
+                "sliding window of this Mistral model, which this implementation does not apply: "
+                "lower --max-new-tokens or prune more"
+            )
         if len(input_ids) + max_new_tokens > max_len:
             if visual_embeds is None:
                 raise InputError(
@@ -330,31 +354,14 @@ class LlavaNext(nn.Module):
 
 
 def prompt_ids(
-    tokenizer, prompt: str, placeholder_id: int, num_visual: int | None, placeholder: str = "<image>"
+    tokenizer: prompt.PromptTokenizer, question: str, num_visual: int | None = None, video: bool = False
 ) -> torch.Tensor:
-    """Token ids of the Vicuna prompt, its one placeholder (<image>, or <video> for video
-    checkpoints) expanded to num_visual placeholder ids, one per visual token.
-
-    num_visual None: a text-only prompt. BOS comes from the tokenizer's own post-processor.
-    """
+    """The checkpoint's prompt for `question`, in its own conversation format, with num_visual
+    placeholder ids where the image (or video) goes; None: a text-only prompt (prompt.py)."""
     try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8, kept by Python's argv decoding
-        raise InputError(
-            f"the prompt is not valid UTF-8 text (undecodable byte at character {e.start}): "
-            "use a UTF-8 terminal or locale, or re-encode the text"
-        ) from None
-    if num_visual is None:
-        text = TEXT_PROMPT.format(prompt)
-    else:
-        text = IMAGE_PROMPT.replace("<image>", placeholder).format(prompt)
-    ids = tokenizer.encode(text).ids
-    if ids.count(placeholder_id) != (0 if num_visual is None else 1):
-        raise InputError(f"the prompt must not contain the placeholder {placeholder!r} itself")
-    if num_visual is not None:
-        at = ids.index(placeholder_id)
-        ids = ids[:at] + [placeholder_id] * num_visual + ids[at + 1 :]
-    return torch.tensor(ids)
+        return torch.tensor(tokenizer.prompt_ids(question, num_visual, video))
+    except prompt.PromptError as e:
+        raise InputError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,14 +369,18 @@ def prompt_ids(
 # ---------------------------------------------------------------------------------------------
 
 
+LlavaNext = Llava  # the name before LLaVA-1.5 was supported
+
+
 def load(model_id: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a Hub id or a local directory."""
     directory = resolve_checkpoint(model_id)
-    cfg = LlavaNextConfig.from_dir(directory)
+    cfg = LlavaConfig.from_dir(directory)
     tokenizer = load_tokenizer(directory, cfg)
     with torch.device("meta"):
-        model = LlavaNext(cfg)
+        model = Llava(cfg)
     load_weights(model, directory, torch.device(device), dtype)
+    model.stop_ids = stop_ids(directory, cfg, tokenizer)
     return model.eval(), tokenizer
 
 

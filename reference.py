@@ -17,33 +17,37 @@ def image_processor(pinpoints=PINPOINTS, crop: int = 336) -> tf.LlavaNextImagePr
     )
 
 
-def llava_next_config(
-    vision: dict, text: dict, image_token: int, pinpoints=PINPOINTS, vision_feature_layer: int = -2
-) -> tf.LlavaNextConfig:
-    """A LlavaNextConfig from plain dicts of CLIP vision and Llama text fields."""
-    return tf.LlavaNextConfig(
-        vision_config=tf.CLIPVisionConfig(**vision, projection_dim=32),
-        text_config=tf.LlamaConfig(**text),
-        image_grid_pinpoints=pinpoints,
+def llava_config(
+    model_type: str,
+    vision: dict,
+    text: dict,
+    image_token: int,
+    video_token: int | None = None,
+    vision_feature_layer: int = -2,
+    text_model: str = "llama",
+    pinpoints=PINPOINTS,
+):
+    """transformers' config for a LLaVA checkpoint from plain dicts of CLIP vision and text fields:
+    llava (1.5: no AnyRes), llava_next, or llava_next_video (2x2 average pooling of every frame)."""
+    vision_config = tf.CLIPVisionConfig(**vision, projection_dim=32)
+    text_config = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig}[text_model](**text)
+    common = dict(
+        vision_config=vision_config,
+        text_config=text_config,
         image_token_index=image_token,
         vision_feature_layer=vision_feature_layer,
     )
-
-
-def llava_next_video_config(
-    vision: dict, text: dict, image_token: int, video_token: int, vision_feature_layer: int = -2
-) -> tf.LlavaNextVideoConfig:
-    """A LlavaNextVideoConfig: LLaVA-NeXT plus 2x2 average pooling of each frame before the projector."""
-    return tf.LlavaNextVideoConfig(
-        vision_config=tf.CLIPVisionConfig(**vision, projection_dim=32),
-        text_config=tf.LlamaConfig(**text),
-        image_grid_pinpoints=PINPOINTS,
-        image_token_index=image_token,
-        video_token_index=video_token,
-        spatial_pool_mode="average",
-        spatial_pool_stride=2,
-        vision_feature_layer=vision_feature_layer,
-    )
+    if model_type == "llava":
+        return tf.LlavaConfig(**common)
+    if model_type == "llava_next_video":
+        return tf.LlavaNextVideoConfig(
+            **common,
+            image_grid_pinpoints=pinpoints,
+            video_token_index=video_token,
+            spatial_pool_mode="average",
+            spatial_pool_stride=2,
+        )
+    return tf.LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
 
 
 def clip_image_processor(size: int = 336) -> tf.CLIPImageProcessorPil:

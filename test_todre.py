@@ -24,12 +24,15 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 import anyres
+import conftest
 import generate
 import media
 import model as llava
+import prompt
 import reference
 import todre
 from conftest import (
+    FAMILIES,
     GREEDY,
     HERE,
     PINPOINTS,
@@ -641,7 +644,7 @@ def test_hub_id_is_downloaded_with_safe_patterns_only(ckpt, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     model, _ = llava.load("someone/tiny-llava-next")
-    assert calls == [("someone/tiny-llava-next", ["*.json", "*.safetensors", "tokenizer.*"])]
+    assert calls == [("someone/tiny-llava-next", ["*.json", "*.safetensors", "tokenizer.*", "*.jinja"])]
     assert llava.DEFAULT_MODEL == "llava-hf/llava-v1.6-vicuna-7b-hf"
 
 
@@ -885,6 +888,224 @@ def test_broken_checkpoints_are_one_line_naming_file_and_field(mha, tmp_path, ca
     shutil.copytree(mha.directory, directory)
     breaks(directory)
     one_line_error(capsys, cli_args(mha, "--model", str(directory)), message)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint.py, prompt.py: every LLaVA family people prune, in its own prompt format
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(672, 672), (500, 375), (30, 90)])
+def test_every_family_matches_transformers(family, size):
+    """Prompt ids equal transformers' processor on its apply_chat_template, and float32 logits its
+    model's (LlavaForConditionalGeneration for 1.5, LlavaNextForConditionalGeneration otherwise)."""
+    image = noise_image(*size, seed=size[0] % 97)
+    ref = family.hf_inputs(image)
+    with torch.inference_mode():
+        visual = family.model.encode_image(image)
+        expected = family.hf(**ref).logits[0]
+    ids = family.prompt(len(visual.tokens))
+    assert torch.equal(ids, ref["input_ids"][0])
+    assert expected.std() > 0.5 and (family.prefill(ids, visual.tokens)[0] - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("with_image", [True, False])
+def test_every_family_generates_what_transformers_generates(family, with_image):
+    image = noise_image(336, 224, seed=90) if with_image else None
+    ref = family.hf_inputs(image)
+    with torch.inference_mode():
+        visual = family.model.encode_image(image).tokens if with_image else None
+        hf = family.hf.generate(**ref, max_new_tokens=12, do_sample=False, eos_token_id=sorted(family.model.stop_ids))
+    expected = hf[0, ref["input_ids"].shape[1] :].tolist()
+    expected = [t for t in expected[: next((i for i, t in enumerate(expected) if t in family.model.stop_ids), None)]]
+    ids = family.prompt(len(visual) if with_image else None)
+    assert torch.equal(ids, ref["input_ids"][0])
+    assert list(family.model.generate(ids, visual, todre.NO_PRUNING, 12)) == expected
+
+
+def test_every_family_runs_both_stages_and_clamps_token_counts(family):
+    visual, kept, ids = family.pruned(noise_image(500, 375, seed=91), todre.Settings(keep_tokens=64))
+    candidates = int((visual.sources != anyres.NEWLINE).sum())
+    assert len(kept) == 64 and candidates == (576 if family.model.config.model_type == "llava" else 2304)
+    _, info, _ = family.prefill(ids, visual.tokens[kept], todre.Settings(keep_tokens=64, tau=1.01))
+    assert info.evict_layer == todre.probe_layers(family.layers)[0]  # tau above every ratio: the first probe
+    everything = family.model.select(visual, todre.Settings(keep_tokens=100_000))
+    assert len(everything) == candidates
+
+
+def test_llava15_preprocesses_like_its_processor_and_pivots_over_all_576_tokens(families):
+    """Pivot case (2) of Algorithm 1: an image without AnyRes pivots on its argmax over all tokens."""
+    llava15 = families("llava15")
+    image = noise_image(640, 427, seed=92)
+    ref = llava15.hf_inputs(image)
+    pixels, _ = anyres.preprocess_square(image, 336, 336)
+    torch.testing.assert_close(pixels, ref["pixel_values"], atol=1e-6, rtol=0)
+    with torch.inference_mode():
+        cls_attn = hf_cls_attention(llava15, ref["pixel_values"])
+    visual = llava15.model.encode_image(image)
+    assert visual.layout is None and len(visual.tokens) == 576 and (visual.sources != anyres.NEWLINE).all()
+    torch.testing.assert_close(visual.cls_attn, cls_attn, atol=1e-6, rtol=0)
+    kept = llava15.model.select(visual, todre.Settings(retain=0.1))
+    assert kept.tolist() == sorted(greedy_matrix(visual.tokens, 58, int(cls_attn.flatten().argmax())))
+
+
+def test_pad_to_square_is_llavas_expand2square(families, mha):
+    """LLaVA's evaluation centred the image on a square of the mean colour, then ran CLIP's processor."""
+    llava15 = families("llava15")
+    image = noise_image(500, 300, seed=93)
+    square = Image.new("RGB", (500, 500), tuple(int(255 * m) for m in anyres.CLIP_MEAN))
+    square.paste(image, (0, (500 - 300) // 2))  # expand2square, written out
+    expected = reference.clip_image_processor(336)(square, return_tensors="pt")["pixel_values"]
+    pixels, framing = anyres.preprocess_square(image, 336, 336, pad_to_square=True)
+    torch.testing.assert_close(pixels, expected, atol=1e-6, rtol=0)
+    boxes = anyres.patch_boxes(framing, torch.arange(576), 24)
+    assert boxes[:, 1].min() == 0 and boxes[:, 3].max() == 300  # the padding maps outside the image
+    assert len(llava15.model.encode_image(image, pad_to_square=True).tokens) == 576
+    with pytest.raises(llava.InputError, match="pad_to_square applies to checkpoints without AnyRes"):
+        mha.model.encode_image(image, pad_to_square=True)
+
+
+# The documented prompt of each family (transformers' LLaVA-NeXT model card), for "q" and an image.
+DOCUMENTED_FORMATS = {
+    "vicuna": prompt.VICUNA_SYSTEM + " USER: <image>\nq ASSISTANT:",
+    "mistral": "[INST] <image>\nq [/INST]",
+    "chatml": "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nq<|im_end|>"
+    "<|im_start|>assistant\n",
+    "llama3": "<|start_header_id|>system<|end_header_id|>\n\n" + prompt.LLAMA3_SYSTEM + "<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n<image>\nq<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+}
+
+
+@pytest.mark.parametrize("name", ["mha", *FAMILIES])
+def test_checkpoints_without_a_chat_template_fall_back_on_the_built_in_format(name, families, mha, tmp_path):
+    ckpt = mha if name == "mha" else families(name)
+    directory = tmp_path / name
+    shutil.copytree(ckpt.directory, directory)
+    (directory / "chat_template.jinja").unlink()
+    _, tokenizer = llava.load(str(directory))
+    assert tokenizer.format.family == ckpt.tokenizer.format.family and tokenizer.format.chat_template is None
+    assert tokenizer.format.render("q", "<image>") == DOCUMENTED_FORMATS[ckpt.family]
+
+
+def test_vicuna_gets_llavas_literal_system_prompt(mha):
+    """The deliberate exception to transformers' rendering: LLaVA's evaluation prompted Vicuna with
+    its system prompt, which llava-hf's template leaves out unless given as a system message."""
+    ours = mha.tokenizer.format.render(QUESTION, "<image>")
+    assert ours == DOCUMENTED_FORMATS["vicuna"].replace("q ASSISTANT", QUESTION + " ASSISTANT")
+    without = mha.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+        add_generation_prompt=True,
+    )
+    assert ours == prompt.VICUNA_SYSTEM + " " + without and mha.hf_text() == ours
+
+
+def llama_style_tokenizer_dir(directory, legacy):
+    """A Llama-2-style tokenizer saved with transformers' tokenizer_config.json `legacy` setting."""
+    directory.mkdir()
+    conftest.sentencepiece_style_tokenizer(["<image>"]).save(str(directory / "tokenizer.json"))
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(config | ({"legacy": legacy} if legacy is not None else {}))
+    )
+    return tf.AutoTokenizer.from_pretrained(str(directory))
+
+
+def test_sentencepiece_families_keep_the_piece_after_image_as_llava_trained(mha, tmp_path):
+    """LLaVA's tokenizer_image_token tokenized each side of <image> alone, so the text after it
+    starts with SentencePiece's '▁' again; transformers with legacy: true agrees, with legacy:
+    false (or unset) drops exactly that one piece."""
+    text = mha.tokenizer.format.render(QUESTION, "<image>")
+    ours = prompt.encode(mha.tokenizer.tokenizer, text, "<image>", mha.image_token, 1)
+    legacy = {setting: llama_style_tokenizer_dir(tmp_path / str(setting), setting) for setting in (True, False, None)}
+    before, after = text.split("<image>")  # LLaVA's reading: chunks, BOS only on the first
+    llava_reading = legacy[True](before)["input_ids"] + [mha.image_token] + legacy[True](after)["input_ids"][1:]
+    assert ours == llava_reading == legacy[True](text)["input_ids"]
+    at = ours.index(mha.image_token)
+    assert mha.tokenizer.tokenizer.id_to_token(ours[at + 1]) == "▁"
+    assert legacy[False](text)["input_ids"] == legacy[None](text)["input_ids"] == ours[: at + 1] + ours[at + 2 :]
+    # A tokenizer.json saved the non-legacy way ('▁' prepended to the first piece only) still gives
+    # LLaVA's ids: the text after the image is encoded on its own.
+    non_legacy = legacy[False].backend_tokenizer
+    assert non_legacy.encode(text).ids != ours
+    assert prompt.encode(non_legacy, text, "<image>", mha.image_token, 1) == ours
+
+
+def test_llama3_prompt_has_one_bos_and_no_piece_after_the_image(families):
+    llama3 = families("llama3")
+    ids = llama3.prompt(5).tolist()
+    bos = llama3.tokenizer.tokenizer.token_to_id("<|begin_of_text|>")
+    assert ids.count(bos) == 1 and ids[0] == bos
+    assert llama3.tokenizer.tokenizer.id_to_token(ids[ids.index(llama3.image_token) + 5]) != "▁"
+
+
+@pytest.mark.parametrize(
+    "name, stops", [("llama3", ["<|end_of_text|>", "<|eot_id|>"]), ("chatml", ["</s>", "<|im_end|>"])]
+)
+def test_generation_stops_at_every_end_of_turn_token(families, name, stops, monkeypatch):
+    ckpt = families(name)
+    stop_ids = {ckpt.tokenizer.tokenizer.token_to_id(t) for t in stops}
+    assert ckpt.model.stop_ids == stop_ids
+    real_decode_step = llava.Llava.decode_step
+    for stop in stop_ids:
+        calls = []
+
+        def ends_here(self, token, position, kv_cache, stop=stop, calls=calls):
+            calls.append(token)
+            logits = real_decode_step(self, token, position, kv_cache)
+            return torch.where(torch.arange(len(logits)) == stop, 1e9, logits) if len(calls) == 2 else logits
+
+        monkeypatch.setattr(llava.Llava, "decode_step", ends_here)
+        assert len(list(ckpt.model.generate(ckpt.prompt(None), None, todre.NO_PRUNING, 10))) == 2
+
+
+def test_mistral_sliding_window_is_checked_not_silently_ignored(families):
+    mistral = families("mistral")
+    assert mistral.model.config.text.sliding_window == mistral.hf.config.text_config.sliding_window == 4096
+    ids = mistral.prompt(None)
+    mistral.model.check_generation(ids, None, 100, 0.0)
+    with pytest.raises(llava.InputError, match="sliding window of this Mistral model"):
+        mistral.model.check_generation(ids, None, 4096 - len(ids) + 1, 0.0)
+
+
+def test_cli_names_the_prompt_format_and_reports_a_clamped_token_count(families, tmp_path, capsys):
+    llava15 = families("llava15")
+    noise_image(200, 150, seed=94).save(tmp_path / "photo.png")
+    argv = cli_args(
+        llava15,
+        "--image",
+        str(tmp_path / "photo.png"),
+        "--keep-tokens",
+        "1000",
+        "--max-new-tokens",
+        "2",
+        "--stats",
+        "--pad-to-square",
+    )
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "Stage 1 budget: --keep-tokens 1000 clamped to the 576 candidates" in err
+    assert (
+        "visual tokens: 576 packed -> 576 after Stage 1" in err
+        and "prompt format: vicuna (LLaVA's system prompt)" in err
+    )
+
+
+def test_streaming_prints_multibyte_characters_made_of_byte_fallback_tokens(mha, tmp_path, capsys, monkeypatch):
+    text = "☃é"
+    pieces = mha.tokenizer.encode(text, add_special_tokens=False).ids
+    assert len(pieces) == 6  # '▁', then 3 + 2 byte-fallback tokens
+    monkeypatch.setattr(llava.Llava, "decode", lambda self, *args, **kwargs: iter(pieces))
+    code, out, err = run_cli(capsys, *cli_args(mha, "--max-new-tokens", "6"))
+    assert code == 0 and out == text + "\n", err
+
+
+def test_a_checkpoint_saved_with_processor_config_only_loads(mha, tmp_path):
+    """transformers 5 writes the image processor's settings into processor_config.json."""
+    directory = tmp_path / "t5"
+    shutil.copytree(mha.directory, directory)
+    (directory / "preprocessor_config.json").unlink()
+    model, _ = llava.load(str(directory))
+    assert model.config.image_grid_pinpoints == PINPOINTS and model.config.crop_size == 336
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1183,7 +1404,7 @@ def hf_video_logits(ckpt, frames, question=QUESTION):
     processor, with the <video> placeholder expanded as its processor does: (input_ids, logits)."""
     pixels = torch.cat([reference.clip_image_processor(336)(f, return_tensors="pt")["pixel_values"] for f in frames])
     tokenizer = ckpt.processor.tokenizer
-    text = llava.IMAGE_PROMPT.format(question).replace("<image>", "<video>" * (len(frames) * 144))
+    text = ckpt.hf_text(question, "video").replace("<video>", "<video>" * (len(frames) * 144))
     ids = torch.tensor(tokenizer(text)["input_ids"])
     with torch.inference_mode():
         return ids, ckpt.hf(input_ids=ids[None], pixel_values_videos=pixels[None]).logits[0]
@@ -1194,9 +1415,7 @@ def test_video_logits_match_llava_next_video(video_ckpt, count):
     frames = [noise_image(*FRAME_SIZES[(i + count) % len(FRAME_SIZES)], seed=60 + i) for i in range(count)]
     visual = video_ckpt.model.encode_video(frames, newlines="none")
     assert visual.tokens.shape[0] == count * 144 and (visual.sources != anyres.NEWLINE).all()
-    ids = llava.prompt_ids(
-        video_ckpt.tokenizer, QUESTION, video_ckpt.model.config.video_token_index, len(visual.tokens), "<video>"
-    )
+    ids = video_ckpt.prompt(len(visual.tokens), video=True)
     expected_ids, expected = hf_video_logits(video_ckpt, frames)
     assert torch.equal(ids, expected_ids)
     ours, _, _ = video_ckpt.prefill(ids, visual.tokens)
@@ -1695,7 +1914,7 @@ def test_cli_ctrl_c_during_generation_exits_quietly_without_a_picture(mha, tmp_p
 
 
 def test_cli_picture_that_cannot_be_written_is_one_line_after_the_answer(mha, tmp_path, capsys, monkeypatch):
-    noise_image(120, 90, seed=44).save(tmp_path / "photo.png")
+    noise_image(120, 90, seed=45).save(tmp_path / "photo.png")
 
     def disk_full(self, fp, *args, **kwargs):
         fp.write(b"\x89PNG partial")
@@ -1814,7 +2033,7 @@ def test_readme_use_it_from_python_runs_as_written(mha, tmp_path, monkeypatch, c
     model, tokenizer = llava.load(str(mha.directory), "cpu", torch.bfloat16)
     visual = model.encode_image(Image.open(tmp_path / "photo.jpg"))
     kept = model.select(visual, settings)
-    ids = llava.prompt_ids(tokenizer, "What is in this picture?", mha.image_token, len(kept))
+    ids = llava.prompt_ids(tokenizer, "What is in this picture?", len(kept))
     expected = tokenizer.decode(list(model.generate(ids, visual.tokens[kept], settings, max_new_tokens=64)))
     assert printed == expected + "\n" and expected.strip()
 

@@ -1,0 +1,216 @@
+"""Prompts in each checkpoint's own conversation format, tokenized the way LLaVA was trained.
+
+Every LLaVA family was trained with its own format: Vicuna with LLaVA's system prompt, Mistral's
+[INST] ... [/INST], ChatML for the 34B (Yi), Llama 3's headers. A checkpoint's chat template
+(`chat_template.jinja`, `chat_template.json`, or `tokenizer_config.json`'s `chat_template`) is
+rendered with jinja2 in a sandbox, as transformers' apply_chat_template does; a checkpoint
+without one falls back on the built-in table below. Vicuna always gets LLaVA's literal system
+prompt, as LLaVA's evaluation (and so every published number) used it.
+
+Tokenization: LLaVA's training code tokenized the text on each side of `<image>` separately
+(`tokenizer_image_token`), so SentencePiece families get their dummy `▁` prefix again after the
+image (ids 29871, 13 for "\n" in Llama-2 vocabularies). `encode` splits the same way, whatever
+the tokenizer.json's own setting; transformers 5 with `legacy: false` would drop that `▁`.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# LLaVA's Vicuna v1 system prompt (conv_vicuna_v1 in LLaVA's conversation.py).
+VICUNA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+LLAMA3_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that "
+    "the user provides, and assist the user with a variety of tasks using natural language."
+)
+# The built-in formats, for checkpoints that ship no chat template: {system} and {user} are filled
+# in, the user turn being "<image>\n" + the question (just the question without an image).
+BUILT_IN = {
+    "vicuna": "{system} USER: {user} ASSISTANT:",
+    "mistral": "[INST] {user} [/INST]",
+    "chatml": "<|im_start|>system\n{system}<|im_end|><|im_start|>user\n{user}<|im_end|><|im_start|>assistant\n",
+    "llama3": "<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|><|start_header_id|>user<|end_header_id|>"
+    "\n\n{user}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+}
+SYSTEMS = {"vicuna": VICUNA_SYSTEM, "chatml": "Answer the questions.", "llama3": LLAMA3_SYSTEM}
+END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}  # tokens that end the assistant's turn
+
+
+class PromptError(ValueError):
+    """The prompt cannot be built (a broken chat template, text that is not UTF-8)."""
+
+
+@dataclass
+class PromptFormat:
+    """How one checkpoint turns a question into text."""
+
+    family: str  # vicuna, mistral, chatml, llama3
+    chat_template: str | None = None  # the checkpoint's jinja template; None: the built-in one
+    special_tokens: dict = field(default_factory=dict)  # bos_token, eos_token... for the template
+
+    @property
+    def name(self) -> str:
+        """What --stats prints."""
+        if self.family == "vicuna":
+            return "vicuna (LLaVA's system prompt)"
+        return f"{self.family} ({'chat template' if self.chat_template else 'built-in'})"
+
+    def render(self, question: str, placeholder: str | None) -> str:
+        """The conversation as text: one user turn (the placeholder, a newline, the question) and
+        the assistant's turn opened. placeholder None: a text-only question."""
+        user = question if placeholder is None else f"{placeholder}\n{question}"
+        if self.family == "vicuna" or not self.chat_template:
+            system = SYSTEMS.get(self.family, "")
+            return BUILT_IN[self.family].format(system=system, user=user)
+        content = ([{"type": placeholder.strip("<>")}] if placeholder else []) + [{"type": "text", "text": question}]
+        return render_template(self.chat_template, [{"role": "user", "content": content}], self.special_tokens)
+
+
+def render_template(template: str, messages: list, special_tokens: dict) -> str:
+    """A chat template rendered as transformers' apply_chat_template(add_generation_prompt=True)
+    renders it: jinja2's sandbox, trim_blocks and lstrip_blocks, the loop-controls extension, a
+    no-op {% generation %} block, raise_exception and an unescaped tojson."""
+    try:
+        import jinja2
+        from jinja2.ext import Extension
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise PromptError("this checkpoint's chat template needs jinja2: pip install jinja2") from None
+
+    class Generation(Extension):  # transformers marks the assistant's text with {% generation %}
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
+    )
+    environment.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    environment.globals["raise_exception"] = raise_exception
+    try:
+        return environment.from_string(template).render(messages=messages, add_generation_prompt=True, **special_tokens)
+    except jinja2.exceptions.TemplateError as e:
+        raise PromptError(f"the checkpoint's chat template cannot be rendered ({e})") from None
+
+
+def load_format(directory: Path, text_model_type: str, vocab: dict) -> PromptFormat:
+    """The checkpoint's conversation format: its chat template (chat_template.json, then
+    tokenizer_config.json) classified by the markers it renders, or, without one, the family its
+    tokenizer and text model say (ChatML and Llama 3 by their special tokens, Mistral by its
+    model type, else Vicuna)."""
+    tokenizer_config = read_json_object(directory / "tokenizer_config.json")
+    jinja = directory / "chat_template.jinja"  # transformers 5 saves it alone, older ones in JSON
+    template = jinja.read_text() if jinja.is_file() else None
+    template = template or read_json_object(directory / "chat_template.json").get("chat_template")
+    template = template or tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    special_tokens = {
+        name: value.get("content") if isinstance(value, dict) else value
+        for name, value in tokenizer_config.items()
+        if name.endswith("_token") and isinstance(value, (str, dict))
+    }
+    if template:
+        probe = render_template(
+            template, [{"role": "user", "content": [{"type": "text", "text": "q"}]}], special_tokens
+        )
+        family = classify(probe)
+    elif "<|im_start|>" in vocab:
+        family = "chatml"
+    elif "<|start_header_id|>" in vocab:
+        family = "llama3"
+    else:
+        family = "mistral" if text_model_type == "mistral" else "vicuna"
+    return PromptFormat(family, template if family != "vicuna" else None, special_tokens)
+
+
+def classify(rendered: str) -> str:
+    for marker, family in (("[INST]", "mistral"), ("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3")):
+        if marker in rendered:
+            return family
+    return "vicuna"
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object, or {} for a missing or unreadable file (these files are optional)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def encode(
+    tokenizer,
+    text: str,
+    placeholder: str | None,
+    placeholder_id: int | None,
+    num_visual: int | None,
+    bos_token: str | None = None,
+) -> list[int]:
+    """Token ids of `text`, its one placeholder expanded to num_visual placeholder ids.
+
+    As LLaVA's tokenizer_image_token: the text on each side of the placeholder is tokenized on
+    its own, the first part with the tokenizer's special tokens (BOS) unless the text already
+    starts with the BOS token (as transformers' processor decides), the rest without.
+    """
+    add_bos = not (bos_token and text.startswith(bos_token))
+    if placeholder is None:
+        return tokenizer.encode(text, add_special_tokens=add_bos).ids
+    before, *after = text.split(placeholder)
+    if len(after) != 1:
+        raise PromptError(f"the prompt must not contain the placeholder {placeholder!r} itself")
+    ids = tokenizer.encode(before, add_special_tokens=add_bos).ids
+    return ids + [placeholder_id] * num_visual + tokenizer.encode(after[0], add_special_tokens=False).ids
+
+
+class PromptTokenizer:
+    """A checkpoint's tokenizer with its conversation format: question -> prompt ids, ids -> text.
+
+    `placeholders` is the checkpoint config (its `placeholder(video)` gives the text and id that
+    stand for an image's or a video's visual tokens).
+    """
+
+    def __init__(self, tokenizer, conversation: PromptFormat, placeholders):
+        self.tokenizer, self.format, self.placeholders = tokenizer, conversation, placeholders
+
+    def prompt_ids(self, question: str, num_visual: int | None = None, video: bool = False) -> list[int]:
+        """Ids of the whole prompt for `question`, with num_visual placeholder ids where the image
+        (or video) goes; num_visual None: a text-only prompt."""
+        placeholder, placeholder_id = self.placeholders.placeholder(video) if num_visual is not None else (None, None)
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8, kept by Python's argv decoding
+            raise PromptError(
+                f"the prompt is not valid UTF-8 text (undecodable byte at character {e.start}): "
+                "use a UTF-8 terminal or locale, or re-encode the text"
+            ) from None
+        if placeholder is not None and placeholder in question:
+            raise PromptError(f"the prompt must not contain the placeholder {placeholder!r} itself")
+        text = self.format.render(question, placeholder)
+        return encode(
+            self.tokenizer, text, placeholder, placeholder_id, num_visual, self.format.special_tokens.get("bos_token")
+        )
+
+    def end_of_turn_id(self) -> int | None:
+        """The id of the token that ends the assistant's turn in this format, if the vocabulary has it."""
+        marker = END_OF_TURN.get(self.format.family)
+        return self.tokenizer.token_to_id(marker) if marker else None
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def encode(self, text: str, add_special_tokens: bool = True):
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
