@@ -117,26 +117,6 @@ def synthetic_prompt_ids(num_visual: int, device) -> torch.Tensor:
     return ids.to(device)
 
 
-def flops(cfg: LlamaConfig, n: int, visual: int, evict_layer: int | None, new_tokens: int):
-    """Paper eq. 1-2: prefill and decode FLOPs, layers before and after eviction counted with their
-    own input length (the evicting layer's prefill still sees the visual tokens; its decoding does not)."""
-    d, m, T, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, new_tokens
-
-    def prefill(n):
-        return 4 * n * d**2 + 2 * n**2 * d + 2 * n * d * m
-
-    def decode(n):
-        return 4 * L * d**2 + 2 * L * d * m + d * L * (2 * n + L - 1)
-
-    if evict_layer is None:
-        return T * prefill(n), T * decode(n)
-    before, after = evict_layer + 1, T - evict_layer - 1
-    return (
-        before * prefill(n) + after * prefill(n - visual),
-        evict_layer * decode(n) + (T - evict_layer) * decode(n - visual),
-    )
-
-
 def exact_prefill_flops(cfg: LlamaConfig, n: int, visual: int, evict_layer: int | None) -> float:
     """What a Llama layer really computes, for comparison with eq. 1: q/k/v/o projections (GQA-sized
     k and v), the three SwiGLU matrices (eq. 1 counts two), and causal attention (each query sees
@@ -197,7 +177,7 @@ def run_ours(model, name, args, image, device):
                 decode_s=decode_done - prefill_done,
             )
         )
-    prefill_flops, decode_flops = flops(cfg.text, len(ids), len(kept), info.evict_layer, args.new_tokens)
+    prefill_flops, decode_flops = todre.paper_flops(cfg.text, len(ids), len(kept), info.evict_layer, args.new_tokens)
     exact = exact_prefill_flops(cfg.text, len(ids), len(kept), info.evict_layer)
     row = dict(
         visual_tokens=len(kept),
@@ -256,7 +236,7 @@ def run_hf(model, args, image, device):
             )
         )
     kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    prefill_flops, decode_flops = flops(cfg.text, len(ids), len(packed), None, args.new_tokens)
+    prefill_flops, decode_flops = todre.paper_flops(cfg.text, len(ids), len(packed), None, args.new_tokens)
     exact = exact_prefill_flops(cfg.text, len(ids), len(packed), None)
     return times[args.warmup :], dict(
         visual_tokens=len(packed),

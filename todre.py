@@ -239,6 +239,28 @@ def cross_modal_ratios(
     return ratio(text, visual), ratio(visual, text)
 
 
+def paper_flops(text_config, n: int, visual: int, evict_layer: int | None, new_tokens: int) -> tuple[float, float]:
+    """Paper eq. 1-2: (prefill, decode) FLOPs of a decoder for a prompt of n tokens, `visual` of
+    them visual, generating new_tokens. text_config: anything with num_hidden_layers, hidden_size
+    and intermediate_size (T, d, m). With Stage 2, layers before and after the eviction count with
+    their own length: the evicting layer's prefill still sees the visual tokens, its decoding not."""
+    d, m, T, L = text_config.hidden_size, text_config.intermediate_size, text_config.num_hidden_layers, new_tokens
+
+    def prefill(n):
+        return 4 * n * d**2 + 2 * n**2 * d + 2 * n * d * m
+
+    def decode(n):
+        return 4 * L * d**2 + 2 * L * d * m + d * L * (2 * n + L - 1)
+
+    if evict_layer is None:
+        return T * prefill(n), T * decode(n)
+    before, after = evict_layer + 1, T - evict_layer - 1
+    return (
+        before * prefill(n) + after * prefill(n - visual),
+        evict_layer * decode(n) + (T - evict_layer) * decode(n - visual),
+    )
+
+
 def should_evict(ratios: tuple[float, float], tau: float) -> bool:
     """Paper §4.2: the visual tokens go once both a_tv and a_vt (eq. 7) have fallen below tau."""
     return all(ratio < tau for ratio in ratios)
