@@ -4,6 +4,8 @@ short-answer set, for several pruning configurations in one run.
     python evaluate.py --benchmark pope --data POPE/output/coco --images val2014 --configs full,todre-0.10
     python evaluate.py --benchmark mme --data MME_Benchmark_release_version
     python evaluate.py --benchmark jsonl --data questions.jsonl --images DIR
+    python evaluate.py --benchmark pope              # no --data: lmms-lab/POPE from the Hub (needs pyarrow)
+    torchrun --nproc-per-node 8 evaluate.py ...      # the questions sharded over 8 GPUs
 
 Every sample is encoded by the vision tower once and then answered under every configuration.
 Predictions are appended to DIR/<config>/predictions.jsonl one line at a time, so an interrupted
@@ -33,7 +35,7 @@ import model as llava
 import todre
 from checkpoint import os_error_text
 from generate import Parser, UsageError, check_number, pick_device, pick_dtype
-from media import MediaError, open_image
+from media import MediaError, open_image, open_image_bytes
 
 # LLaVA's and lmms-eval's instruction for short answers, appended to every question.
 SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -69,6 +71,7 @@ class Sample:
     question: str
     label: str  # the expected answer
     source: str  # "file:line" the question came from, for error messages
+    blob: tuple | None = None  # (parquet file, row group, row) of an embedded image; None: `image` is a path
 
     @property
     def key(self) -> tuple[str, str]:
@@ -165,6 +168,101 @@ def load_jsonl(data: Path, images: Path | None) -> list[Sample]:
             )
         )
     return samples
+
+
+# Benchmarks straight from the Hub: lmms-lab's parquet copies, with the images embedded.
+HUB_DATASETS = {"pope": ("lmms-lab/POPE", "data/*.parquet"), "mme": ("lmms-lab/MME", "data/*.parquet")}
+
+
+def download_hub(benchmark: str) -> list[Path]:
+    """The benchmark's parquet files, downloaded (or found in the Hub cache) with huggingface-hub."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    repo, pattern = HUB_DATASETS[benchmark]
+    try:
+        folder = Path(snapshot_download(repo_id=repo, repo_type="dataset", allow_patterns=[pattern]))
+    except RepositoryNotFoundError:
+        raise DataError(f"{repo} is not on the Hugging Face Hub any more: pass --data DIR") from None
+    except (LocalEntryNotFoundError, OSError) as e:
+        raise DataError(
+            f"cannot download {repo} from the Hugging Face Hub ({type(e).__name__}); "
+            "if you are offline, pass a local copy with --data DIR"
+        ) from None
+    files = sorted(folder.glob(pattern))
+    if not files:
+        raise DataError(f"{repo} has no {pattern} files")
+    return files
+
+
+def load_parquet(files: list[Path], benchmark: str) -> list[Sample]:
+    """lmms-lab's POPE and MME parquet files, read row group by row group and without their images
+    (those are read one row group at a time while answering). Fields:
+    POPE: question_id, question, answer (label), category, image_source (the COCO file name);
+    MME: question_id (<subtask>/<image>, shared by an image's two questions, which become
+    <subtask>/<image>/1 and /2 in their order, as the release layout's lines), question, answer,
+    category."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(
+            f"reading {HUB_DATASETS[benchmark][0]} needs pyarrow: pip install pyarrow "
+            "(or pass the original layout with --data DIR)"
+        ) from None
+    samples, seen = [], Counter()
+    for path in files:
+        try:
+            parquet = pq.ParquetFile(path)
+            columns = [c for c in parquet.schema_arrow.names if c != "image"]
+            for group in range(parquet.num_row_groups):
+                for row, record in enumerate(parquet.read_row_group(group, columns=columns).to_pylist()):
+                    where = f"{path} (row group {group}, row {row})"
+                    fields = require_fields(record, ("question_id", "question", "answer", "category"), where)
+                    label = str(fields["answer"]).strip().lower()
+                    if label not in ("yes", "no"):
+                        raise DataError(f"{where}: answer must be yes or no, got {fields['answer']!r}")
+                    if benchmark == "mme":
+                        image = str(fields["question_id"]).split("/")[-1]
+                        seen[(fields["category"], image)] += 1
+                        question_id = f"{fields['category']}/{image}/{seen[(fields['category'], image)]}"
+                    else:
+                        image, question_id = str(record.get("image_source") or ""), str(fields["question_id"])
+                        image += "" if image.lower().endswith(IMAGE_SUFFIXES) or not image else ".jpg"
+                    samples.append(
+                        Sample(
+                            question_id,
+                            image,
+                            str(fields["category"]),
+                            str(fields["question"]),
+                            label,
+                            where,
+                            (str(path), group, row),
+                        )
+                    )
+        except (OSError, ValueError) as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"{path} is not a readable parquet file ({e})") from None
+    return samples
+
+
+class ParquetImages:
+    """Embedded images, read one row group at a time (the questions come in file order)."""
+
+    def __init__(self):
+        self.key, self.images = None, None
+
+    def open(self, sample: Sample):
+        import pyarrow.parquet as pq
+
+        path, group, row = sample.blob
+        if self.key != (path, group):
+            self.key, self.images = (path, group), pq.ParquetFile(path).read_row_group(group, columns=["image"])
+        image = self.images.column("image")[row].as_py()
+        data = image.get("bytes") if isinstance(image, dict) else image
+        if not data:
+            raise MediaError(f"{sample.source} has no image bytes")
+        return open_image_bytes(data, sample.source)
 
 
 def read_lines(path: Path) -> list[str]:
@@ -322,28 +420,44 @@ def relative(metrics, full):
 
 
 class Predictions:
-    """DIR/<config>/predictions.jsonl: one JSON line per answered question, appended and flushed
-    at once. Reading it back skips a last line cut off by an interrupted write."""
+    """DIR/<config>/: predictions.jsonl (one process) or predictions.rank<R>.jsonl (rank R under
+    torchrun), one JSON line per answered question, appended and flushed at once. Together the
+    files are what has been answered: a question is counted once, from the first file that has it,
+    whatever number of processes wrote them. A last line cut off by a kill is skipped (and dropped
+    from this process's own file)."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.records = self.read(path)
+    def __init__(self, folder: Path, rank: int = 0, world_size: int = 1):
+        self.folder = folder
+        self.path = folder / ("predictions.jsonl" if world_size == 1 else f"predictions.rank{rank}.jsonl")
+        self.records = self.read_all()
         self.done = {(r["category"], r["question_id"]) for r in self.records}
 
+    def files(self) -> list[Path]:
+        ranks = sorted(self.folder.glob("predictions.rank*.jsonl"), key=lambda p: int(p.stem.rpartition("rank")[2]))
+        single = self.folder / "predictions.jsonl"
+        return ([single] if single.exists() else []) + ranks
+
+    def read_all(self) -> list[dict]:
+        records, seen = [], set()
+        for path in self.files():
+            for record in self.read(path, repair=path == self.path):
+                key = (record["category"], record["question_id"])
+                if key not in seen:
+                    seen.add(key)
+                    records.append(record)
+        return records
+
     @staticmethod
-    def read(path: Path) -> list[dict]:
-        if not path.exists():
-            return []
+    def read(path: Path, repair: bool) -> list[dict]:
         records, lines = [], path.read_text(encoding="utf-8").splitlines()
         for number, line in enumerate(lines, start=1):
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 if number < len(lines):
-                    raise DataError(
-                        f"{path}:{number}: not valid JSON; remove the file to start this config over"
-                    ) from None
-                path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")  # a cut-off write
+                    raise DataError(f"{path}:{number}: not valid JSON; remove the file to redo its questions") from None
+                if repair:  # a write cut off by a kill: this process is the file's only writer
+                    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
         return records
 
     def append(self, record: dict) -> None:
@@ -370,8 +484,8 @@ def parse_args(argv):
     p.add_argument("--benchmark", required=True, choices=["pope", "mme", "jsonl"])
     p.add_argument(
         "--data",
-        required=True,
-        help="POPE: the folder of coco_pope_*.json; MME: the release folder; jsonl: the questions file",
+        help="POPE: the folder of coco_pope_*.json; MME: the release folder; jsonl: the "
+        "questions file. Omitted: POPE and MME come from the Hub (lmms-lab/POPE, lmms-lab/MME)",
     )
     p.add_argument("--images", help="POPE: the COCO val2014 folder; jsonl: the folder images are relative to")
     p.add_argument("--model", default=llava.DEFAULT_MODEL, help="Hub id or local checkpoint directory")
@@ -391,6 +505,12 @@ def parse_args(argv):
         "instead of stopping with an error",
     )
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--figure2",
+        action="store_true",
+        help="record eq. 7 at every decoder layer in the full configuration: DIR/figure2.json, and "
+        "DIR/figure2.png with matplotlib (the paper's Figure 2: where Stage 2 will fire on this data)",
+    )
     p.add_argument("--tau", type=float, help="Stage 2 threshold for the configurations that use Stage 2")
     p.add_argument("--newlines", choices=["drop", "keep"], help="Stage 1 and the image_newline tokens")
     p.add_argument("--pad-to-square", action="store_true", help="LLaVA-1.5: pad to a square, as LLaVA's evaluation")
@@ -408,7 +528,11 @@ def parse_args(argv):
     for name in ("data", "images", "model", "out"):
         if getattr(args, name) == "":
             raise UsageError(f"--{name} is empty (an unset shell variable?)")
+    if args.benchmark == "jsonl" and args.data is None:
+        raise UsageError("--benchmark jsonl needs --data FILE")
     args.configs = [name for name in args.configs.split(",") if name]
+    if args.figure2 and "full" not in args.configs:
+        raise UsageError("--figure2 measures the full configuration: add full to --configs")
     if not args.configs or len(set(args.configs)) != len(args.configs):
         raise UsageError("--configs needs distinct configuration names, e.g. full,todre-0.10")
     return args
@@ -429,7 +553,11 @@ def settings_for(name: str, args) -> todre.Settings:
 
 
 def load_samples(args) -> list[Sample]:
-    data, images = Path(args.data), Path(args.images) if args.images else None
+    images = Path(args.images) if args.images else None
+    if args.data is None:  # the benchmark straight from the Hub
+        samples = load_parquet(download_hub(args.benchmark), args.benchmark)
+        return samples[: args.limit] if args.limit else samples
+    data = Path(args.data)
     for path, what in ((data, "--data"), (images, "--images")):
         if path is not None and not path.exists():
             raise UsageError(f"{what} {path} does not exist")
@@ -463,101 +591,177 @@ def parse(answer: str, benchmark: str, parser: str, label: str) -> str:
     return normalize(answer)
 
 
+@dataclass
+class Process:
+    """Where this process stands: one of torchrun's ranks, or the only one."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def start(cls, device_name: str) -> "Process":
+        """torch.distributed from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK): NCCL on GPUs,
+        gloo on CPUs; a process started without torchrun is rank 0 of 1."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls()
+        import torch.distributed as dist
+
+        gpu = torch.cuda.is_available() and device_name in ("auto", "cuda")
+        dist.init_process_group("nccl" if gpu else "gloo")
+        return cls(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def device(self, name: str) -> torch.device:
+        device = pick_device(name)
+        if device.type == "cuda" and self.world_size > 1:  # one GPU per rank on its node
+            torch.cuda.set_device(self.local_rank)
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def gather(self, items: list) -> list:
+        """Every rank's list, concatenated in rank order, on every rank."""
+        if self.world_size == 1:
+            return items
+        import torch.distributed as dist
+
+        everyone = [None] * self.world_size
+        dist.all_gather_object(everyone, items)
+        return [item for part in everyone for item in part]
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def finish(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
 @torch.inference_mode()
-def answer(model, tokenizer, visual, settings: todre.Settings, question: str, max_new_tokens: int, device):
+def answer(
+    model,
+    tokenizer,
+    visual,
+    settings: todre.Settings,
+    question: str,
+    max_new_tokens: int,
+    device,
+    every_layer_ratios: bool = False,
+):
     """One question under one configuration: (answer text, visual tokens kept, prompt length,
-    eviction layer)."""
+    eviction layer, eq. 7 ratios by layer)."""
     kept = model.select(visual, settings)
     ids = llava.prompt_ids(tokenizer, question, len(kept)).to(device)
     model.check_generation(ids, visual.tokens[kept], max_new_tokens, 0.0)
     kv_cache = model.new_kv_cache(max_new_tokens)
-    logits, info = model.prefill(ids, visual.tokens[kept], settings, kv_cache)
+    logits, info = model.prefill(ids, visual.tokens[kept], settings, kv_cache, every_layer_ratios=every_layer_ratios)
     tokens = list(model.decode(logits[0, -1], len(ids), kv_cache, max_new_tokens))
-    return tokenizer.decode(tokens), len(kept), len(ids), info.evict_layer
+    return tokenizer.decode(tokens), len(kept), len(ids), info.evict_layer, info.ratios
 
 
-def evaluate(args) -> dict:
+def evaluate(args) -> dict | None:
+    """Answer this process's share of the questions; rank 0 then scores everything: results.json
+    (returned; None on the other ranks)."""
     configs = {name: settings_for(name, args) for name in args.configs}
     samples = load_samples(args)
-    out = Path(args.out or f"eval-{args.benchmark}")
-    predictions = {name: Predictions(out / name / "predictions.jsonl") for name in configs}
-    skipped = []
-    missing = [s for s in samples if not os.path.isfile(s.image)]
-    if missing and not args.skip_bad:
-        raise DataError(
-            f"{missing[0].source}: image not found: {missing[0].image}"
-            + (f" (and {len(missing) - 1} more; --skip-bad skips them)" if len(missing) > 1 else "")
-        )
-    skipped += [{"question": s.source, "reason": f"image not found: {s.image}"} for s in missing]
-    todo = [s for s in samples if s not in missing and any(s.key not in p.done for p in predictions.values())]
-    device = pick_device(args.device)
-    model, tokenizer = llava.load(args.model, device, pick_dtype(args.dtype, device))
-    run_samples(model, tokenizer, todo, configs, predictions, args, device, skipped)
-    return results(args, model, configs, predictions, samples, skipped, out)
+    process = Process.start(args.device)
+    try:
+        out = Path(args.out or f"eval-{args.benchmark}")
+        predictions = {name: Predictions(out / name, process.rank, process.world_size) for name in configs}
+        missing = [s for s in samples if s.blob is None and not os.path.isfile(s.image)]
+        if missing and not args.skip_bad:
+            more = f" (and {len(missing) - 1} more; --skip-bad skips them)" if len(missing) > 1 else ""
+            raise DataError(f"{missing[0].source}: image not found: {missing[0].image}{more}")
+        skipped = [{"question": s.source, "reason": f"image not found: {s.image}"} for s in missing]
+        mine = samples[process.rank :: process.world_size]  # every N-th question, in file order
+        todo = [s for s in mine if s not in missing and any(s.key not in p.done for p in predictions.values())]
+        device = process.device(args.device)
+        model, tokenizer = llava.load(args.model, device, pick_dtype(args.dtype, device))
+        skipped += process.gather(run_samples(model, tokenizer, todo, configs, predictions, args, device, process))
+        process.barrier()  # every rank's predictions are on disk
+        if process.rank != 0:
+            return None
+        merged = {name: Predictions(out / name) for name in configs}  # all ranks' files, read again
+        return results(args, model, merged, samples, skipped, out, process.world_size)
+    finally:
+        process.finish()
 
 
-def run_samples(model, tokenizer, todo, configs, predictions, args, device, skipped) -> None:
-    """Each sample: its image encoded once, then answered under every configuration still missing it."""
+def run_samples(model, tokenizer, todo, configs, predictions, args, device, process) -> list[dict]:
+    """Each sample: its image encoded once, then answered under every configuration still missing
+    it. Returns the questions skipped for a damaged image (with --skip-bad)."""
     from tqdm import tqdm
 
-    with tqdm(todo, desc="questions", unit="q", file=sys.stderr, disable=not todo) as bar:
-        for sample in bar:
-            try:
-                image = open_image(sample.image)
-            except MediaError as e:
-                if not args.skip_bad:
-                    raise DataError(f"{sample.source}: {e}") from None
-                skipped.append({"question": sample.source, "reason": str(e)})
+    skipped, embedded = [], ParquetImages()
+    bar = tqdm(todo, desc="questions", unit="q", file=sys.stderr, disable=not todo or process.rank != 0)
+    for sample in bar:
+        try:
+            image = embedded.open(sample) if sample.blob else open_image(sample.image)
+        except MediaError as e:
+            if not args.skip_bad:
+                raise DataError(f"{sample.source}: {e}") from None
+            skipped.append({"question": sample.source, "reason": str(e)})
+            continue
+        start = llava.now(device)
+        visual = model.encode_image(image, pad_to_square=args.pad_to_square)
+        vision_s = llava.now(device) - start
+        for name, settings in configs.items():
+            if sample.key in predictions[name].done:
                 continue
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             start = llava.now(device)
-            visual = model.encode_image(image, pad_to_square=args.pad_to_square)
-            vision_s = llava.now(device) - start
-            for name, settings in configs.items():
-                if sample.key in predictions[name].done:
-                    continue
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                start = llava.now(device)
-                text, kept, prompt_len, evict_layer = answer(
-                    model,
-                    tokenizer,
-                    visual,
-                    settings,
-                    question_text(sample, args.benchmark),
-                    args.max_new_tokens,
-                    device,
-                )
-                seconds = vision_s + llava.now(device) - start  # a run of this config alone pays the encoder too
-                prefill_flops, _ = todre.paper_flops(model.config.text, prompt_len, kept, evict_layer, 0)
-                predictions[name].append(
-                    {
-                        "question_id": sample.question_id,
-                        "image": sample.image,
-                        "category": sample.category,
-                        "question": sample.question,
-                        "answer": text,
-                        "pred": parse(text, args.benchmark, args.parser, sample.label),
-                        "label": sample.label,
-                        "visual_tokens": kept,
-                        "evict_layer": evict_layer,
-                        "seconds": seconds,
-                        "prefill_tflops": prefill_flops / 1e12,
-                        "peak_memory_mb": llava.peak_memory_mb(device),
-                    }
-                )
+            figure2 = args.figure2 and name == "full"
+            text, kept, prompt_len, evict_layer, ratios = answer(
+                model,
+                tokenizer,
+                visual,
+                settings,
+                question_text(sample, args.benchmark),
+                args.max_new_tokens,
+                device,
+                figure2,
+            )
+            seconds = vision_s + llava.now(device) - start  # a run of this config alone pays the encoder too
+            prefill_flops, _ = todre.paper_flops(model.config.text, prompt_len, kept, evict_layer, 0)
+            record = {
+                "question_id": sample.question_id,
+                "image": sample.image,
+                "category": sample.category,
+                "question": sample.question,
+                "answer": text,
+                "pred": parse(text, args.benchmark, args.parser, sample.label),
+                "label": sample.label,
+                "visual_tokens": kept,
+                "evict_layer": evict_layer,
+                "seconds": seconds,
+                "prefill_tflops": prefill_flops / 1e12,
+                "peak_memory_mb": llava.peak_memory_mb(device),
+            }
+            if figure2:
+                record["ratios"] = {str(layer): list(pair) for layer, pair in ratios.items()}
+            predictions[name].append(record)
+    bar.close()
+    return skipped
 
 
-def results(args, model, configs, predictions, samples, skipped, out: Path) -> dict:
-    """results.json from every prediction on disk for the questions of this run."""
-    keys = {s.key for s in samples}
+def results(args, model, predictions, samples, skipped, out: Path, world_size: int) -> dict:
+    """results.json (and figure2.json) from every prediction on disk for the questions of this run."""
+    order = {s.key: i for i, s in enumerate(samples)}  # whatever process answered what, in file order
     score = {"pope": pope_metrics, "mme": mme_metrics, "jsonl": jsonl_metrics}[args.benchmark]
     rows = {}
-    for name in configs:
-        records = [r for r in predictions[name].records if (r["category"], r["question_id"]) in keys]
+    for name, files in predictions.items():
+        records = [r for r in files.records if (r["category"], r["question_id"]) in order]
+        records.sort(key=lambda r: order[(r["category"], r["question_id"])])
         seconds = sum(r["seconds"] for r in records)
         rows[name] = {
             "samples": len(records),
-            "samples_per_s": ratio(len(records), seconds),
+            "samples_per_s": ratio(len(records), seconds),  # per process
             "mean_visual_tokens": ratio(sum(r["visual_tokens"] for r in records), len(records)),
             "evict_layer_histogram": dict(
                 Counter("none" if r["evict_layer"] is None else str(r["evict_layer"]) for r in records)
@@ -567,22 +771,74 @@ def results(args, model, configs, predictions, samples, skipped, out: Path) -> d
             "metrics": score(records) if records else {},
             "unparseable": sum(r["pred"] == "other" for r in records),
         }
+        if args.figure2 and name == "full":
+            write_figure2(records, model, out)
     full = rows.get("full", {}).get("metrics")
     for row in rows.values():
         row["relative"] = relative(row["metrics"], full or {})
     result = {
         "benchmark": args.benchmark,
         "model": args.model,
-        "world_size": 1,
+        "world_size": world_size,
         "parser": args.parser,
         "configs": rows,
-        "skipped": skipped,
+        "skipped": sorted(skipped, key=lambda s: s["question"]),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "results.json")
+    write_json(out / "results.json", result)
     return result
+
+
+def write_json(path: Path, value) -> None:
+    """Written whole or not at all (a temporary file renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def write_figure2(records: list[dict], model, out: Path) -> None:
+    """The paper's Figure 2 for this model and data: eq. 7's a_tv and a_vt at every decoder layer,
+    averaged over the questions, with the probe layers and tau of the paper's v1 for reference.
+    figure2.json always; figure2.png where matplotlib is installed (it is optional)."""
+    measured = [r["ratios"] for r in records if r.get("ratios")]
+    layers = sorted({int(layer) for ratios in measured for layer in ratios})
+    mean = {
+        layer: [
+            ratio(sum(r[str(layer)][i] for r in measured if str(layer) in r), sum(str(layer) in r for r in measured))
+            for i in (0, 1)
+        ]
+        for layer in layers
+    }
+    figure = {
+        "samples": len(measured),
+        "layers": layers,
+        "a_tv": [mean[layer][0] for layer in layers],
+        "a_vt": [mean[layer][1] for layer in layers],
+        "probe_layers": todre.probe_layers(model.config.text.num_hidden_layers),
+        "tau": todre.Settings().tau,
+    }
+    write_json(out / "figure2.json", figure)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("figure2.json written; figure2.png needs matplotlib: pip install matplotlib", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(layers, figure["a_tv"], marker="o", label="a_tv: text to visual")
+    ax.plot(layers, figure["a_vt"], marker="s", label="a_vt: visual to text")
+    for layer in figure["probe_layers"]:
+        ax.axvline(layer, color="grey", linestyle=":", linewidth=1)
+    ax.axhline(figure["tau"], color="red", linestyle="--", linewidth=1, label=f"tau = {figure['tau']}")
+    ax.set_xlabel("decoder layer (0-based; dotted: probe layers)")
+    ax.set_ylabel("attention share (eq. 7)")
+    ax.set_title(f"Cross-modal attention by depth, {figure['samples']} questions")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "figure2.png", dpi=120)
+    plt.close(fig)
 
 
 def markdown_table(result: dict) -> str:
@@ -628,10 +884,13 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         result = evaluate(args)
-        print(markdown_table(result))
+        if result is not None:  # rank 0, or the only process
+            print(markdown_table(result))
         return 0
     except (UsageError, DataError, MediaError, llava.CheckpointError, llava.InputError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0 or not isinstance(e, UsageError):  # every rank sees the same bad command line: one says it
+            print(f"error: {'' if rank == 0 else f'rank {rank}: '}{e}", file=sys.stderr)
         return 2
     except OSError as e:  # the output folder: full disk, permissions
         print(f"error: cannot write the results: {os_error_text(e)}", file=sys.stderr)

@@ -149,6 +149,18 @@ def open_image(path: str) -> Image.Image:
     return to_8_bit(ImageOps.exif_transpose(image))
 
 
+def open_image_bytes(data: bytes, name: str) -> Image.Image:
+    """open_image for an image held in memory (a dataset's embedded image); `name` for messages."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise MediaError(f"{name} is not an image Pillow can read") from None
+    except Image.DecompressionBombError:
+        raise MediaError(f"{name} is too large to decode safely (over Pillow's decompression-bomb limit)") from None
+    load_pixels(image, name)
+    return to_8_bit(ImageOps.exif_transpose(image))
+
+
 # ---------------------------------------------------------------------------------------------
 # Video
 # ---------------------------------------------------------------------------------------------

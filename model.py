@@ -236,11 +236,14 @@ class Llava(nn.Module):
         settings: todre.Settings,
         kv_cache: KVCache,
         all_logits: bool = False,
+        every_layer_ratios: bool = False,
     ) -> tuple[torch.Tensor, PrefillInfo]:
         """Run the prompt through the decoder, filling kv_cache; ToDRE Stage 2 happens in this loop.
 
         input_ids (n,) with one image token per row of visual_embeds (m, d). Returns (logits, info):
         logits (1, t, vocab) for every remaining token if all_logits, else for the last one only.
+        every_layer_ratios: measure eq. 7 at every layer the visual tokens reach (the paper's
+        Figure 2) as well, without changing what Stage 2 decides.
         """
         lm = self.language_model
         x = self.embed(input_ids, visual_embeds)
@@ -252,16 +255,19 @@ class Llava(nn.Module):
         text_pos = positions[positions > visual_pos.max()] if len(visual_pos) else positions[:0]
         stage2 = len(visual_pos) > 0 and (settings.tau > 0 or settings.evict_layer is not None)
         probes = settings.probes(len(lm.layers)) if stage2 else []
+        measured = set(range(len(lm.layers))) if every_layer_ratios and len(visual_pos) else set(probes)
         info = PrefillInfo()
 
         for i, layer in enumerate(lm.layers):
             x, q = layer(x, cos, sin, kv_cache, i)
-            if not stage2 or info.evict_layer is not None:
-                continue
-            if i in probes:
+            if info.evict_layer is not None:
+                continue  # the visual tokens are gone: nothing left to measure or evict
+            if i in measured:
                 keys, _ = kv_cache.get(i)
                 info.ratios[i] = todre.cross_modal_ratios(q[0], keys[0], visual_pos, text_pos)  # eq. 7
-            if i == settings.evict_layer or (i in info.ratios and todre.should_evict(info.ratios[i], settings.tau)):
+            if not stage2:
+                continue
+            if i == settings.evict_layer or (i in probes and todre.should_evict(info.ratios[i], settings.tau)):
                 # Visual tokens leave the residual stream and this layer's cache; later layers never
                 # see them. The rest keep their original positions (paper §4.2).
                 keep = ~is_visual

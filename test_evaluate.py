@@ -2,6 +2,12 @@
 per sample, resume, and clear errors. The benchmarks are tiny folders built here."""
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,9 +15,10 @@ import pytest
 
 import bench
 import evaluate
+import generate
 import model as llava
 import todre
-from conftest import noise_image
+from conftest import HERE, noise_image
 
 # ---------------------------------------------------------------------------------------------
 # Parsers, one case per branch
@@ -161,7 +168,7 @@ def test_configuration_names_parse_to_the_same_settings_as_bench(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def make_pope(root: Path) -> tuple[Path, Path]:
+def make_pope(root: Path, questions: int = 4) -> tuple[Path, Path]:
     """POPE's layout: three JSON Lines files numbering their questions from 1, COCO-named images."""
     images, data = root / "val2014", root / "pope"
     images.mkdir(parents=True)
@@ -176,7 +183,7 @@ def make_pope(root: Path) -> tuple[Path, Path]:
                 "text": "Is there a dog in the image?",
                 "label": "yes" if q % 2 else "no",
             }
-            for q in range(1, 5)
+            for q in range(1, questions + 1)
         ]
         (data / f"coco_pope_{category}.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return data, images
@@ -419,3 +426,286 @@ def test_bad_command_lines_are_one_error_line(tmp_path, capsys, argv, message):
     code = evaluate.main([a.format(tmp=tmp_path) for a in argv])
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and err.count("\n") == 1 and message.format(tmp=tmp_path) in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# Past one process and past local folders: torchrun, the Hub's parquet copies, Figure 2
+# ---------------------------------------------------------------------------------------------
+
+
+def torchrun(mha, processes: int, *argv, env_extra=None, wait=True):
+    """evaluate.py under torch's own launcher, on CPUs (gloo), as a user would start it."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        str(HERE / "evaluate.py"),
+        *argv,
+        "--model",
+        str(mha.directory),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--max-new-tokens",
+        "4",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    if wait:
+        out, err = process.communicate(timeout=600)
+        return process.returncode, out, err
+    return process
+
+
+def union(folder: Path) -> dict:
+    """Every prediction of a configuration folder, whatever file holds it, by question."""
+    records = {}
+    for path in sorted(folder.glob("predictions*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut off by a kill
+            records.setdefault((record["category"], record["question_id"]), []).append(record)
+    return records
+
+
+def test_two_torchrun_processes_give_the_single_process_result(mha, tmp_path, capsys):
+    data, images = make_pope(tmp_path)
+    argv = ["--benchmark", "pope", "--data", str(data), "--images", str(images), "--configs", "full,todre-0.10"]
+    assert run(capsys, mha, *argv, "--out", str(tmp_path / "one"))[0] == 0
+    code, out, err = torchrun(mha, 2, *argv, "--out", str(tmp_path / "two"))
+    assert code == 0, err
+    assert out.count("| config |") == 1  # rank 0 alone prints the table
+    for name in ("full", "todre-0.10"):
+        assert sorted(p.name for p in (tmp_path / "two" / name).iterdir()) == [
+            "predictions.rank0.jsonl",
+            "predictions.rank1.jsonl",
+        ]
+        single, sharded = union(tmp_path / "one" / name), union(tmp_path / "two" / name)
+        assert sharded.keys() == single.keys() and all(len(v) == 1 for v in sharded.values())
+        drop = ("seconds", "peak_memory_mb")
+        assert all(
+            {k: v for k, v in sharded[key][0].items() if k not in drop}
+            == {k: v for k, v in single[key][0].items() if k not in drop}
+            for key in single
+        )
+    one = comparable(json.loads((tmp_path / "one" / "results.json").read_text()))
+    two = comparable(json.loads((tmp_path / "two" / "results.json").read_text()))
+    assert two.pop("world_size") == 2 and one.pop("world_size") == 1
+    assert two == one
+
+
+def rank_pid(marker: str, rank: int) -> int | None:
+    """The pid of torchrun's worker `rank` in the run tagged `marker` (from /proc/<pid>/environ)."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            variables = environ.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"EVAL_RUN={marker}".encode() in variables and f"RANK={rank}".encode() in variables:
+            return int(environ.parent.name)
+    return None
+
+
+def test_a_rank_killed_mid_run_loses_only_its_question_in_flight(mha, tmp_path, capsys):
+    data, images = make_pope(tmp_path, questions=10)
+    argv = [
+        "--benchmark",
+        "pope",
+        "--data",
+        str(data),
+        "--images",
+        str(images),
+        "--configs",
+        "full,todre-0.10",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    marker = str(tmp_path)
+    launcher = torchrun(mha, 2, *argv, env_extra={"EVAL_RUN": marker}, wait=False)
+    rank1_file = tmp_path / "out" / "full" / "predictions.rank1.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (not rank1_file.exists() or len(rank1_file.read_text().splitlines()) < 3):
+        time.sleep(0.02)
+    pid = rank_pid(marker, 1)
+    assert pid is not None and rank1_file.exists()
+    os.kill(pid, signal.SIGKILL)  # rank 1 dies; torchrun then stops rank 0 as well
+    launcher.communicate(timeout=300)
+    assert launcher.returncode != 0
+    done_before = len(union(tmp_path / "out" / "full"))
+    assert 3 <= done_before < 30
+
+    code, out, err = torchrun(mha, 3, *argv)  # rerun with another number of processes
+    assert code == 0, err
+    for name in ("full", "todre-0.10"):
+        records = union(tmp_path / "out" / name)
+        assert len(records) == 30 and all(len(v) == 1 for v in records.values())  # all done, none twice
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["world_size"] == 3 and result["configs"]["full"]["samples"] == 30
+
+
+def write_lmms_parquet(path: Path, samples, benchmark: str, row_group_size: int = 4) -> None:
+    """The same questions in lmms-lab's parquet schema, images embedded, several row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for s in samples:
+        image = {"bytes": Path(s.image).read_bytes(), "path": Path(s.image).name}
+        if benchmark == "mme":
+            rows.append(
+                {
+                    "question_id": f"{s.category}/{Path(s.image).name}",
+                    "image": image,
+                    "question": s.question,
+                    "answer": s.label.capitalize(),
+                    "category": s.category,
+                }
+            )
+        else:
+            rows.append(
+                {
+                    "id": str(len(rows)),
+                    "question_id": s.question_id,
+                    "question": s.question,
+                    "answer": s.label,
+                    "image_source": Path(s.image).stem,
+                    "image": image,
+                    "category": s.category,
+                }
+            )
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
+
+
+@pytest.mark.parametrize("which", ["pope", "mme"])
+def test_hub_parquet_scores_identically_to_the_local_layout(mha, tmp_path, capsys, monkeypatch, which):
+    import huggingface_hub
+
+    if which == "pope":
+        data, images = make_pope(tmp_path)
+        local = ["--data", str(data), "--images", str(images)]
+        samples = evaluate.load_pope(data, images)
+    else:
+        data = make_mme(tmp_path)
+        local, samples = ["--data", str(data)], evaluate.load_mme(data)
+    hub = tmp_path / "hub"
+    write_lmms_parquet(hub / "data" / "test-00000-of-00001.parquet", samples, which)
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kwargs: calls.append(kwargs) or str(hub))
+    argv = ["--benchmark", which, "--configs", "full,keep-64"]
+    assert run(capsys, mha, *argv, *local, "--out", str(tmp_path / "local"))[0] == 0
+    code, out, err = run(capsys, mha, *argv, "--out", str(tmp_path / "hub-out"))
+    assert code == 0, err
+    repo = "lmms-lab/POPE" if which == "pope" else "lmms-lab/MME"
+    assert calls == [{"repo_id": repo, "repo_type": "dataset", "allow_patterns": ["data/*.parquet"]}]
+    from_disk = json.loads((tmp_path / "local" / "results.json").read_text())["configs"]
+    from_hub = json.loads((tmp_path / "hub-out" / "results.json").read_text())["configs"]
+    for name in ("full", "keep-64"):
+        assert from_hub[name]["metrics"] == from_disk[name]["metrics"] and from_hub[name]["samples"] == len(samples)
+        disk = {key: records[0]["answer"] for key, records in union(tmp_path / "local" / name).items()}
+        hub_answers = {key: records[0]["answer"] for key, records in union(tmp_path / "hub-out" / name).items()}
+        assert hub_answers == disk  # the same questions, ids and answers
+
+
+def test_hub_without_pyarrow_or_offline_is_one_line(mha, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    make_pope(tmp_path)
+    write_lmms_parquet(
+        tmp_path / "hub" / "data" / "x.parquet", evaluate.load_pope(tmp_path / "pope", tmp_path / "val2014"), "pope"
+    )
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kwargs: str(tmp_path / "hub"))
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    code, out, err = run(capsys, mha, "--benchmark", "pope")
+    assert (
+        code == 2
+        and err
+        == "error: reading lmms-lab/POPE needs pyarrow: pip install pyarrow "
+        "(or pass the original layout with --data DIR)\n"
+    )
+
+    def offline(**kwargs):
+        raise LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    code, out, err = run(capsys, mha, "--benchmark", "mme")
+    assert code == 2 and "if you are offline, pass a local copy with --data DIR" in err and err.count("\n") == 1
+
+
+def test_figure2_records_every_layer_and_equals_what_stats_reports(gqa, tmp_path, capsys, monkeypatch):
+    noise_image(300, 200, seed=9).save(tmp_path / "a.png")
+    question = "What colour is it?"
+    line = {"question_id": "q1", "image": "a.png", "question": question, "answer": "red"}
+    (tmp_path / "set.jsonl").write_text(json.dumps(line) + "\n")
+    code, out, err = run(
+        capsys,
+        gqa,
+        "--benchmark",
+        "jsonl",
+        "--data",
+        str(tmp_path / "set.jsonl"),
+        "--configs",
+        "full",
+        "--figure2",
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert code == 0, err
+    figure = json.loads((tmp_path / "out" / "figure2.json").read_text())
+    assert figure["layers"] == list(range(8)) and figure["samples"] == 1 and figure["probe_layers"] == [3, 4, 5, 6]
+    assert all(v == 0.0 for v in figure["a_vt"]) and all(0 < v < 1 for v in figure["a_tv"])  # causal: a_vt = 0
+    assert (tmp_path / "out" / "figure2.png").stat().st_size > 1000
+
+    # generate.py --stats on the same image and question, unpruned and never evicting
+    argv = [
+        "--model",
+        str(gqa.directory),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--image",
+        str(tmp_path / "a.png"),
+        "--prompt",
+        question + evaluate.SUFFIX,
+        "--retain",
+        "1",
+        "--tau",
+        "1e-9",
+        "--max-new-tokens",
+        "1",
+        "--stats",
+    ]
+    assert generate.main(argv) == 0
+    stats = capsys.readouterr().err
+    for layer in figure["probe_layers"]:
+        reported = re.search(rf"layer {layer}: a_tv=([0-9.]+) a_vt=([0-9.]+)", stats)
+        assert reported and float(reported[1]) == round(figure["a_tv"][layer], 4)
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # without matplotlib: the JSON and a hint
+    code, out, err = run(
+        capsys,
+        gqa,
+        "--benchmark",
+        "jsonl",
+        "--data",
+        str(tmp_path / "set.jsonl"),
+        "--configs",
+        "full",
+        "--figure2",
+        "--out",
+        str(tmp_path / "bare"),
+    )
+    assert (
+        code == 0 and (tmp_path / "bare" / "figure2.json").exists() and not (tmp_path / "bare" / "figure2.png").exists()
+    )
+    assert "figure2.png needs matplotlib: pip install matplotlib" in err
