@@ -71,7 +71,7 @@ TEMPLATES = {
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
 }
 # Special tokens beside the placeholders, the BOS and the end-of-generation ids, per family.
-SPECIALS = {
+FAMILY_TOKENS = {
     "vicuna": ([], "<s>", ["</s>"]),
     "mistral": ([], "<s>", ["</s>"]),
     "chatml": (["<|im_start|>", "<|im_end|>"], "<s>", ["</s>"]),
@@ -168,7 +168,7 @@ class Checkpoint:
     ):
         s = SHAPES[shape]
         directory.mkdir(parents=True, exist_ok=True)
-        extra, bos, eos = SPECIALS[family]
+        extra, bos, eos = FAMILY_TOKENS[family]
         placeholders = ["<image>", "<video>"] if model_type == "llava_next_video" else ["<image>"]
         build = byte_level_tokenizer if family == "llama3" else sentencepiece_style_tokenizer
         tokenizer = build([*extra, *placeholders])

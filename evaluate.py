@@ -34,7 +34,7 @@ import torch
 import model as llava
 import todre
 from checkpoint import os_error_text
-from generate import Parser, UsageError, check_number, pick_device, pick_dtype
+from generate import Parser, UsageError, add_device_flags, check_number, pick_device, pick_dtype
 from media import MediaError, open_image, open_image_bytes
 
 # LLaVA's and lmms-eval's instruction for short answers, appended to every question.
@@ -514,13 +514,7 @@ def parse_args(argv):
     p.add_argument("--tau", type=float, help="Stage 2 threshold for the configurations that use Stage 2")
     p.add_argument("--newlines", choices=["drop", "keep"], help="Stage 1 and the image_newline tokens")
     p.add_argument("--pad-to-square", action="store_true", help="LLaVA-1.5: pad to a square, as LLaVA's evaluation")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float16", "bfloat16", "float32"],
-        help="auto: float16 on a GPU, bfloat16 on CPU",
-    )
+    add_device_flags(p)
     args = p.parse_args(argv)
     check_number("--limit", args.limit, 1, math.inf)
     check_number("--max-new-tokens", args.max_new_tokens, 1, math.inf)

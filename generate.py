@@ -83,13 +83,7 @@ def parse_args(argv):
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float16", "bfloat16", "float32"],
-        help="auto: float16 on a GPU, bfloat16 on CPU",
-    )
+    add_device_flags(p)
     p.add_argument(
         "--variant",
         default="v1",
@@ -171,6 +165,17 @@ def parse_args(argv):
             raise UsageError("--save-selection needs --image or --video")
         check_writable(args.save_selection, [p for p in (args.image, args.video) if p])
     return args
+
+
+def add_device_flags(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype, the same for every command of the project."""
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float16", "bfloat16", "float32"],
+        help="auto: float16 on a GPU, bfloat16 on CPU",
+    )
 
 
 def check_number(flag: str, value, low, high, low_open: bool = False) -> None:
