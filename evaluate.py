@@ -31,10 +31,11 @@ from pathlib import Path
 
 import torch
 
+import media
 import model as llava
 import todre
 from checkpoint import os_error_text
-from generate import Parser, UsageError, add_device_flags, check_number, pick_device, pick_dtype
+from generate import Parser, UsageError, add_device_flags, check_not_empty, check_number, pick_device, pick_dtype
 from media import MediaError, open_image, open_image_bytes
 
 # LLaVA's and lmms-eval's instruction for short answers, appended to every question.
@@ -54,7 +55,7 @@ MME_PERCEPTION = (
 )
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 MME_SEPARATE_FOLDERS = ("artwork", "celebrity", "landmark", "posters", "scene")  # images/ + questions_answers_YN/
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+IMAGE_SUFFIXES = tuple(sorted(media.IMAGE_SUFFIXES))  # for str.endswith
 
 
 class DataError(Exception):
@@ -519,9 +520,7 @@ def parse_args(argv):
     check_number("--limit", args.limit, 1, math.inf)
     check_number("--max-new-tokens", args.max_new_tokens, 1, math.inf)
     check_number("--tau", args.tau, 0, math.inf)
-    for name in ("data", "images", "model", "out"):
-        if getattr(args, name) == "":
-            raise UsageError(f"--{name} is empty (an unset shell variable?)")
+    check_not_empty(args, "data", "images", "model", "out")
     if args.benchmark == "jsonl" and args.data is None:
         raise UsageError("--benchmark jsonl needs --data FILE")
     args.configs = [name for name in args.configs.split(",") if name]

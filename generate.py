@@ -128,9 +128,7 @@ def parse_args(argv):
     p.add_argument("--stats", action="store_true", help="token counts, attention ratios and timings to stderr")
     args = p.parse_args(argv)
 
-    for name in ("image", "video", "model", "save_selection"):
-        if getattr(args, name) == "":
-            raise UsageError(f"--{name.replace('_', '-')} is empty (an unset shell variable?)")
+    check_not_empty(args, "image", "video", "model", "save_selection")
     if args.image and args.video:
         raise UsageError("give --image or --video, not both")
     if args.no_todre and (args.retain is not None or args.tau is not None or args.keep_tokens is not None):
@@ -176,6 +174,13 @@ def add_device_flags(p: argparse.ArgumentParser) -> None:
         choices=["auto", "float16", "bfloat16", "float32"],
         help="auto: float16 on a GPU, bfloat16 on CPU",
     )
+
+
+def check_not_empty(args, *names: str) -> None:
+    """An empty path flag is an unset shell variable, never what was meant."""
+    for name in names:
+        if getattr(args, name) == "":
+            raise UsageError(f"--{name.replace('_', '-')} is empty (an unset shell variable?)")
 
 
 def check_number(flag: str, value, low, high, low_open: bool = False) -> None:
