@@ -153,37 +153,6 @@ def pack(features: torch.Tensor, sources: torch.Tensor, image_newline: torch.Ten
     return torch.where((sources == NEWLINE)[:, None], image_newline.to(tokens.dtype), tokens)
 
 
-def token_boxes(lay: Layout, sources: torch.Tensor) -> torch.Tensor:
-    """For each packed token, the box (x0, y0, x1, y1) of original-image pixels its patch was made
-    from; NaN for newlines.
-
-    Thumbnail tokens map back by the two squash factors. Crop tokens: canvas cell + patch offset
-    gives canvas pixels; minus the centred padding they are pixels of the resized image, which
-    scale back to the original (any part of a box in the padding is clipped off).
-    """
-    height, width = lay.image_size
-    patch = lay.crop_size // lay.side
-    new_h, new_w = resized_size(height, width, *lay.best_resolution)
-    top, left = (lay.best_resolution[0] - new_h) // 2, (lay.best_resolution[1] - new_w) // 2
-    crop, within = sources.div(lay.side**2, rounding_mode="floor"), sources % lay.side**2
-    cell_y, cell_x = ((crop - 1).clamp(min=0) // lay.grid[1]).double(), ((crop - 1).clamp(min=0) % lay.grid[1]).double()
-    y0 = cell_y * lay.crop_size + (within // lay.side * patch).double() - top  # pixels of the resized image
-    x0 = cell_x * lay.crop_size + (within % lay.side * patch).double() - left
-    sy, sx = height / new_h, width / new_w
-    mosaic = torch.stack(
-        [
-            (x0 * sx).clamp(0, width),
-            (y0 * sy).clamp(0, height),
-            ((x0 + patch) * sx).clamp(0, width),
-            ((y0 + patch) * sy).clamp(0, height),
-        ],
-        dim=-1,
-    )
-    thumbnail = patch_boxes(Framing.squashed(lay.image_size, lay.crop_size), within, lay.side)
-    boxes = torch.where((crop == 0)[:, None], thumbnail, mosaic)
-    return torch.where((sources == NEWLINE)[:, None], torch.full_like(boxes, float("nan")), boxes)
-
-
 # ---------------------------------------------------------------------------------------------
 # One square crop per image or video frame
 # ---------------------------------------------------------------------------------------------
@@ -256,25 +225,6 @@ def preprocess_square(
     return normalize(Image.fromarray(np.ascontiguousarray(window)), mean, std)[None], framing
 
 
-def patch_boxes(framing: Framing, patches: torch.Tensor, side: int) -> torch.Tensor:
-    """Boxes (x0, y0, x1, y1) in original pixels of patches (row-major indices into a side x side
-    grid over the crop), clipped to the image (a box wholly in padding has zero area)."""
-    height, width = framing.image_size
-    cell = framing.crop / side
-    r, c = (patches // side).double(), (patches % side).double()
-    y0, x0 = framing.offset[0] + r * cell, framing.offset[1] + c * cell  # in scaled pixels
-    sy, sx = height / framing.scaled[0], width / framing.scaled[1]
-    return torch.stack(
-        [
-            (x0 * sx).clamp(0, width),
-            (y0 * sy).clamp(0, height),
-            ((x0 + cell) * sx).clamp(0, width),
-            ((y0 + cell) * sy).clamp(0, height),
-        ],
-        dim=-1,
-    )
-
-
 def frame_sources(frames: int, side: int, newlines: bool) -> torch.Tensor:
     """Packed order of `frames` square grids of side x side tokens, frame after frame: each token's
     index into the flattened (frames * side * side) features, and with `newlines` one NEWLINE
@@ -283,15 +233,3 @@ def frame_sources(frames: int, side: int, newlines: bool) -> torch.Tensor:
     if newlines:
         grid = torch.cat([grid, torch.full((frames, side, 1), NEWLINE)], dim=2)
     return grid.flatten()
-
-
-def framed_boxes(framings: list[Framing], sources: torch.Tensor, side: int) -> torch.Tensor:
-    """For each packed token of square crops (one Framing per crop), the box of original pixels
-    its patch was made from; NaN for newlines."""
-    per_crop = side * side
-    crop, within = sources.clamp(min=0).div(per_crop, rounding_mode="floor"), sources.clamp(min=0) % per_crop
-    boxes = torch.full((len(sources), 4), float("nan"), dtype=torch.float64)
-    for i, framing in enumerate(framings):
-        mine = (crop == i) & (sources != NEWLINE)
-        boxes[mine] = patch_boxes(framing, within[mine], side)
-    return boxes

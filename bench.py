@@ -21,10 +21,12 @@ import torch
 from PIL import Image
 
 import anyres
-import model as llava
+import cli
 import todre
+from checkpoint import LlavaConfig
 from clip import CLIPVisionConfig
 from llama import LlamaConfig
+from model import Llava, generate
 
 CLIP_L_336 = dict(
     hidden_size=1024,
@@ -66,11 +68,11 @@ PREFIX_TOKENS, SUFFIX_TOKENS = 35, 12  # the Vicuna system prompt and "USER:"; a
 IMAGE_TOKEN = 32000
 
 
-def model_config(preset: str) -> llava.LlavaNextConfig:
+def model_config(preset: str) -> LlavaConfig:
     p = PRESETS[preset]
     # eos_token_id -1: random weights must not stop early; every configuration decodes --new-tokens tokens.
     text = LlamaConfig.from_dict({**p["text"], **TEXT_DEFAULTS, "eos_token_id": -1})
-    return llava.LlavaNextConfig(
+    return LlavaConfig(
         text=text,
         vision=CLIPVisionConfig.from_dict(p["vision"]),
         image_grid_pinpoints=PINPOINTS,
@@ -85,10 +87,10 @@ def settings_for(name: str, evict_layer: int) -> todre.Settings:
     return replace(settings, evict_layer=evict_layer) if settings.tau > 0 else settings
 
 
-def build_model(cfg: llava.LlavaNextConfig, device, dtype, seed: int) -> llava.LlavaNext:
+def build_model(cfg: LlavaConfig, device, dtype, seed: int) -> Llava:
     """Seeded random weights, made directly on the device: N(0, 0.02) matrices, unit norms."""
     with torch.device("meta"):
-        model = llava.LlavaNext(cfg)
+        model = Llava(cfg)
     model = model.to(dtype).to_empty(device=device)  # memory for the weights in their final dtype only
     g = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
@@ -144,11 +146,11 @@ def time_probes(model, ids, visual_embeds, settings, device) -> dict:
     layers = todre.probe_layers(len(lm.layers), settings.probe_fractions)
     attention = lm.layers[0].self_attn
     queries = torch.randn(attention.heads, len(ids), attention.head_dim, device=device, dtype=model.dtype)
-    start = llava.now(device)
+    start = cli.now(device)
     for layer in layers:
         keys, _ = kv_cache.get(layer)
         todre.cross_modal_ratios(queries, keys[0], visual_pos, text_pos)
-    return {"layers": layers, "probe_s": llava.now(device) - start}
+    return {"layers": layers, "probe_s": cli.now(device) - start}
 
 
 def run_ours(model, name, args, image, device):
@@ -156,39 +158,35 @@ def run_ours(model, name, args, image, device):
     settings = settings_for(name, args.evict_layer)
     times = []
     for _ in range(args.warmup + args.repeats):
-        start = llava.now(device)
+        start = cli.now(device)
         visual = model.encode_image(image)
-        vision_done = llava.now(device)
+        vision_done = cli.now(device)
         kept = model.select(visual, settings)
-        visual_embeds = visual.tokens[kept]
-        select_done = llava.now(device)
+        select_done = cli.now(device)
         ids = synthetic_prompt_ids(len(kept), device)
-        kv_cache = model.new_kv_cache(args.new_tokens)
-        logits, info = model.prefill(ids, visual_embeds, settings, kv_cache)
-        prefill_done = llava.now(device)
-        generated = list(model.decode(logits[0, -1], len(ids), kv_cache, args.new_tokens))
-        decode_done = llava.now(device)
-        assert len(generated) == args.new_tokens
+        generation = generate(model, ids, visual.tokens[kept], settings, args.new_tokens, clock=lambda: cli.now(device))
+        assert len(generation.token_ids) == args.new_tokens
         times.append(
             dict(
                 vision_s=vision_done - start,
                 select_s=select_done - vision_done,
-                prefill_s=prefill_done - select_done,
-                decode_s=decode_done - prefill_done,
+                prefill_s=generation.prefill_s,
+                decode_s=generation.decode_s,
             )
         )
+    info = generation.info
     prefill_flops, decode_flops = todre.paper_flops(cfg.text, len(ids), len(kept), info.evict_layer, args.new_tokens)
     exact = exact_prefill_flops(cfg.text, len(ids), len(kept), info.evict_layer)
     row = dict(
         visual_tokens=len(kept),
-        kv_cache_mb=kv_cache.nbytes() / 2**20,
+        kv_cache_mb=generation.kv_cache_bytes / 2**20,
         evict_layer=info.evict_layer,
         prefill_tflops=prefill_flops / 1e12,
         decode_tflops=decode_flops / 1e12,
         prefill_tflops_exact=exact / 1e12,
     )
     if settings.tau > 0:
-        row["stage2_probe"] = time_probes(model, ids, visual_embeds, settings, device)
+        row["stage2_probe"] = time_probes(model, ids, visual.tokens[kept], settings, device)
     return times[args.warmup :], row
 
 
@@ -210,23 +208,23 @@ def run_hf(model, args, image, device):
     processor = reference.image_processor(PINPOINTS)
     times = []
     for _ in range(args.warmup + args.repeats):
-        start = llava.now(device)
+        start = cli.now(device)
         pixels = processor(image, return_tensors="pt")
         packed = hf.model.get_image_features(
             pixels["pixel_values"].to(device, dtype), pixels["image_sizes"].to(device)
         ).pooler_output[0]
-        vision_done = llava.now(device)
+        vision_done = cli.now(device)
         ids = synthetic_prompt_ids(len(packed), device)
         embeds = hf.model.language_model.embed_tokens(ids[None])
         embeds[0, ids == IMAGE_TOKEN] = packed
         out = hf(inputs_embeds=embeds, use_cache=True)
         token = out.logits[0, -1].argmax()
-        prefill_done = llava.now(device)
+        prefill_done = cli.now(device)
         cache = out.past_key_values
         for _ in range(args.new_tokens - 1):
             out = hf(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
             cache, token = out.past_key_values, out.logits[0, -1].argmax()
-        done = llava.now(device)
+        done = cli.now(device)
         times.append(
             dict(
                 vision_s=vision_done - start,
@@ -261,7 +259,7 @@ def run_one(args) -> dict:
         times, row = run_ours(model, args.one, args, image, device)
     median = {key: statistics.median(t[key] for t in times) for key in times[0]}
     median["total_s"] = median["vision_s"] + median["select_s"] + median["prefill_s"] + median["decode_s"]
-    return {"name": args.one, **row, **median, "peak_mem_mb": llava.peak_memory_mb(device)}
+    return {"name": args.one, **row, **median, "peak_mem_mb": cli.peak_memory_mb(device)}
 
 
 def parse_args(argv=None):
@@ -303,7 +301,7 @@ def parse_args(argv=None):
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.dtype == "auto":
-        args.dtype = str(llava.auto_dtype(torch.device(args.device))).removeprefix("torch.")
+        args.dtype = str(cli.pick_dtype("auto", torch.device(args.device))).removeprefix("torch.")
     if args.evict_layer is None:
         args.evict_layer = todre.probe_layers(PRESETS[args.preset]["text"]["num_hidden_layers"])[0]
     return args

@@ -6,7 +6,6 @@ A checkpoint that cannot be used is a `CheckpointError` naming the file and the 
 Weights are only ever read from safetensors: never pickles, never code from the checkpoint.
 """
 
-import errno
 import json
 import math
 import types
@@ -19,6 +18,8 @@ import anyres
 import prompt
 from clip import ACTIVATIONS, CLIPVisionConfig, layers_to_run
 from llama import LlamaConfig
+from media import os_error_text
+from todre import is_count
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
 # Only configs, tokenizer files and safetensors are ever downloaded or read: never pickles.
@@ -31,20 +32,6 @@ MODEL_TYPES = ("llava", "llava_next", "llava_next_video")
 
 class CheckpointError(Exception):
     """The checkpoint cannot be found or does not match this model; the message says what to do."""
-
-
-def os_error_text(e: OSError) -> str:
-    """What an OSError on a path means, in words (the errno names say little to most people)."""
-    return {
-        errno.ENAMETOOLONG: "a name in the path is longer than the file system allows (255 bytes)",
-        errno.ELOOP: "the path is a loop of symbolic links",
-        errno.EACCES: "permission denied",
-        errno.EPERM: "permission denied",
-        errno.ENOTDIR: "a part of the path is not a directory",
-        errno.ENOENT: "no such file or directory",
-        errno.ENOSPC: "no space left on the device",
-        errno.EROFS: "the file system is read-only",
-    }.get(e.errno, e.strerror or str(e))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +127,7 @@ class LlavaConfig:
         )
 
         feature_layer = cfg.get("vision_feature_layer", -2)
-        if not is_int(feature_layer):
+        if not is_count(feature_layer):
             raise CheckpointError(f"{path}: vision_feature_layer must be one integer, got {feature_layer!r}")
         try:
             layers_to_run(feature_layer, vision.num_hidden_layers)
@@ -150,7 +137,7 @@ class LlavaConfig:
         video_token = cfg.get("video_token_index", cfg.get("video_token_id", 32000)) if "video" in model_type else None
         for name, token in (("image_token_index", image_token), ("video_token_index", video_token)):
             require(
-                token is None or is_int(token) and 0 <= token < text.vocab_size,
+                token is None or is_count(token) and 0 <= token < text.vocab_size,
                 path,
                 f"{name} must be an id below vocab_size {text.vocab_size}, got {token!r}",
             )
@@ -162,7 +149,7 @@ class LlavaConfig:
         )
         grid = vision.image_size // vision.patch_size
         require(
-            is_int(stride) and stride >= 1 and grid % stride == 0,
+            is_count(stride) and stride >= 1 and grid % stride == 0,
             path,
             f"spatial_pool_stride must be a whole divisor of the {grid}x{grid} patch grid, got {stride!r}",
         )
@@ -180,7 +167,7 @@ class LlavaConfig:
             check_pinpoints(pinpoints, crop, path)
         size = pre.get("size", {"shortest_edge": crop})
         size = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
-        require(is_int(size) and size > 0, pre_path, f"size must give a positive shortest_edge, got {size!r}")
+        require(is_count(size) and size > 0, pre_path, f"size must give a positive shortest_edge, got {size!r}")
         mean, std = pre.get("image_mean", anyres.CLIP_MEAN), pre.get("image_std", anyres.CLIP_STD)
         for name, values in (("image_mean", mean), ("image_std", std)):
             if not (isinstance(values, (list, tuple)) and len(values) == 3 and all(is_number(v) for v in values)):
@@ -245,16 +232,12 @@ def section(cfg: dict, name: str, path: Path) -> dict:
     return value
 
 
-def is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 FIELD_CHECKS = {
-    int: (is_int, "an integer"),
+    int: (is_count, "an integer"),
     float: (is_number, "a finite number"),
     bool: (lambda v: isinstance(v, bool), "true or false"),
     str: (lambda v: isinstance(v, str), "a string"),
@@ -268,7 +251,7 @@ def build(config_class, values: dict, where: str):
         value = values.get(f.name)
         if value is None:
             continue
-        if f.name == "eos_token_id" and isinstance(value, list) and value and all(map(is_int, value)):
+        if f.name == "eos_token_id" and isinstance(value, list) and value and all(map(is_count, value)):
             continue  # Llama 3 lists several end-of-turn ids
         kinds = f.type.__args__ if isinstance(f.type, types.UnionType) else (f.type,)
         checks = [FIELD_CHECKS[k] for k in kinds if k in FIELD_CHECKS]
@@ -290,7 +273,9 @@ def check_pinpoints(pinpoints, crop: int, path: Path) -> None:
             "canvases, e.g. [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]"
         )
     for p in pinpoints:
-        if not (isinstance(p, (list, tuple)) and len(p) == 2 and all(is_int(v) and v > 0 and v % crop == 0 for v in p)):
+        if not (
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(is_count(v) and v > 0 and v % crop == 0 for v in p)
+        ):
             raise CheckpointError(
                 f"{path}: image_grid_pinpoints entry {p!r} must be [height, width], "
                 f"each a positive multiple of the crop size {crop}"
@@ -373,7 +358,7 @@ def stop_ids(directory: Path, cfg: LlavaConfig, tokenizer: "prompt.PromptTokeniz
     ids = set(cfg.text.eos_token_ids)
     generation = directory / "generation_config.json"
     eos = read_json(generation).get("eos_token_id") if generation.exists() else None
-    ids.update(eos if isinstance(eos, list) else [eos] if is_int(eos) else [])
+    ids.update(eos if isinstance(eos, list) else [eos] if is_count(eos) else [])
     end_of_turn = tokenizer.end_of_turn_id()
     return ids | ({end_of_turn} if end_of_turn is not None else set())
 
@@ -458,6 +443,3 @@ def load_weights(model: torch.nn.Module, directory: Path, device: torch.device, 
     if problems:
         raise CheckpointError(f"weights in {directory} do not match config.json: " + "; ".join(problems))
     model.load_state_dict(state, assign=True)
-
-
-LlavaNextConfig = LlavaConfig  # the name before LLaVA-1.5 was supported

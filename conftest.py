@@ -505,3 +505,394 @@ def families(tmp_path_factory):
 def family(request, families):
     """Each of the other checkpoint families in turn."""
     return families(request.param)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny benchmarks, in LLaVA's evaluation layout and as lmms-lab's parquet
+# ---------------------------------------------------------------------------------------------
+
+SHORT = "\nAnswer the question using a single word or phrase."
+LETTER = "\nAnswer with the option's letter from the given choices directly."
+
+
+def write_jsonl(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def save_image(path: Path, seed: int, size=(150, 110)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    noise_image(*size, seed=seed).save(path)
+
+
+def image_base64(seed: int) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    noise_image(120, 100, seed=seed).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def make_llava_eval(root: Path) -> Path:
+    """playground/data/eval as LLaVA's Evaluation.md lays it out, with a few questions of each of
+    the 8 benchmarks (the file names and fields of eval.zip and of each benchmark's release)."""
+    ev = root / "eval"
+    # POPE: llava_pope_test.jsonl (adversarial, random, popular), labels in coco/, images in val2014/
+    for i in range(2):
+        save_image(ev / "pope" / "val2014" / f"COCO_val2014_{i:012d}.jpg", seed=i)
+    questions = []
+    for c, base in (("adversarial", 1), ("random", 10000001), ("popular", 20000001)):
+        labels = [
+            {
+                "question_id": q + 1,
+                "image": f"COCO_val2014_{q % 2:012d}.jpg",
+                "text": f"Is there a {o} in the image?",
+                "label": "yes" if q % 2 == 0 else "no",
+            }
+            for q, o in enumerate(["dog", "cat", "car"])
+        ]
+        write_jsonl(ev / "pope" / "coco" / f"coco_pope_{c}.json", labels)
+        questions += [
+            {**r, "question_id": base + i, "text": r["text"] + SHORT, "category": c} for i, r in enumerate(labels)
+        ]
+    write_jsonl(
+        ev / "pope" / "llava_pope_test.jsonl", [{k: v for k, v in r.items() if k != "label"} for r in questions]
+    )
+    # MME: the release folder, one subtask of each kind
+    release = ev / "MME" / "MME_Benchmark_release_version"
+    save_image(release / "artwork" / "images" / "10002.jpg", seed=5)
+    (release / "artwork" / "questions_answers_YN").mkdir(parents=True)
+    (release / "artwork" / "questions_answers_YN" / "10002.txt").write_text(
+        "Is this artwork created by Titian? Please answer yes or no.\tYes\n"
+        "Is this artwork created by Monet? Please answer yes or no.\tNo\n"
+    )
+    for name, seed in (("0001", 6), ("0002", 7)):
+        save_image(release / "OCR" / f"{name}.png", seed=seed)
+        (release / "OCR" / f"{name}.txt").write_text(
+            'Is the word in the logo "hello"? Please answer yes or no.\tYes\r\n'
+            'Is the word in the logo "bye"? Please answer yes or no.\tNo\r\n'
+        )
+    # ScienceQA: llava_test_CQM-A.json (two with an image, one text-only), images/test/<id>/image.png
+    sqa = ev / "scienceqa"
+    items = [
+        {
+            "id": "11",
+            "image": "11/image.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is shown?\nA. Maryland\nB. Vermont"},
+                {"from": "gpt", "value": "B"},
+            ],
+        },
+        {
+            "id": "26",
+            "conversations": [
+                {
+                    "from": "human",
+                    "value": "Context: Select the better estimate.\nHow long?\nA. 33 minutes\nB. 33 hours",
+                },
+                {"from": "gpt", "value": "A"},
+            ],
+        },
+        {
+            "id": "5",
+            "image": "5/image.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nContext: A test.\nWhich?\nA. x\nB. y\nC. z"},
+                {"from": "gpt", "value": "C"},
+            ],
+        },
+    ]
+    sqa.mkdir(parents=True)
+    (sqa / "llava_test_CQM-A.json").write_text(json.dumps(items))
+    (sqa / "problems.json").write_text(
+        json.dumps(
+            {
+                "11": {"choices": ["Maryland", "Vermont"], "answer": 1},
+                "26": {"choices": ["33 minutes", "33 hours"], "answer": 0},
+                "5": {"choices": ["x", "y", "z"], "answer": 2},
+            }
+        )
+    )
+    for i, name in enumerate(("11", "5")):
+        save_image(sqa / "images" / "test" / name / "image.png", seed=10 + i)
+    # GQA: the question file, GQA's own testdev_balanced_questions.json, data/images
+    gqa = ev / "gqa"
+    rows = [
+        ("201307251", "n1.jpg", "Is it overcast?", "no", "verify"),
+        ("201640614", "n1.jpg", "Who is wearing the dress?", "woman", "query"),
+        ("202000001", "n2.jpg", "What color is the car?", "red", "query"),
+    ]
+    write_jsonl(
+        gqa / "llava_gqa_testdev_balanced.jsonl",
+        [{"question_id": q, "image": im, "text": t + SHORT, "category": "default"} for q, im, t, _, _ in rows],
+    )
+    (gqa / "data").mkdir(parents=True, exist_ok=True)
+    (gqa / "data" / "testdev_balanced_questions.json").write_text(
+        json.dumps({q: {"answer": a, "types": {"structural": s}, "isBalanced": True} for q, _, _, a, s in rows})
+    )
+    for i, name in enumerate(("n1.jpg", "n2.jpg")):
+        save_image(gqa / "data" / "images" / name, seed=20 + i)
+    # MMBench (EN and CN): the TSV, circular copies as rows index + k * 1,000,000, base64 images
+    for folder, tsv in (("mmbench", "mmbench_dev_20230712.tsv"), ("mmbench_cn", "mmbench_dev_cn_20231003.tsv")):
+        header = [
+            "index",
+            "question",
+            "hint",
+            "A",
+            "B",
+            "C",
+            "D",
+            "answer",
+            "category",
+            "source",
+            "image",
+            "comment",
+            "l2-category",
+            "split",
+        ]
+        lines = ["\t".join(header)]
+        options = [["rubber", "cotton", "nan", "nan"], ["red", "green", "blue", "black"]]
+        answers = ["A", "C"]
+        for q in range(2):
+            n = sum(o != "nan" for o in options[q])
+            for k in range(n):
+                rotated = options[q][:n][k:] + options[q][:n][:k]
+                answer = "ABCD"[(("AB" if n == 2 else "ABCD").index(answers[q]) - k) % n]
+                cells = [
+                    str(q + k * 1_000_000),
+                    f"Which is it {q}?",
+                    "A hint." if q == 0 else "nan",
+                    *(rotated + ["nan"] * (4 - n)),
+                    answer,
+                    "attribute" if q else "material",
+                    "src",
+                    image_base64(30 + q),
+                    "",
+                    "l2",
+                    "dev",
+                ]
+                lines.append("\t".join(cells))
+        (ev / folder).mkdir(parents=True)
+        (ev / folder / tsv).write_text("\n".join(lines) + "\n")
+    # VizWiz test (LLaVA's llava_test.jsonl) and val (VizWiz's val.json with 10 answers each)
+    viz = ev / "vizwiz"
+    tail = "\nWhen the provided information is insufficient, respond with 'Unanswerable'." + SHORT
+    write_jsonl(
+        viz / "llava_test.jsonl",
+        [
+            {
+                "question_id": i,
+                "image": f"VizWiz_test_{i:08d}.jpg",
+                "text": f"What is this {i}?" + tail,
+                "category": "default",
+            }
+            for i in range(2)
+        ],
+    )
+    for i in range(2):
+        save_image(viz / "test" / f"VizWiz_test_{i:08d}.jpg", seed=40 + i)
+        save_image(viz / "val" / f"VizWiz_val_{i:08d}.jpg", seed=42 + i)
+    (viz / "val.json").write_text(
+        json.dumps(
+            [
+                {
+                    "image": f"VizWiz_val_{i:08d}.jpg",
+                    "question": f"What is this {i}?",
+                    "answers": [{"answer": a, "answer_confidence": "yes"} for a in (["dog"] * 4 + ["cat"] * 6)],
+                }
+                for i in range(2)
+            ]
+        )
+    )
+    # VQAv2 test-dev (LLaVA's question files) and val (the VQA API's questions and annotations)
+    vqa = ev / "vqav2"
+    dev = [
+        {
+            "question_id": 262144000 + i,
+            "image": f"COCO_test2015_{262144 + i:012d}.jpg",
+            "text": f"Is the ball {i} flying?" + SHORT,
+            "category": "default",
+        }
+        for i in range(2)
+    ]
+    write_jsonl(vqa / "llava_vqav2_mscoco_test-dev2015.jsonl", dev)
+    write_jsonl(vqa / "llava_vqav2_mscoco_test2015.jsonl", dev + [{**dev[0], "question_id": 262144999}])
+    for i in range(2):
+        save_image(vqa / "test2015" / f"COCO_test2015_{262144 + i:012d}.jpg", seed=50 + i)
+        save_image(vqa / "val2014" / f"COCO_val2014_{i + 1:012d}.jpg", seed=52 + i)
+    (vqa / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(
+        json.dumps(
+            {"questions": [{"question_id": 10 + i, "image_id": i + 1, "question": f"How many {i}?"} for i in range(2)]}
+        )
+    )
+    (vqa / "v2_mscoco_val2014_annotations.json").write_text(
+        json.dumps(
+            {
+                "annotations": [
+                    {
+                        "question_id": 10 + i,
+                        "answers": [{"answer": a, "answer_id": j + 1} for j, a in enumerate(["2"] * 3 + ["3"] * 7)],
+                    }
+                    for i in range(2)
+                ]
+            }
+        )
+    )
+    return ev
+
+
+def write_parquet(path: Path, rows: list[dict], row_group_size: int = 2) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
+
+
+def make_hub_copies(ev: Path, hub: Path) -> Path:
+    """The same tiny questions in lmms-lab's parquet layouts (columns, configs, file names), images
+    embedded, several row groups: hub/<owner>_<name>/<the repo's files>."""
+    import base64
+
+    def blob(path: Path) -> dict:
+        return {"bytes": path.read_bytes(), "path": path.name}
+
+    from benchmarks import BENCHMARKS
+
+    pope = BENCHMARKS["pope"].load(ev, None, None)
+    write_parquet(
+        hub / "lmms-lab_POPE" / "data" / "test-00000-of-00001.parquet",
+        [
+            {
+                "id": str(i),
+                "question_id": q.question_id,
+                "question": q.text.removesuffix(SHORT),
+                "answer": q.label,
+                "image_source": Path(q.image).stem,
+                "image": blob(Path(q.image)),
+                "category": q.category,
+            }
+            for i, q in enumerate(pope)
+        ],
+    )
+    release = ev / "MME" / "MME_Benchmark_release_version"
+    rows = []
+    for q in BENCHMARKS["mme"].load(ev, None, None):
+        original = q.text.removesuffix(SHORT) + " Please answer yes or no."
+        rows.append(
+            {
+                "question_id": f"{q.category}/{Path(q.image).name}",
+                "image": blob(Path(q.image)),
+                "question": original,
+                "answer": q.label.capitalize(),
+                "category": q.category,
+            }
+        )
+    assert release.is_dir()
+    write_parquet(hub / "lmms-lab_MME" / "data" / "test-00000-of-00001.parquet", rows)
+    rows = []
+    for q in BENCHMARKS["sqa"].load(ev, None, None):
+        if q.image is None:
+            continue  # ScienceQA-IMG holds the image questions only
+        body = q.text.removesuffix(LETTER).split("\n")
+        hint = body[0].removeprefix("Context: ") if body[0].startswith("Context: ") else None
+        question = body[1] if hint else body[0]
+        rows.append(
+            {
+                "question": question,
+                "hint": hint or "",
+                "choices": q.choices,
+                "answer": "ABCDE".index(q.label),
+                "image": blob(Path(q.image)),
+            }
+        )
+    write_parquet(hub / "lmms-lab_ScienceQA" / "ScienceQA-IMG" / "test-00000-of-00001.parquet", rows)
+    gqa = BENCHMARKS["gqa"].load(ev, None, None)
+    write_parquet(
+        hub / "lmms-lab_GQA" / "testdev_balanced_instructions" / "testdev-00000-of-00001.parquet",
+        [
+            {
+                "id": q.question_id,
+                "imageId": Path(q.image).stem,
+                "question": q.text.removesuffix(SHORT),
+                "answer": q.label,
+                "types": {"structural": q.extra["structural"], "semantic": "x", "detailed": "y"},
+            }
+            for q in gqa
+        ],
+    )
+    write_parquet(
+        hub / "lmms-lab_GQA" / "testdev_balanced_images" / "testdev-00000-of-00001.parquet",
+        [{"id": Path(p).stem, "image": blob(Path(p))} for p in sorted({q.image for q in gqa})],
+    )
+    for lang, tsv in (
+        ("en", ev / "mmbench" / "mmbench_dev_20230712.tsv"),
+        ("cn", ev / "mmbench_cn" / "mmbench_dev_cn_20231003.tsv"),
+    ):
+        lines = tsv.read_text().splitlines()
+        header = lines[0].split("\t")
+        rows = []
+        for line in lines[1:]:
+            r = dict(zip(header, line.split("\t"), strict=True))
+            rows.append(
+                {
+                    "index": int(r["index"]),
+                    "question": r["question"],
+                    "hint": None if r["hint"] == "nan" else r["hint"],
+                    **{c: None if r[c] == "nan" else r[c] for c in "ABCD"},
+                    "answer": r["answer"],
+                    "category": r["category"],
+                    "L2-category": r["l2-category"],
+                    "source": r["source"],
+                    "split": "dev",
+                    "image": {"bytes": base64.b64decode(r["image"]), "path": None},
+                }
+            )
+        write_parquet(hub / "lmms-lab_MMBench" / lang / "dev-00000-of-00001.parquet", rows)
+    viz = BENCHMARKS["vizwiz"].load(ev, None, "val")
+    write_parquet(
+        hub / "lmms-lab_VizWiz-VQA" / "data" / "val-00000-of-00001.parquet",
+        [
+            {
+                "question_id": q.question_id,
+                "image_id": q.question_id,
+                "question": q.text.split("\n")[0],
+                "answers": q.answers,
+                "category": "other",
+                "image": blob(Path(q.image)),
+            }
+            for q in viz
+        ],
+    )
+    vqa = BENCHMARKS["vqav2"].load(ev, None, "val")
+    write_parquet(
+        hub / "lmms-lab_VQAv2" / "data" / "validation-00000-of-00001.parquet",
+        [
+            {
+                "question_id": int(q.question_id),
+                "question": q.text.removesuffix(SHORT),
+                "image_id": int(Path(q.image).stem[-12:]),
+                "answers": [
+                    {"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(q.answers)
+                ],
+                "image": blob(Path(q.image)),
+            }
+            for q in vqa
+        ],
+    )
+    return hub
+
+
+def fake_hub(monkeypatch, hub: Path) -> list:
+    """huggingface_hub.snapshot_download answering from `hub`; returns the calls it got."""
+    import huggingface_hub
+
+    calls = []
+
+    def snapshot_download(repo_id, repo_type=None, allow_patterns=None, **kwargs):
+        calls.append({"repo_id": repo_id, "repo_type": repo_type, "allow_patterns": allow_patterns})
+        return str(hub / repo_id.replace("/", "_"))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls

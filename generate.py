@@ -7,15 +7,10 @@ A user mistake (bad flag, unreadable image, wrong checkpoint) is one line on std
 a failure to write the answer or the picture is one line and exit code 1; Ctrl-C is a quiet 130.
 """
 
-import signal
+import cli
 
-# Ctrl-C while torch imports: end quietly, as any Unix tool does (exit 130). Left alone where the
-# caller ignores Ctrl-C (a background job) or when imported as a module.
-CTRL_C_HANDLED = __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-if CTRL_C_HANDLED:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+CTRL_C_HANDLED = cli.quiet_ctrl_c(__name__)  # before the slow imports (torch)
 
-import argparse
 import math
 import os
 import stat
@@ -24,17 +19,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 
 import anyres
-import model as llava
+import picture
 import todre
-from checkpoint import os_error_text
-from media import MediaError, open_image, open_video  # noqa: F401 (open_image: part of this module's interface)
-
-
-class UsageError(Exception):
-    """A bad flag or input file; printed as one line, exit code 2."""
+from checkpoint import DEFAULT_MODEL, CheckpointError
+from cli import UsageError, check_not_empty, check_number
+from media import MediaError, open_image, open_video, os_error_text
+from model import ContextError, InputError, Reply, ask, load
 
 
 class OutputError(Exception):
@@ -46,13 +38,8 @@ class OutputError(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        raise UsageError(f"{message} (see --help)")
-
-
 def parse_args(argv):
-    p = Parser(description="LLaVA-NeXT with ToDRE visual token pruning.")
+    p = cli.Parser(description="LLaVA-NeXT with ToDRE visual token pruning.")
     p.add_argument("--image", help="image file to ask about")
     p.add_argument(
         "--video",
@@ -79,11 +66,11 @@ def parse_args(argv):
         "it, as LLaVA's own evaluation (and the published 1.5 numbers) did",
     )
     p.add_argument("--prompt", required=True, help="the question")
-    p.add_argument("--model", default=llava.DEFAULT_MODEL, help="Hub id or local checkpoint directory")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or local checkpoint directory")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0")
-    add_device_flags(p)
+    cli.add_device_flags(p)
     p.add_argument(
         "--variant",
         default="v1",
@@ -165,49 +152,6 @@ def parse_args(argv):
     return args
 
 
-def add_device_flags(p: argparse.ArgumentParser) -> None:
-    """--device and --dtype, the same for every command of the project."""
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float16", "bfloat16", "float32"],
-        help="auto: float16 on a GPU, bfloat16 on CPU",
-    )
-
-
-def check_not_empty(args, *names: str) -> None:
-    """An empty path flag is an unset shell variable, never what was meant."""
-    for name in names:
-        if getattr(args, name) == "":
-            raise UsageError(f"--{name.replace('_', '-')} is empty (an unset shell variable?)")
-
-
-def check_number(flag: str, value, low, high, low_open: bool = False) -> None:
-    """A finite number in [low, high] (or (low, high] when low_open); None = not given, fine."""
-    if value is None:
-        return
-    finite = not isinstance(value, float) or math.isfinite(value)
-    if not (finite and (value > low if low_open else value >= low) and value <= high):
-        bounds = f"{'(' if low_open else '['}{low}, {'inf)' if high == math.inf else f'{high}]'}"
-        kind = "a finite number" if isinstance(value, float) else "an integer"
-        raise UsageError(f"{flag} must be {kind} in {bounds}, got {value}")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps was asked for, but MPS is not available; use --device cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    return llava.auto_dtype(device) if name == "auto" else getattr(torch, name)
-
-
 # ---------------------------------------------------------------------------------------------
 # The selection picture
 # ---------------------------------------------------------------------------------------------
@@ -247,74 +191,6 @@ def check_writable(path: str, inputs: list[str]) -> None:
         raise UsageError(f"cannot write {path}: cannot create a file in {p.parent} ({os_error_text(e)})") from None
 
 
-def selection_panel(
-    image: Image.Image, boxes: torch.Tensor, kept: torch.Tensor, title: str, size: int = 512, note: str = ""
-):
-    """One picture: the image dimmed, with the boxes of the kept tokens at full brightness."""
-    scale = size / max(image.size)
-    shown = anyres.to_rgb(image).resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
-    panel = Image.blend(shown, Image.new("RGB", shown.size), 0.75)
-    for x0, y0, x1, y1 in (boxes[kept] * scale).tolist():
-        box = (int(x0), int(y0), max(int(x0) + 1, round(x1)), max(int(y0) + 1, round(y1)))
-        panel.paste(shown.crop(box), box[:2])
-    canvas = Image.new("RGB", (max(panel.width, 160), panel.height + 16), "white")
-    canvas.paste(panel, (0, 16))
-    ImageDraw.Draw(canvas).text((2, 2), f"{title}: {int(kept.sum())} of {len(kept)} kept{note}", fill="black")
-    return canvas
-
-
-def draw_selection(media, visual: llava.VisualTokens, kept: torch.Tensor, select: str) -> Image.Image:
-    """The paper's Figure 7 view: for an image, its thumbnail tokens and its high-resolution crop
-    tokens side by side; for a video, one tile per frame."""
-    sources = visual.sources.cpu()
-    is_kept = torch.zeros(len(sources), dtype=torch.bool)
-    is_kept[kept.cpu()] = True
-    panels = []
-    if visual.layout is not None:
-        side = visual.layout.side
-        boxes = anyres.token_boxes(visual.layout, sources)
-        crop = sources.div(side * side, rounding_mode="floor")
-        is_newline = sources == anyres.NEWLINE
-        newlines = f", newlines {int(is_kept[is_newline].sum())} of {int(is_newline.sum())}"
-        for title, part, note in (("thumbnail", crop == 0, ""), ("crops", (crop > 0) & ~is_newline, newlines)):
-            panels.append(selection_panel(media, boxes[part], is_kept[part], f"{select} {title}", note=note))
-    else:  # square crops: one tile per video frame (or the one crop of an image)
-        per_frame = visual.cls_attn.shape[1]
-        side = math.isqrt(per_frame)
-        frames = media if isinstance(media, list) else [media]
-        frame_of = sources.clamp(min=0).div(per_frame, rounding_mode="floor")
-        for f, (frame, framing) in enumerate(zip(frames, visual.framings, strict=True)):
-            part = (frame_of == f) & (sources != anyres.NEWLINE)
-            boxes = anyres.patch_boxes(framing, sources[part] % per_frame, side)
-            title = f"{select} frame {f}" if len(frames) > 1 else select
-            panels.append(selection_panel(frame, boxes, is_kept[part], title, size=256 if len(frames) > 1 else 512))
-    width = sum(p.width for p in panels) + 8 * (len(panels) - 1)
-    picture = Image.new("RGB", (width, max(p.height for p in panels)), "white")
-    x = 0
-    for p in panels:
-        picture.paste(p, (x, 0))
-        x += p.width + 8
-    return picture
-
-
-def save_png(picture: Image.Image, path: str) -> None:
-    """Write atomically: a complete file appears, or none (also on Ctrl-C or a full disk). The file
-    gets the usual mode of a new file (0666 less the umask), not the 0600 of a temporary file."""
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=Path(path).parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            picture.save(f, format="PNG")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException as e:
-        os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise OutputError(f"cannot write {path}: {os_error_text(e)}") from None
-        raise
-
-
 # ---------------------------------------------------------------------------------------------
 # Answering
 # ---------------------------------------------------------------------------------------------
@@ -347,84 +223,89 @@ def settings_from(args) -> todre.Settings:
 
 
 @torch.inference_mode()
-def answer(args) -> None:
+def run(args) -> None:
     """Load, encode, prune, generate: stream the answer, then the picture and --stats."""
     if sys.stdout is None:  # started with stdout closed (`>&-`): file descriptor 1 may become any file
         raise UsageError("stdout is closed: the answer would have nowhere to go")
     settings = settings_from(args)
-    device = pick_device(args.device)
+    device = cli.pick_device(args.device)
     clip = open_video(args.video, args.max_frames) if args.video else None
     media = open_image(args.image) if args.image else clip.frames if clip else None
     if sys.stderr.isatty():  # progress for people; a script reading stderr sees only errors and --stats
         print(f"loading {args.model} on {device} ...", file=sys.stderr)
-    model, tokenizer = llava.load(args.model, device, pick_dtype(args.dtype, device))
+    model, tokenizer = load(args.model, device, cli.pick_dtype(args.dtype, device))
     num_layers = model.config.text.num_hidden_layers
     if args.probe_layers and max(args.probe_layers) >= num_layers:
         raise UsageError(f"--probe-layers must be below {num_layers}, the model's number of layers")
 
-    start = llava.now(device)
+    start = cli.now(device)
     visual = None
-    if media is not None:
-        if clip is None:
-            visual = model.encode_image(media, pad_to_square=args.pad_to_square)
-        else:
-            visual = model.encode_video(media, args.video_newlines)
-    vision_done = llava.now(device)
-    kept = model.select(visual, settings) if visual is not None else None
-    visual_embeds = visual.tokens[kept] if visual is not None else None
-    select_done = llava.now(device)
-    num_visual = None if visual is None else len(kept)
-    input_ids = llava.prompt_ids(tokenizer, args.prompt, num_visual, video=clip is not None).to(device)
-    model.check_generation(input_ids, visual_embeds, args.max_new_tokens, args.temperature)
+    if clip is not None:
+        visual = model.encode_video(media, args.video_newlines)
+    elif media is not None:
+        visual = model.encode_image(media, pad_to_square=args.pad_to_square)
+    vision_s = cli.now(device) - start
+    printed = ""
 
-    kv_cache = model.new_kv_cache(args.max_new_tokens)
-    logits, info = model.prefill(input_ids, visual_embeds, settings, kv_cache)
-    prefill_done = llava.now(device)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    answer_ids, printed = [], ""
-    for token in model.decode(
-        logits[0, -1], len(input_ids), kv_cache, args.max_new_tokens, args.temperature, generator
-    ):
-        answer_ids.append(token)
-        text = tokenizer.decode(answer_ids)
+    def stream(token_ids):
+        nonlocal printed
+        text = tokenizer.decode(token_ids)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             write_answer(text[len(printed) :])
             printed = text
-    decode_done = llava.now(device)
-    write_answer(tokenizer.decode(answer_ids)[len(printed) :] + "\n")  # a multi-byte character cut off, as is
-    if args.save_selection:
-        save_png(draw_selection(media, visual, kept, settings.select), args.save_selection)
 
+    reply = ask(
+        model,
+        tokenizer,
+        args.prompt,
+        visual,
+        settings,
+        args.max_new_tokens,
+        args.temperature,
+        torch.Generator(device).manual_seed(args.seed),
+        video=clip is not None,
+        on_token=stream,
+        clock=lambda: cli.now(device),
+    )
+    write_answer(reply.text[len(printed) :] + "\n")  # a multi-byte character cut off, as is
+    if args.save_selection:
+        try:
+            picture.save_png(picture.draw_selection(media, visual, reply.kept, settings.select), args.save_selection)
+        except OSError as e:
+            raise OutputError(f"cannot write {args.save_selection}: {os_error_text(e)}") from None
     if args.stats:
-        lines = []
-        if clip is not None:
-            when = ", ".join(f"{t:.1f}" for t in clip.times) + " s" if clip.times else "no timing: spread evenly"
-            lines.append(f"video frames: {len(clip.frames)} of {clip.total_frames} ({when})")
-        if visual is not None:
-            candidates = int((visual.sources != anyres.NEWLINE).sum())
-            if settings.keep_tokens is not None and settings.keep_tokens > candidates:
-                lines.append(
-                    f"Stage 1 budget: --keep-tokens {settings.keep_tokens} clamped to the {candidates} candidates"
-                )
-            newlines = int((visual.sources[kept] == anyres.NEWLINE).sum())
-            lines.append(
-                f"visual tokens: {len(visual.tokens)} packed -> {len(kept)} after Stage 1 ({settings.select}, "
-                f"{newlines} of {int((visual.sources == anyres.NEWLINE).sum())} newlines kept)"
-            )
-            ratios = ", ".join(f"layer {i}: a_tv={tv:.4f} a_vt={vt:.4f}" for i, (tv, vt) in info.ratios.items())
-            lines.append(f"attention ratios (eq. 7): {ratios or 'not measured (tau = 0)'}")
-            lines.append("eviction: " + (f"after layer {info.evict_layer}" if info.evict_layer is not None else "none"))
-        lines += [
-            f"prompt format: {tokenizer.format.name}",
-            f"prompt tokens: {len(input_ids)}",
-            f"vision encode: {vision_done - start:.3f} s",
-            f"Stage 1 selection: {select_done - vision_done:.3f} s",
-            f"prefill: {prefill_done - select_done:.3f} s",
-            f"decode: {decode_done - prefill_done:.3f} s for {len(answer_ids)} tokens",
-            f"KV cache: {kv_cache.nbytes() / 2**20:.1f} MiB",
-            f"peak memory: {llava.peak_memory_mb(device):.0f} MiB",
-        ]
-        print("\n".join(lines), file=sys.stderr)
+        print("\n".join(stats(clip, visual, settings, tokenizer, reply, vision_s, device)), file=sys.stderr)
+
+
+def stats(clip, visual, settings, tokenizer, reply: Reply, vision_s: float, device) -> list[str]:
+    """--stats: what was sampled, kept, measured and evicted, and where the time went."""
+    lines = []
+    if clip is not None:
+        when = ", ".join(f"{t:.1f}" for t in clip.times) + " s" if clip.times else "no timing: spread evenly"
+        lines.append(f"video frames: {len(clip.frames)} of {clip.total_frames} ({when})")
+    if visual is not None:
+        is_newline = visual.sources == anyres.NEWLINE
+        candidates = int((~is_newline).sum())
+        if settings.keep_tokens is not None and settings.keep_tokens > candidates:
+            lines.append(f"Stage 1 budget: --keep-tokens {settings.keep_tokens} clamped to the {candidates} candidates")
+        lines.append(
+            f"visual tokens: {len(visual.tokens)} packed -> {len(reply.kept)} after Stage 1 ({settings.select}, "
+            f"{int(is_newline[reply.kept].sum())} of {int(is_newline.sum())} newlines kept)"
+        )
+        ratios = ", ".join(f"layer {i}: a_tv={tv:.4f} a_vt={vt:.4f}" for i, (tv, vt) in reply.info.ratios.items())
+        lines.append(f"attention ratios (eq. 7): {ratios or 'not measured (tau = 0)'}")
+        evict = reply.info.evict_layer
+        lines.append("eviction: " + (f"after layer {evict}" if evict is not None else "none"))
+    return lines + [
+        f"prompt format: {tokenizer.format.name}",
+        f"prompt tokens: {len(reply.prompt_ids)}",
+        f"vision encode: {vision_s:.3f} s",
+        f"Stage 1 selection: {reply.select_s:.3f} s",
+        f"prefill: {reply.prefill_s:.3f} s",
+        f"decode: {reply.decode_s:.3f} s for {len(reply.token_ids)} tokens",
+        f"KV cache: {reply.kv_cache_bytes / 2**20:.1f} MiB",
+        f"peak memory: {cli.peak_memory_mb(device):.0f} MiB",
+    ]
 
 
 def silence_stdout() -> None:
@@ -440,16 +321,15 @@ def main(argv=None) -> int:
     """The command line: user errors as one stderr line and exit code 2, output failures as one
     line and 1, a reader that went away (`| head`) quietly as 141, Ctrl-C quietly as 130."""
     try:
-        answer(parse_args(argv))
+        run(parse_args(argv))
         return 0
-    except (UsageError, MediaError, llava.CheckpointError, llava.InputError, OutputError) as e:
+    except ContextError as e:  # the library says what overflowed; the flags to change are ours
+        cli.print_error(f"{e} (--max-new-tokens{'; --retain or --keep-tokens' if e.visual else ''})")
+        return 2
+    except (UsageError, MediaError, CheckpointError, InputError, OutputError) as e:
         if isinstance(e, OutputError):
             silence_stdout()
-        try:
-            if sys.stderr is not None:  # print(file=None) would write to stdout
-                print(f"error: {e}", file=sys.stderr)
-        except OSError:
-            pass  # stderr is gone too: the exit code is all that is left
+        cli.print_error(str(e))
         return 1 if isinstance(e, OutputError) else 2
     except BrokenPipeError:  # like any Unix filter whose reader stopped reading
         silence_stdout()
@@ -459,9 +339,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if CTRL_C_HANDLED:  # from here on Ctrl-C raises KeyboardInterrupt, so `main` can clean up
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    code = main()
-    if CTRL_C_HANDLED:  # a second Ctrl-C during interpreter shutdown: no traceback
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-    sys.exit(code)
+    cli.run(main, CTRL_C_HANDLED)

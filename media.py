@@ -7,6 +7,7 @@ does (the setting of the paper's video table), and only the sampled frames are e
 Video files need PyAV (`pip install av`); frame directories and GIF/WebP do not.
 """
 
+import errno
 import io
 import os
 import stat
@@ -18,10 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from checkpoint import os_error_text
-
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-ANIMATION_SUFFIXES = {".gif", ".webp", ".png", ".apng"}
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv"}
 WAIT_FOR_WRITER_S = 5.0  # how long a FIFO may stay without a writer before that is an error
 MAX_STREAM_BYTES = 2**30  # an image read from a pipe larger than this is not an image
@@ -29,6 +27,20 @@ MAX_STREAM_BYTES = 2**30  # an image read from a pipe larger than this is not an
 
 class MediaError(Exception):
     """An image or video that cannot be read; the message says why."""
+
+
+def os_error_text(e: OSError) -> str:
+    """What an OSError on a path means, in words (the errno names say little to most people)."""
+    return {
+        errno.ENAMETOOLONG: "a name in the path is longer than the file system allows (255 bytes)",
+        errno.ELOOP: "the path is a loop of symbolic links",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.ENOTDIR: "a part of the path is not a directory",
+        errno.ENOENT: "no such file or directory",
+        errno.ENOSPC: "no space left on the device",
+        errno.EROFS: "the file system is read-only",
+    }.get(e.errno, e.strerror or str(e))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +100,7 @@ def read_pipe(path: str) -> bytes:
         os.close(fd)
 
 
-def decode(path: str) -> Image.Image:
+def open_lazily(path: str) -> Image.Image:
     """The opened (not yet decoded) image at `path`, or a MediaError saying what is wrong."""
     mode = check_path(path, "image").st_mode
     if stat.S_ISDIR(mode):
@@ -144,7 +156,7 @@ def to_8_bit(image: Image.Image) -> Image.Image:
 def open_image(path: str) -> Image.Image:
     """A decoded image, upright (EXIF orientation applied, as transformers' load_image does), or a
     MediaError saying what is wrong with the file."""
-    image = decode(path)
+    image = open_lazily(path)
     load_pixels(image, path)
     return to_8_bit(ImageOps.exif_transpose(image))
 
@@ -217,7 +229,7 @@ def open_frame_directory(path: str, max_frames: int) -> Clip:
 
 def open_animation(path: str, max_frames: int) -> Clip:
     """A GIF/WebP/APNG (or any single image): its frames' durations give it a frame rate."""
-    animation = decode(path)
+    animation = open_lazily(path)
     total = getattr(animation, "n_frames", 1)
     duration_ms = animation.info.get("duration") or 0  # of the first frame; animations rarely vary
     fps = 1000 / duration_ms if duration_ms > 0 and total > 1 else None

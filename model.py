@@ -2,15 +2,15 @@
 which both pruning stages happen in plain code.
 
 This is the only file that knows CLIP, AnyRes, Llama and ToDRE together. Checkpoint files are
-read by checkpoint.py. The model computes; callers (generate.py, bench.py) time and measure.
+read by checkpoint.py. The model computes; callers (generate.py, evaluate.py, bench.py) time and
+measure, through `ask` (one question, start to end) or `generate` (prompt ids in, tokens out).
 Batch size is 1 throughout: one image or video and one prompt per call, so sequences are
 (n, d) tensors and get a leading batch axis of 1 only where the decoder layers want one.
 """
 
 import math
-import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -21,23 +21,21 @@ from torch import nn
 import anyres
 import prompt
 import todre
-from checkpoint import (  # noqa: F401 (DEFAULT_MODEL, HUB_FILES, CheckpointError: re-exported for callers)
-    DEFAULT_MODEL,
-    HUB_FILES,
-    CheckpointError,
-    LlavaConfig,
-    LlavaNextConfig,
-    load_tokenizer,
-    load_weights,
-    resolve_checkpoint,
-    stop_ids,
-)
+from checkpoint import DEFAULT_MODEL, LlavaConfig, load_tokenizer, load_weights, resolve_checkpoint, stop_ids
 from clip import VisionTower, layers_to_run
 from llama import KVCache, Llama
 
 
 class InputError(ValueError):
     """A user input (prompt, image, setting) cannot be used; the message says why."""
+
+
+class ContextError(InputError):
+    """The prompt, its visual tokens and the answer's room do not fit the model's context."""
+
+    def __init__(self, message: str, visual: bool):
+        super().__init__(message)
+        self.visual = visual  # whether pruning more would help
 
 
 @dataclass
@@ -49,6 +47,16 @@ class VisualTokens:
     cls_attn: torch.Tensor  # (crops or frames, t) [CLS] -> patch attention of the feature layer
     layout: anyres.Layout | None  # AnyRes packing geometry; None for square crops (video frames)
     framings: list[anyres.Framing] | None = None  # how each square crop was cut from its image or frame
+
+    def __post_init__(self):
+        # Checked where visual tokens are made, so every configuration (Stage 1 on or off) sees it:
+        # a NaN or inf would otherwise silently become an empty or meaningless answer.
+        finite = torch.isfinite(self.tokens).all(dim=-1)
+        if not finite.all():
+            raise InputError(
+                f"{int((~finite).sum())} of {len(self.tokens)} visual tokens hold NaN or inf: the vision tower "
+                "overflowed in this dtype, or the checkpoint is damaged (float32 avoids an overflow)"
+            )
 
 
 @dataclass
@@ -185,12 +193,6 @@ class Llava(nn.Module):
         all_tokens = torch.arange(len(visual.sources), device=visual.sources.device)
         if not settings.stage1:  # everything, newlines included
             return all_tokens
-        if not torch.isfinite(visual.tokens).all():
-            bad = int((~torch.isfinite(visual.tokens)).any(dim=-1).sum())
-            raise InputError(
-                f"{bad} of {len(visual.tokens)} visual tokens hold NaN or inf: the vision tower "
-                "overflowed in this dtype, or the checkpoint is damaged (try --dtype float32)"
-            )
         is_newline = visual.sources == anyres.NEWLINE
         candidates = all_tokens[~is_newline]
         sources = visual.sources[candidates]
@@ -293,40 +295,15 @@ class Llava(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Iterator[int]:
         """Yield up to max_new_tokens ids, the first picked from the prefill's last `logits`, stopping
-        before EOS (which is not yielded). `position`: where the first new token goes (the prefill
-        length: evicted visual tokens keep their positions). Greedy when temperature == 0."""
+        before a stop id (which is not yielded). `position`: where the first new token goes (the
+        prefill length: evicted visual tokens keep their positions). Greedy when temperature == 0."""
         for step in range(max_new_tokens):
-            if temperature > 0:
-                # In float64 (a temperature like 1e-300 is 0 in float32) and shifted by the maximum, so
-                # a tiny temperature only sends the other tokens to -inf: it samples the argmax.
-                probs = ((logits.double() - logits.max()) / temperature).softmax(-1)
-                token = int(torch.multinomial(probs, 1, generator=generator))
-            else:
-                token = int(logits.argmax())
+            token = sample(logits, temperature, generator)
             if token in self.stop_ids:
                 return
             yield token
             if step < max_new_tokens - 1:
                 logits = self.decode_step(token, position + step, kv_cache)
-
-    @torch.inference_mode()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        visual_embeds: torch.Tensor | None,
-        settings: todre.Settings,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[int]:
-        """Prefill (with Stage 2) then decode: yield up to max_new_tokens ids, stopping before EOS.
-
-        For the eq. 7 ratios, the eviction layer or timings, call `prefill` and `decode` yourself.
-        """
-        self.check_generation(input_ids, visual_embeds, max_new_tokens, temperature)
-        kv_cache = self.new_kv_cache(max_new_tokens)
-        logits, _ = self.prefill(input_ids, visual_embeds, settings, kv_cache)
-        yield from self.decode(logits[0, -1], len(input_ids), kv_cache, max_new_tokens, temperature, generator)
 
     def check_generation(self, input_ids, visual_embeds, max_new_tokens, temperature) -> None:
         """InputError unless the request is one this model can generate for."""
@@ -335,23 +312,122 @@ class Llava(nn.Module):
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
             raise InputError(f"temperature must be a finite number >= 0, got {temperature!r}")
         max_len, window = self.config.text.max_position_embeddings, self.config.text.sliding_window
-        if window and len(input_ids) + max_new_tokens > window:
-            raise InputError(
-                f"the prompt ({len(input_ids)} tokens) plus {max_new_tokens} new tokens exceeds the {window}-token "
-                "sliding window of this Mistral model, which this implementation does not apply: "
-                "lower --max-new-tokens or prune more"
+        total = len(input_ids) + max_new_tokens
+        visual = "" if visual_embeds is None else f", {len(visual_embeds)} of them visual"
+        if window and total > window:
+            raise ContextError(
+                f"the prompt ({len(input_ids)} tokens{visual}) plus {max_new_tokens} new tokens exceeds the "
+                f"{window}-token sliding window of this Mistral model, which this implementation does not apply: "
+                "allow fewer new tokens, or prune more",
+                visual_embeds is not None,
             )
-        if len(input_ids) + max_new_tokens > max_len:
-            if visual_embeds is None:
-                raise InputError(
-                    f"the prompt ({len(input_ids)} tokens) plus {max_new_tokens} new tokens exceeds the "
-                    f"model's {max_len}-token context: shorten the prompt or lower --max-new-tokens"
-                )
-            raise InputError(
-                f"the prompt ({len(input_ids)} tokens, {len(visual_embeds)} of them visual) plus {max_new_tokens} "
-                f"new tokens exceeds the model's {max_len}-token context: lower --max-new-tokens, "
-                "or prune more (--retain)"
+        if total > max_len:
+            advice = "shorten the prompt or allow fewer new tokens"
+            if visual_embeds is not None:
+                advice = "allow fewer new tokens, or prune more"
+            raise ContextError(
+                f"the prompt ({len(input_ids)} tokens{visual}) plus {max_new_tokens} new tokens exceeds the "
+                f"model's {max_len}-token context: {advice}",
+                visual_embeds is not None,
             )
+
+
+def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> int:
+    """The next token from (vocab,) logits: the argmax when temperature is 0, else a draw from
+    softmax(logits / temperature). In float64 and shifted by the maximum, so a temperature like
+    1e-300 (0 in float32) only sends the other tokens to -inf: it samples the argmax."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = ((logits.double() - logits.max()) / temperature).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# ---------------------------------------------------------------------------------------------
+# One request, start to end
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Generation:
+    """What generating from one prompt produced and took (times in seconds of the caller's clock)."""
+
+    token_ids: list[int]  # the generated ids (the stop token excluded)
+    info: PrefillInfo  # what Stage 2 measured and did
+    kv_cache_bytes: int
+    prefill_s: float
+    decode_s: float
+
+
+@torch.inference_mode()
+def generate(
+    model: Llava,
+    input_ids: torch.Tensor,
+    visual_embeds: torch.Tensor | None,
+    settings: todre.Settings,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    every_layer_ratios: bool = False,
+    on_token: Callable[[list[int]], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Generation:
+    """Prefill (with Stage 2) then decode, on a fresh KV cache: input_ids (n,) holding one
+    placeholder id per row of visual_embeds (m, d). on_token(ids so far) is called after each new
+    token (streaming). `clock` should wait for the device (the programs pass cli.now)."""
+    model.check_generation(input_ids, visual_embeds, max_new_tokens, temperature)
+    start = clock()
+    kv_cache = model.new_kv_cache(max_new_tokens)
+    logits, info = model.prefill(input_ids, visual_embeds, settings, kv_cache, every_layer_ratios=every_layer_ratios)
+    prefilled = clock()
+    token_ids = []
+    for token in model.decode(logits[0, -1], len(input_ids), kv_cache, max_new_tokens, temperature, generator):
+        token_ids.append(token)
+        if on_token is not None:
+            on_token(token_ids)
+    return Generation(token_ids, info, kv_cache.nbytes(), prefilled - start, clock() - prefilled)
+
+
+@dataclass
+class Reply(Generation):
+    """One answered question: the generation, its text, and what Stage 1 chose."""
+
+    text: str = ""
+    prompt_ids: torch.Tensor | None = None  # (n,) the whole prompt, one placeholder per visual token kept
+    kept: torch.Tensor | None = None  # indices into visual.tokens that entered the LLM; None without media
+    select_s: float = 0.0
+
+
+@torch.inference_mode()
+def ask(
+    model: Llava,
+    tokenizer: prompt.PromptTokenizer,
+    question: str,
+    visual: VisualTokens | None = None,
+    settings: todre.Settings = todre.VARIANTS["v1"],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    video: bool = False,
+    kept: torch.Tensor | None = None,
+    every_layer_ratios: bool = False,
+    on_token: Callable[[list[int]], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Reply:
+    """The whole way through for one question about `visual` (an encoded image or video; None:
+    text only): Stage 1 (unless `kept` already holds its choice for this image and settings), the
+    prompt in the checkpoint's conversation format, then `generate`."""
+    start = clock()
+    if visual is not None and kept is None:
+        kept = model.select(visual, settings)
+    select_s = clock() - start
+    visual_embeds = visual.tokens[kept] if visual is not None else None
+    input_ids = prompt_ids(tokenizer, question, None if visual is None else len(kept), video).to(model.device)
+    generation = generate(
+        model, input_ids, visual_embeds, settings, max_new_tokens, temperature, generator, every_layer_ratios,
+        on_token, clock,
+    )  # fmt: skip
+    text = tokenizer.decode(generation.token_ids)
+    return Reply(**vars(generation), text=text, prompt_ids=input_ids, kept=kept, select_s=select_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,11 +447,8 @@ def prompt_ids(
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading, and measuring (for callers)
+# Loading
 # ---------------------------------------------------------------------------------------------
-
-
-LlavaNext = Llava  # the name before LLaVA-1.5 was supported
 
 
 def load(model_id: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -388,23 +461,3 @@ def load(model_id: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtyp
     load_weights(model, directory, torch.device(device), dtype)
     model.stop_ids = stop_ids(directory, cfg, tokenizer)
     return model.eval(), tokenizer
-
-
-def auto_dtype(device: torch.device) -> torch.dtype:
-    """The dtype to run in when none is asked for: float16 on a GPU, bfloat16 on a CPU (fast on
-    current CPUs, and float16 arithmetic is slow or missing on many)."""
-    return torch.bfloat16 if device.type == "cpu" else torch.float16
-
-
-def now(device: torch.device) -> float:
-    """Wall clock after the device's queued work is done."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: the most memory tensors ever held on the device; CPU: this process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

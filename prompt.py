@@ -17,10 +17,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# LLaVA's Vicuna v1 system prompt (conv_vicuna_v1 in LLaVA's conversation.py).
+# LLaVA's Vicuna v1 system prompt: conv_vicuna_v1 in LLaVA's conversation.py, which every evaluation
+# script passes (--conv-mode vicuna_v1) and LLaVA-1.5/NeXT were trained with. (Its conv_llava_v1 says
+# "curious human ... the human's questions"; the scripts' defaults name it, but no published run used it.)
 VICUNA_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 LLAMA3_SYSTEM = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that "
@@ -185,6 +187,12 @@ class PromptTokenizer:
 
     def __init__(self, tokenizer, conversation: PromptFormat, placeholders):
         self.tokenizer, self.format, self.placeholders = tokenizer, conversation, placeholders
+
+    def conversation(self, question: str, with_media: bool = True, video: bool = False) -> str:
+        """The whole conversation as the text the tokenizer gets, with one placeholder
+        (<image> or <video>) where the visual tokens go."""
+        placeholder = self.placeholders.placeholder(video)[0] if with_media else None
+        return self.format.render(question, placeholder)
 
     def prompt_ids(self, question: str, num_visual: int | None = None, video: bool = False) -> list[int]:
         """Ids of the whole prompt for `question`, with num_visual placeholder ids where the image

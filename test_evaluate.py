@@ -1,5 +1,7 @@
-"""evaluate.py: the scorers against hand-checked predictions, the benchmark layouts, one vision encode
-per sample, resume, and clear errors. The benchmarks are tiny folders built here."""
+"""evaluate.py: the runner end to end on a tiny checkpoint. All 8 benchmarks of Table 1 in one run,
+one encode per image with the same answers as without reuse, resume that cannot mix settings,
+LLaVA-format answer files both ways, torchrun, and clear errors. Scorers are tested in
+test_scoring.py, the data layouts in test_benchmarks.py."""
 
 import json
 import os
@@ -17,155 +19,16 @@ import bench
 import evaluate
 import generate
 import model as llava
+import runner
+import scoring
+import tables
 import todre
-from conftest import HERE, noise_image
-
-# ---------------------------------------------------------------------------------------------
-# Parsers, one case per branch
-# ---------------------------------------------------------------------------------------------
+from conftest import HERE, SHORT, fake_hub, make_hub_copies, make_llava_eval, noise_image
 
 
-@pytest.mark.parametrize(
-    "answer, expected",
-    [
-        ("Yes, there is a dog in the image.", "yes"),
-        ("No, there is no dog.", "no"),  # 'No' as a word
-        ("There is no dog in the picture", "no"),  # 'no' anywhere in the first sentence
-        ("I am not sure", "no"),  # 'not'
-        ("NO", "yes"),  # LLaVA's match is case-sensitive
-        ("Yes. No dog, though.", "yes"),  # only the text before the first '.'
-        ("no.", "no"),
-        ("Nope", "yes"),  # not one of the words
-        ("no,dog", "yes"),  # commas removed first: 'nodog'
-        ("", "yes"),
-    ],
-)
-def test_pope_llava_parser(answer, expected):
-    assert evaluate.parse_pope_llava(answer) == expected
-
-
-@pytest.mark.parametrize(
-    "answer, expected", [("Yes", "yes"), (" no \n", "no"), ("Yes.", "other"), ("yes, there is", "other"), ("", "other")]
-)
-def test_pope_lmms_eval_parser_is_an_exact_match(answer, expected):
-    assert evaluate.parse_exact_yes_no(answer) == expected
-
-
-@pytest.mark.parametrize(
-    "answer, expected",
-    [
-        ("Yes.", "yes"),
-        (" no ", "no"),  # exact after lowering, stripping, dropping '.'
-        ("y", "yes"),
-        ("N", "no"),
-        ("x", "other"),  # one character
-        ("Yes, there is.", "yes"),
-        ("No way", "no"),
-        ("nope", "no"),  # yes / no within the first 4 characters
-        ("The answer is yes", "other"),
-        ("", "other"),
-    ],
-)
-def test_mme_parser(answer, expected):
-    assert evaluate.parse_mme(answer) == expected
-
-
-def test_normalize_for_exact_match():
-    assert evaluate.normalize("  The  Eiffel Tower. ") == "the eiffel tower"
-    assert evaluate.normalize('"2"') == "2"
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics against hand-checked predictions
-# ---------------------------------------------------------------------------------------------
-
-
-def records(category, pairs):
-    return [
-        {"category": category, "question_id": str(i), "image": f"{i}.jpg", "pred": p, "label": y}
-        for i, (p, y) in enumerate(pairs)
-    ]
-
-
-def test_pope_metrics_by_hand():
-    # random: TP 2, FP 1, TN 1, FN 1 -> accuracy 3/5, precision 2/3, recall 2/3, F1 2/3, yes 3/5
-    random = records("random", [("yes", "yes"), ("yes", "yes"), ("yes", "no"), ("no", "no"), ("no", "yes")])
-    # popular: every answer "no": precision and recall 0, so F1 0 (no division by zero)
-    popular = records("popular", [("no", "yes"), ("no", "no")])
-    # adversarial with an unparseable answer: wrong, and in no cell of the confusion matrix
-    adversarial = records("adversarial", [("yes", "yes"), ("other", "yes"), ("other", "no"), ("no", "no")])
-    metrics = evaluate.pope_metrics(random + popular + adversarial)
-    assert metrics["random"] == pytest.approx(
-        {"accuracy": 3 / 5, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "yes_ratio": 3 / 5}
-    )
-    assert metrics["popular"] == {"accuracy": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0}
-    assert metrics["adversarial"] == pytest.approx(
-        {"accuracy": 0.5, "precision": 1.0, "recall": 1.0, "f1": 1.0, "yes_ratio": 0.25}
-    )
-    assert metrics["mean_f1"] == pytest.approx((2 / 3 + 0 + 1) / 3)
-    assert list(metrics) == ["random", "popular", "adversarial", "mean_f1"]
-
-
-def test_mme_metrics_by_hand():
-    def image(subtask, name, *right):
-        return [
-            {
-                "category": subtask,
-                "question_id": f"{subtask}/{name}/{i + 1}",
-                "image": name,
-                "pred": "yes" if r else "no",
-                "label": "yes",
-            }
-            for i, r in enumerate(right)
-        ]
-
-    # existence: 3 of 4 questions right, 1 of 2 images fully right -> 100 * (0.75 + 0.5) = 125
-    # code_reasoning (cognition): all right -> 200
-    rows = (
-        image("existence", "a.jpg", 1, 1) + image("existence", "b.jpg", 1, 0) + image("code_reasoning", "c.png", 1, 1)
-    )
-    metrics = evaluate.mme_metrics(rows)
-    assert metrics["existence"] == {"acc": 0.75, "acc_plus": 0.5, "score": 125.0}
-    assert metrics["code_reasoning"] == {"acc": 1.0, "acc_plus": 1.0, "score": 200.0}
-    assert (metrics["perception"], metrics["cognition"]) == (125.0, 200.0)
-    assert len(metrics["missing"]) == 12 and "OCR" in metrics["missing"] and "existence" not in metrics["missing"]
-
-
-def test_jsonl_metrics_yes_no_like_pope_and_short_answers_by_exact_match():
-    yes_no = records("all", [("yes", "Yes"), ("no", "yes")])
-    assert evaluate.jsonl_metrics([{**r, "label": r["label"].lower()} for r in yes_no])["mean_f1"] == pytest.approx(
-        2 / 3
-    )
-    short = records("cars", [("red", "Red."), ("blue", "green")]) + records("signs", [("stop", "STOP")])
-    assert evaluate.jsonl_metrics(short) == {"cars": {"accuracy": 0.5}, "signs": {"accuracy": 1.0}, "accuracy": 2 / 3}
-
-
-def test_relative_divides_by_full_and_is_null_where_full_is_zero():
-    full = {"random": {"f1": 0.8, "recall": 0.0}, "mean_f1": 0.8, "missing": []}
-    pruned = {"random": {"f1": 0.6, "recall": 0.1}, "mean_f1": 0.4, "missing": []}
-    assert evaluate.relative(pruned, full) == {
-        "random": {"f1": pytest.approx(0.75), "recall": None},
-        "mean_f1": 0.5,
-        "missing": None,
-    }
-
-
-def test_configuration_names_parse_to_the_same_settings_as_bench(tmp_path):
-    args = evaluate.parse_args(["--benchmark", "pope", "--data", str(tmp_path)])
-    for name in ("full", "stage2", "stage1-0.25", "todre-0.10", "todre-0.10-v2", "cls-0.10", "keep-64"):
-        settings = evaluate.settings_for(name, args)
-        assert settings == todre.parse_config(name)
-        expected = replace(settings, evict_layer=7) if settings.tau > 0 else settings
-        assert bench.settings_for(name, 7) == expected  # bench forces Stage 2 on random weights, nothing else
-    tuned = evaluate.parse_args(["--benchmark", "pope", "--data", str(tmp_path), "--tau", "0.05", "--newlines", "keep"])
-    assert evaluate.settings_for("todre-0.10", tuned) == todre.Settings(retain=0.10, tau=0.05, newlines="keep")
-    assert evaluate.settings_for("stage1-0.10", tuned).tau == 0.0  # --tau does not switch Stage 2 on
-    assert evaluate.settings_for("full", tuned) == todre.NO_PRUNING
-
-
-# ---------------------------------------------------------------------------------------------
-# Tiny benchmarks on disk, run on a tiny checkpoint
-# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llava_eval(tmp_path_factory):
+    return make_llava_eval(tmp_path_factory.mktemp("data"))
 
 
 def make_pope(root: Path, questions: int = 4) -> tuple[Path, Path]:
@@ -175,7 +38,7 @@ def make_pope(root: Path, questions: int = 4) -> tuple[Path, Path]:
     data.mkdir()
     for i in range(3):
         noise_image(160 + 40 * i, 120, seed=i).save(images / f"COCO_val2014_{i:012d}.jpg")
-    for category in evaluate.POPE_CATEGORIES:
+    for category in ("random", "popular", "adversarial"):
         lines = [
             {
                 "question_id": q,
@@ -189,31 +52,9 @@ def make_pope(root: Path, questions: int = 4) -> tuple[Path, Path]:
     return data, images
 
 
-def make_mme(root: Path) -> Path:
-    """MME's release layout, both kinds of folder: posters (images/ + questions_answers_YN/),
-    existence and code_reasoning (images beside their .txt)."""
-    data = root / "MME_Benchmark_release_version"
-    (data / "posters" / "images").mkdir(parents=True)
-    (data / "posters" / "questions_answers_YN").mkdir()
-    noise_image(200, 300, seed=5).save(data / "posters" / "images" / "tt0001.jpg")
-    (data / "posters" / "questions_answers_YN" / "tt0001.txt").write_text(
-        "Is this movie titled Up? Please answer yes or no.\tYes\n"
-        "Is this movie titled Down? Please answer yes or no.\tNo\n"
-    )
-    for subtask, seed in (("existence", 6), ("code_reasoning", 7)):
-        (data / subtask).mkdir()
-        for name in ("000001", "000002"):
-            noise_image(150, 100, seed=seed).save(data / subtask / f"{name}.png")
-            (data / subtask / f"{name}.txt").write_text(
-                "Is there a cat? Please answer yes or no.\tYes\r\nIs there a cow? Please answer yes or no.\tNo\r\n"
-            )
-    return data
-
-
-def run(capsys, mha, *argv):
-    code = evaluate.main(
-        [*argv, "--model", str(mha.directory), "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "4"]
-    )
+def run(capsys, ckpt, *argv, max_new_tokens="4", dtype="float32"):
+    model = ["--model", str(ckpt.directory), "--device", "cpu", "--dtype", dtype, "--max-new-tokens", max_new_tokens]
+    code = evaluate.main([*argv, *model])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -221,18 +62,385 @@ def run(capsys, mha, *argv):
 def comparable(result: dict) -> dict:
     """results.json without what depends on the clock and the process (timings, memory)."""
     for row in result["configs"].values():
-        row.pop("samples_per_s")
-        row.pop("peak_memory_mb")
+        for key in ("samples_per_s", "samples_per_s_alone", "seconds", "seconds_alone", "peak_memory_mb"):
+            row.pop(key)
     return result
 
 
-def test_pope_end_to_end_with_one_vision_encode_per_sample(mha, tmp_path, capsys, monkeypatch):
-    data, images = make_pope(tmp_path)
-    encodes = []
-    real_encode = llava.Llava.encode_image
-    monkeypatch.setattr(
-        llava.Llava, "encode_image", lambda self, *a, **k: encodes.append(1) or real_encode(self, *a, **k)
+def predictions(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_configuration_names_parse_to_the_same_settings_as_bench(tmp_path):
+    args = evaluate.parse_args(["--benchmark", "pope", "--data", str(tmp_path)])
+    for name in ("full", "stage2", "stage1-0.25", "todre-0.10", "todre-0.10-v2", "cls-0.10", "keep-64"):
+        settings = evaluate.settings_for(name, args)
+        assert settings == todre.parse_config(name)
+        expected = replace(settings, evict_layer=7) if settings.tau > 0 else settings
+        assert bench.settings_for(name, 7) == expected  # bench forces Stage 2 on random weights, nothing else
+    tuned = evaluate.parse_args(["--benchmark", "pope", "--data", str(tmp_path), "--tau", "0.05", "--newlines", "keep"])
+    assert evaluate.settings_for("todre-0.10", tuned) == todre.Settings(retain=0.10, tau=0.05, newlines="keep")
+    assert evaluate.settings_for("stage1-0.10", tuned).tau == 0.0  # --tau does not switch Stage 2 on
+    assert evaluate.settings_for("full", tuned) == todre.NO_PRUNING
+    assert evaluate.parse_args(["--benchmark", "table1", "--data", str(tmp_path)]).benchmarks == [
+        "mme",
+        "sqa",
+        "gqa",
+        "pope",
+        "mmbench",
+        "mmbench_cn",
+        "vizwiz",
+        "vqav2",
+    ]
+    assert evaluate.parse_args(["--benchmark", "table4,pope", "--data", str(tmp_path)]).benchmarks == [
+        "mme",
+        "sqa",
+        "gqa",
+        "pope",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 1 in one run
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def table1(mha, llava_eval, tmp_path_factory):
+    """One run of all 8 benchmarks under full and todre-0.10, as a user would start it."""
+    out = tmp_path_factory.mktemp("table1") / "out"
+    argv = ["--benchmark", "table1", "--data", str(llava_eval), "--configs", "full,todre-0.10", "--out", str(out)]
+    code = evaluate.main(
+        [*argv, "--model", str(mha.directory), "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "6"]
     )
+    assert code == 0
+    return out
+
+
+def test_table1_writes_every_benchmarks_results_and_the_papers_table(table1, mha):
+    table = json.loads((table1 / "table.json").read_text())
+    assert table["columns"] == ["MME", "ScienceQA", "GQA", "POPE", "MMBench", "MMBench-CN", "VizWiz", "VQAv2"]
+    scores = {}
+    for name, column in zip(
+        ["mme", "sqa", "gqa", "pope", "mmbench", "mmbench_cn", "vizwiz", "vqav2"], table["columns"], strict=True
+    ):
+        result = json.loads((table1 / name / "results.json").read_text())
+        assert result["column"] == column and set(result["configs"]) == {"full", "todre-0.10"}
+        for config, row in result["configs"].items():
+            scores.setdefault(config, {})[column] = row["score"]
+            assert row["score"] == row["metrics"].get("column")  # the column is the benchmark's own number
+            assert row["missing"] == 0 and row["mean_new_tokens"] > 0
+    assert scores["full"]["VizWiz"] is None and scores["full"]["VQAv2"] is None  # test splits: EvalAI scores them
+    assert table == tables.build(scores, table["columns"], {r["config"]: r["total_seconds"] for r in table["rows"]})
+    assert (table1 / "table.md").read_text().startswith("| config | total time | MME | ScienceQA | GQA | POPE |")
+
+
+def test_every_answer_is_rescored_from_its_text_by_the_benchmarks_own_reader(table1, llava_eval):
+    from benchmarks import BENCHMARKS, load_questions
+
+    for name in ("mme", "sqa", "gqa", "pope", "mmbench"):
+        bench_ = BENCHMARKS[name]
+        questions = load_questions(bench_, llava_eval, None, None)
+        result = json.loads((table1 / name / "results.json").read_text())
+        stored = predictions(table1 / name / "full")
+        records = evaluate.scored_records(bench_, questions, stored, "llava")
+        assert result["configs"]["full"]["metrics"] == json.loads(json.dumps(bench_.metrics(records)))
+
+
+def test_prompts_are_llavas_vicuna_v1_conversation(table1):
+    record = predictions(table1 / "pope" / "full")[0]
+    assert record["prompt"] == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: <image>\nIs there a dog in the image?"
+        + SHORT
+        + " ASSISTANT:"
+    )
+    text_only = {r["question_id"]: r for r in predictions(table1 / "sqa" / "full")}["26"]
+    assert text_only["visual_tokens"] == 0 and "<image>" not in text_only["prompt"]  # ScienceQA: no image, none sent
+    for r in predictions(table1 / "pope" / "todre-0.10"):
+        assert set(r) >= {
+            "question_id",
+            "category",
+            "image",
+            "question",
+            "prompt",
+            "answer",
+            "visual_tokens",
+            "evict_layer",
+            "new_tokens",
+            "seconds",
+            "seconds_alone",
+            "prefill_tflops",
+            "peak_memory_mb",
+        }
+        assert r["answer"] == r["answer"].strip() and 0 < r["seconds"] <= r["seconds_alone"]
+
+
+def test_answers_files_are_in_llavas_format_and_score_to_the_same_results(table1, llava_eval, tmp_path, capsys):
+    lines = [json.loads(x) for x in (table1 / "sqa" / "full" / "answers.jsonl").read_text().splitlines()]
+    assert [line["question_id"] for line in lines] == ["11", "26", "5"]
+    assert set(lines[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    assert lines[0]["prompt"].startswith("<image>\n") and not lines[1]["prompt"].startswith("<image>")  # IMG marker
+    mmbench = json.loads((table1 / "mmbench" / "full" / "answers.jsonl").read_text().splitlines()[1])
+    assert mmbench["question_id"] == 1_000_000 and mmbench["option_char"] == ["A", "B"]
+    assert mmbench["prompt"] == "A hint.\nWhich is it 0?\nA. cotton\nB. rubber"
+    for name in ("sqa", "mme", "mmbench", "pope", "gqa"):
+        out = tmp_path / name
+        code = evaluate.main(
+            [
+                "--benchmark",
+                name,
+                "--data",
+                str(llava_eval),
+                "--score",
+                str(table1 / name / "full" / "answers.jsonl"),
+                "--out",
+                str(out),
+            ]
+        )
+        assert code == 0, capsys.readouterr().err
+        scored = json.loads((out / "results.json").read_text())["configs"]["answers"]
+        original = json.loads((table1 / name / "results.json").read_text())["configs"]["full"]
+        assert scored["metrics"] == original["metrics"] and scored["samples"] == original["samples"]
+    capsys.readouterr()
+
+
+def test_score_reads_an_answers_file_written_by_llavas_scripts(llava_eval, tmp_path, capsys):
+    """As model_vqa_science writes it: the prompt marks image questions, answers are raw text."""
+    lines = [
+        {
+            "question_id": "11",
+            "prompt": "<image>\nWhat is shown?",
+            "text": "B",
+            "answer_id": "x",
+            "model_id": "m",
+            "metadata": {},
+        },
+        {
+            "question_id": "26",
+            "prompt": "How long?",
+            "text": "The answer is A.",
+            "answer_id": "y",
+            "model_id": "m",
+            "metadata": {},
+        },
+        {
+            "question_id": "5",
+            "prompt": "<image>\nWhich?",
+            "text": "A.",
+            "answer_id": "z",
+            "model_id": "m",
+            "metadata": {},
+        },
+    ]
+    (tmp_path / "llava.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    code = evaluate.main(
+        [
+            "--benchmark",
+            "sqa",
+            "--data",
+            str(llava_eval),
+            "--score",
+            str(tmp_path / "llava.jsonl"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "out" / "results.json").read_text())["configs"]["llava"]["metrics"]
+    # 11 right (B), 26 right ("The answer is A."), 5 "A." fails: overall 2/3, IMG 1/2
+    assert code == 0 and metrics["accuracy"] == pytest.approx(2 / 3) and metrics["img_accuracy"] == 0.5
+    assert "| llava | 3 | 0 | 50.00 |" in out
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question_id": "999", "text": "A"}) + "\n")
+    code = evaluate.main(["--benchmark", "sqa", "--data", str(llava_eval), "--score", str(tmp_path / "bad.jsonl")])
+    assert code == 2 and "bad.jsonl:1: question_id '999' is not a question of sqa" in capsys.readouterr().err
+
+
+def test_submission_files_are_llavas_converters_output(table1):
+    answers = {r["question_id"]: r["answer"] for r in predictions(table1 / "vizwiz" / "full")}
+    vizwiz = json.loads((table1 / "vizwiz" / "full" / "vizwiz_test_submission.json").read_text())
+    assert vizwiz == [
+        {"image": f"VizWiz_test_{i:08d}.jpg", "answer": scoring.evalai_answer(answers[str(i)])} for i in range(2)
+    ]
+    vqav2 = json.loads((table1 / "vqav2" / "full" / "vqav2_test-dev_submission.json").read_text())
+    assert [row["question_id"] for row in vqav2] == [262144000, 262144001, 262144999]  # every test2015 question
+    assert vqav2[2]["answer"] == ""  # not in test-dev: empty, as convert_vqav2_for_submission.py writes it
+
+
+# ---------------------------------------------------------------------------------------------
+# Each image encoded once per run, the same answers as without reuse
+# ---------------------------------------------------------------------------------------------
+
+
+def test_each_image_is_encoded_once_and_answers_equal_encoding_every_time(mha, tmp_path, capsys, monkeypatch):
+    data, images = make_pope(tmp_path, questions=6)  # 3 images x 6 questions x 3 categories
+    calls = {"encode": 0, "select": 0}
+    for name, method in (("encode", "encode_image"), ("select", "select")):
+        real = getattr(llava.Llava, method)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(llava.Llava, method, counted)
+    argv = ["--benchmark", "pope", "--data", str(data), "--images", str(images), "--configs", "full,todre-0.10,keep-64"]
+    assert run(capsys, mha, *argv, "--out", str(tmp_path / "reuse"))[0] == 0
+    assert calls == {"encode": 3, "select": 9}  # 3 images; Stage 1 once per (image, configuration)
+    calls.update(encode=0, select=0)
+    assert run(capsys, mha, *argv, "--no-image-cache", "--out", str(tmp_path / "anew"))[0] == 0
+    assert calls == {"encode": 54, "select": 54}  # 18 questions x 3 configurations
+    for config in ("full", "todre-0.10", "keep-64"):
+        drop = ("seconds", "seconds_alone", "peak_memory_mb")
+        reuse, anew = predictions(tmp_path / "reuse" / config), predictions(tmp_path / "anew" / config)
+        key = lambda r: (r["category"], r["question_id"])  # noqa: E731
+        assert sorted(({k: v for k, v in r.items() if k not in drop} for r in reuse), key=key) == sorted(
+            ({k: v for k, v in r.items() if k not in drop} for r in anew), key=key
+        )  # every answer, token count and eviction layer identical
+    results = json.loads((tmp_path / "reuse" / "results.json").read_text())["configs"]["full"]
+    assert results["samples_per_s"] > results["samples_per_s_alone"] > 0  # reuse is faster per answer
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume that cannot lie
+# ---------------------------------------------------------------------------------------------
+
+
+def test_an_interrupted_run_resumes_to_the_same_results(mha, tmp_path, capsys, monkeypatch):
+    data, images = make_pope(tmp_path)
+    argv = ["--benchmark", "pope", "--data", str(data), "--images", str(images), "--configs", "full,todre-0.10"]
+    assert run(capsys, mha, *argv, "--out", str(tmp_path / "once"))[0] == 0
+    once = comparable(json.loads((tmp_path / "once" / "results.json").read_text()))
+
+    real_append, written = runner.Predictions.append, []
+
+    def interrupted(self, record):
+        if len(written) == 7:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the run
+        written.append(record)
+        real_append(self, record)
+
+    monkeypatch.setattr(runner.Predictions, "append", interrupted)
+    assert run(capsys, mha, *argv, "--out", str(tmp_path / "twice"))[0] == 130
+    with open(tmp_path / "twice" / "full" / "predictions.jsonl", "a") as f:
+        f.write('{"question_id": "9", "categ')  # and a line cut off by the kill
+    monkeypatch.undo()
+    assert run(capsys, mha, *argv, "--out", str(tmp_path / "twice"))[0] == 0
+    twice = comparable(json.loads((tmp_path / "twice" / "results.json").read_text()))
+    assert twice == once
+    lines = (tmp_path / "twice" / "full" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines)) == 12
+
+
+def test_a_complete_last_record_without_its_newline_is_kept_and_not_glued(mha, tmp_path, capsys):
+    data, images = make_pope(tmp_path)
+    argv = ["--benchmark", "pope", "--data", str(data), "--images", str(images), "--configs", "full"]
+    out = tmp_path / "out"
+    assert run(capsys, mha, *argv, "--limit", "1", "--out", str(out))[0] == 0
+    path = out / "full" / "predictions.jsonl"
+    path.write_text(path.read_text().rstrip("\n"))  # the newline of the last record lost
+    assert run(capsys, mha, *argv, "--out", str(out))[0] == 0
+    assert len(predictions(out / "full")) == 12 and path.read_text().endswith("}\n")
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"question_id": "1"}', "a prediction needs category"),
+        ("[1, 2]", "a prediction must be a JSON object"),
+        ("{bad", "not valid JSON"),
+    ],
+)
+def test_a_damaged_predictions_file_is_one_line_naming_it(mha, tmp_path, capsys, line, message):
+    data, images = make_pope(tmp_path)
+    argv = ["--benchmark", "pope", "--data", str(data), "--images", str(images), "--configs", "full", "--limit", "1"]
+    out = tmp_path / "out"
+    assert run(capsys, mha, *argv, "--out", str(out))[0] == 0
+    path = out / "full" / "predictions.jsonl"
+    path.write_text(line + "\n" + path.read_text())
+    code, stdout, err = run(capsys, mha, *argv, "--out", str(out))
+    assert code == 2 and err.count("\n") == 1 and f"predictions.jsonl:1: {message}" in err
+
+
+def test_a_changed_setting_is_refused_naming_it_and_overwrite_starts_over(mha, tmp_path, capsys):
+    data, images = make_pope(tmp_path)
+    argv = ["--benchmark", "pope", "--data", str(data), "--images", str(images), "--configs", "todre-0.10"]
+    out = tmp_path / "out"
+    assert run(capsys, mha, *argv, "--limit", "1", "--out", str(out))[0] == 0
+    code, stdout, err = run(capsys, mha, *argv, "--tau", "0.2", "--out", str(out))
+    assert (
+        code == 2
+        and err.count("\n") == 1
+        and "holds answers made with other settings (settings.tau: 0.03 -> 0.2)" in err
+    )
+    assert "--overwrite to start over" in err
+    code, stdout, err = run(capsys, mha, *argv, "--out", str(out), max_new_tokens="5")
+    assert code == 2 and "max_new_tokens: 4 -> 5" in err
+    assert run(capsys, mha, *argv, "--figure2", "--configs", "full", "--out", str(out))[0] == 0  # another config
+    code, stdout, err = run(capsys, mha, *argv, "--out", str(out), dtype="bfloat16")
+    assert code == 2 and 'dtype: "float32" -> "bfloat16"' in err
+    assert run(capsys, mha, *argv, "--tau", "0.2", "--overwrite", "--out", str(out))[0] == 0
+    assert len(predictions(out / "todre-0.10")) == 12
+
+
+def test_another_question_set_with_the_same_ids_is_refused(mha, tmp_path, capsys):
+    noise_image(120, 90, seed=8).save(tmp_path / "a.png")
+    for name, question in (("one.jsonl", "What colour is it?"), ("two.jsonl", "How big is it?")):
+        line = {"question_id": "q1", "image": "a.png", "question": question, "answer": "red"}
+        (tmp_path / name).write_text(json.dumps(line) + "\n")
+    argv = ["--benchmark", "jsonl", "--configs", "full", "--out", str(tmp_path / "out")]
+    assert run(capsys, mha, *argv, "--data", str(tmp_path / "one.jsonl"))[0] == 0
+    code, stdout, err = run(capsys, mha, *argv, "--data", str(tmp_path / "two.jsonl"))
+    assert code == 2 and "question 'q1' (all) was answered for another text" in err
+
+
+def test_a_second_run_into_the_same_folder_is_refused_naming_the_first(mha, tmp_path, capsys):
+    data, images = make_pope(tmp_path)
+    out = tmp_path / "out"
+    lock = runner.FolderLock(out)  # a run in progress there
+    code, stdout, err = run(
+        capsys,
+        mha,
+        "--benchmark",
+        "pope",
+        "--data",
+        str(data),
+        "--images",
+        str(images),
+        "--configs",
+        "full",
+        "--out",
+        str(out),
+    )
+    lock.release()
+    assert code == 2 and f"is in use by another evaluate.py run (pid {os.getpid()})" in err
+
+
+def test_the_output_folder_is_checked_before_the_model_loads(mha, tmp_path, capsys, monkeypatch):
+    data, images = make_pope(tmp_path)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(evaluate, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, stdout, err = run(
+        capsys,
+        mha,
+        "--benchmark",
+        "pope",
+        "--data",
+        str(data),
+        "--images",
+        str(images),
+        "--out",
+        str(tmp_path / "file" / "out"),
+    )
+    assert code == 2 and f"cannot write the output folder {tmp_path / 'file' / 'out'}" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# The original POPE and MME layouts, JSON lines, and the lmms-lab parquet copies
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pope_end_to_end_in_its_original_layout(mha, tmp_path, capsys):
+    data, images = make_pope(tmp_path)
     out = tmp_path / "out"
     code, stdout, err = run(
         capsys,
@@ -249,137 +457,43 @@ def test_pope_end_to_end_with_one_vision_encode_per_sample(mha, tmp_path, capsys
         str(out),
     )
     assert code == 0, err
-    assert len(encodes) == 12  # 12 questions, 3 configurations: the vision tower ran once per question
-    result = json.loads((out / "results.json").read_text())
-    assert set(result) >= {"benchmark", "model", "world_size", "configs"} and result["world_size"] == 1
-    rows = result["configs"]
+    rows = json.loads((out / "results.json").read_text())["configs"]
     assert list(rows) == ["full", "todre-0.10", "keep-64"]
     for name, row in rows.items():
-        assert set(row) >= {
-            "samples",
-            "samples_per_s",
-            "mean_visual_tokens",
-            "evict_layer_histogram",
-            "mean_prefill_tflops",
-            "peak_memory_mb",
-            "metrics",
-            "relative",
-        }
-        assert row["samples"] == 12 and set(row["metrics"]) == {"random", "popular", "adversarial", "mean_f1"}
-        predictions = [json.loads(line) for line in (out / name / "predictions.jsonl").read_text().splitlines()]
-        assert len(predictions) == 12 and {(p["category"], p["question_id"]) for p in predictions} == {
-            (c, str(q)) for c in evaluate.POPE_CATEGORIES for q in range(1, 5)
+        records = predictions(out / name)
+        assert row["samples"] == 12 and {(p["category"], p["question_id"]) for p in records} == {
+            (c, str(q)) for c in ("random", "popular", "adversarial") for q in range(1, 5)
         }  # ids repeat across categories
-        for p in predictions:
-            assert set(p) >= {
-                "question_id",
-                "image",
-                "category",
-                "question",
-                "answer",
-                "pred",
-                "label",
-                "visual_tokens",
-                "evict_layer",
-                "seconds",
-            }
-            assert p["pred"] == evaluate.parse_pope_llava(p["answer"])
-        assert row["metrics"] == evaluate.pope_metrics(predictions)  # the scores are those of the predictions
-    assert rows["keep-64"]["mean_visual_tokens"] == 64
-    assert rows["full"]["mean_visual_tokens"] > rows["todre-0.10"]["mean_visual_tokens"]
-    assert rows["full"]["relative"]["mean_f1"] in (1.0, None)
-    assert "| config | samples | visual tokens | F1 random | F1 popular | F1 adversarial | mean F1 |" in stdout
+        assert set(row["metrics"]) == {"random", "popular", "adversarial", "mean_f1", "column"}
+    assert rows["keep-64"]["mean_visual_tokens"] == 64 and rows["full"]["relative"]["mean_f1"] in (1.0, None)
+    assert "| config | samples | visual tokens | POPE | vs full |" in stdout
 
 
-def test_an_interrupted_run_resumes_to_the_same_results(mha, tmp_path, capsys, monkeypatch):
+def test_lmms_eval_parser_and_empty_answers_are_counted(mha, tmp_path, capsys, monkeypatch):
     data, images = make_pope(tmp_path)
-    argv = ["--benchmark", "pope", "--data", str(data), "--images", str(images), "--configs", "full,todre-0.10"]
-    assert run(capsys, mha, *argv, "--out", str(tmp_path / "once"))[0] == 0
-    once = comparable(json.loads((tmp_path / "once" / "results.json").read_text()))
-
-    real_append, written = evaluate.Predictions.append, []
-
-    def interrupted(self, record):
-        if len(written) == 7:
-            raise KeyboardInterrupt  # Ctrl-C in the middle of the 4th question
-        written.append(record)
-        real_append(self, record)
-
-    monkeypatch.setattr(evaluate.Predictions, "append", interrupted)
-    assert run(capsys, mha, *argv, "--out", str(tmp_path / "twice"))[0] == 130
-    with open(tmp_path / "twice" / "full" / "predictions.jsonl", "a") as f:
-        f.write('{"question_id": "9", "categ')  # and a line cut off by the kill
-    monkeypatch.undo()
-    assert run(capsys, mha, *argv, "--out", str(tmp_path / "twice"))[0] == 0
-    twice = comparable(json.loads((tmp_path / "twice" / "results.json").read_text()))
-    assert twice == once
-    lines = (tmp_path / "twice" / "full" / "predictions.jsonl").read_text().splitlines()
-    assert len(lines) == len(set(lines)) == 12
+    argv = ["--benchmark", "pope", "--data", str(data), "--images", str(images), "--configs", "full"]
+    monkeypatch.setattr(llava.Llava, "decode", lambda self, *a, **k: iter(()))  # the model says nothing
+    code, stdout, err = run(capsys, mha, *argv, "--out", str(tmp_path / "a"))
+    row = json.loads((tmp_path / "a" / "results.json").read_text())["configs"]["full"]
+    assert code == 0 and row["empty_answers"] == 12 and "full: 12 empty answers (counted wrong)" in stdout
+    assert row["metrics"]["random"]["yes_ratio"] == 1.0  # LLaVA's rule reads "" as yes
+    code, stdout, err = run(capsys, mha, *argv, "--parser", "lmms-eval", "--out", str(tmp_path / "a"))
+    row = json.loads((tmp_path / "a" / "results.json").read_text())["configs"]["full"]
+    assert row["unparseable"] == 12 and row["metrics"]["random"]["yes_ratio"] == 0.0  # re-read, not stale
 
 
-def test_mme_release_layout_and_question_ids(mha, tmp_path, capsys):
-    data = make_mme(tmp_path)
-    out = tmp_path / "out"
-    code, stdout, err = run(
-        capsys, mha, "--benchmark", "mme", "--data", str(data), "--configs", "full", "--out", str(out)
-    )
+def test_hub_parquet_scores_identically_to_the_local_layout(mha, llava_eval, tmp_path, capsys, monkeypatch):
+    fake_hub(monkeypatch, make_hub_copies(llava_eval, tmp_path / "hub"))
+    argv = ["--benchmark", "pope,mme,gqa", "--configs", "full"]
+    assert run(capsys, mha, *argv, "--data", str(llava_eval), "--out", str(tmp_path / "local"))[0] == 0
+    code, out, err = run(capsys, mha, *argv, "--out", str(tmp_path / "hub-out"))
     assert code == 0, err
-    predictions = [json.loads(line) for line in (out / "full" / "predictions.jsonl").read_text().splitlines()]
-    ids = sorted(p["question_id"] for p in predictions)
-    assert ids == [
-        "code_reasoning/000001.png/1",
-        "code_reasoning/000001.png/2",
-        "code_reasoning/000002.png/1",
-        "code_reasoning/000002.png/2",
-        "existence/000001.png/1",
-        "existence/000001.png/2",
-        "existence/000002.png/1",
-        "existence/000002.png/2",
-        "posters/tt0001.jpg/1",
-        "posters/tt0001.jpg/2",
-    ]
-    assert {p["label"] for p in predictions} == {"yes", "no"}
-    assert all(p["pred"] == evaluate.parse_mme(p["answer"]) for p in predictions)
-    metrics = json.loads((out / "results.json").read_text())["configs"]["full"]["metrics"]
-    assert metrics == evaluate.mme_metrics(predictions)
-    assert metrics["perception"] == metrics["existence"]["score"] + metrics["posters"]["score"]
-    assert metrics["cognition"] == metrics["code_reasoning"]["score"] and len(metrics["missing"]) == 11
-    assert "| config | samples | visual tokens | perception | cognition |" in stdout
-    question = evaluate.question_text(evaluate.load_mme(data)[0], "mme")
-    assert question.endswith("?\nAnswer the question using a single word or phrase.")  # lmms-eval's prompt
-
-
-def test_jsonl_short_answers_and_the_lmms_eval_parser(mha, tmp_path, capsys):
-    noise_image(120, 90, seed=8).save(tmp_path / "a.png")
-    lines = [
-        {"question_id": "q1", "image": "a.png", "question": "What colour is it?", "answer": "red"},
-        {"question_id": "q2", "image": "a.png", "question": "Is it red?", "answer": "yes", "category": "yn"},
-    ]
-    (tmp_path / "set.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    out = tmp_path / "out"
-    code, stdout, err = run(
-        capsys,
-        mha,
-        "--benchmark",
-        "jsonl",
-        "--data",
-        str(tmp_path / "set.jsonl"),
-        "--configs",
-        "full",
-        "--parser",
-        "lmms-eval",
-        "--out",
-        str(out),
-    )
-    assert code == 0, err
-    predictions = {
-        p["question_id"]: p for p in map(json.loads, (out / "full" / "predictions.jsonl").read_text().splitlines())
-    }
-    assert predictions["q1"]["pred"] == evaluate.normalize(predictions["q1"]["answer"])
-    assert predictions["q2"]["pred"] == evaluate.parse_exact_yes_no(predictions["q2"]["answer"])
-    row = json.loads((out / "results.json").read_text())["configs"]["full"]
-    assert row["unparseable"] == (predictions["q2"]["pred"] == "other")
-    assert set(row["metrics"]) == {"all", "yn", "accuracy"}
+    for name in ("pope", "mme", "gqa"):
+        local = json.loads((tmp_path / "local" / name / "results.json").read_text())["configs"]["full"]
+        remote = json.loads((tmp_path / "hub-out" / name / "results.json").read_text())["configs"]["full"]
+        assert remote["metrics"] == local["metrics"] and remote["samples"] == local["samples"]
+        by_text = lambda folder: sorted((r["question"], r["answer"]) for r in predictions(folder))  # noqa: E731
+        assert by_text(tmp_path / "hub-out" / name / "full") == by_text(tmp_path / "local" / name / "full")
 
 
 def test_bad_data_is_one_line_naming_file_and_line_or_a_counted_skip(mha, tmp_path, capsys):
@@ -388,48 +502,64 @@ def test_bad_data_is_one_line_naming_file_and_line_or_a_counted_skip(mha, tmp_pa
     argv = ["--benchmark", "pope", "--data", str(data), "--images", str(images), "--configs", "full"]
     code, out, err = run(capsys, mha, *argv, "--out", str(tmp_path / "a"))
     assert code == 2 and out == "" and err.count("\n") == 1
-    assert err.startswith(f"error: {data / 'coco_pope_random.json'}:2: image not found: ")
+    assert re.match(rf"error: {data}/coco_pope_\w+.json:2: image not found: ", err)
     code, out, err = run(capsys, mha, *argv, "--skip-bad", "--out", str(tmp_path / "b"))
     assert code == 0, err
     result = json.loads((tmp_path / "b" / "results.json").read_text())
     assert len(result["skipped"]) == 3 and result["configs"]["full"]["samples"] == 9
     assert "3 question(s) skipped" in out
-
     (data / "coco_pope_popular.json").write_text(
         '{"question_id": 1, "image": "x.jpg", "text": "q", "label": "yes"}\n{not json\n'
     )
     code, out, err = run(capsys, mha, *argv, "--out", str(tmp_path / "c"))
     assert code == 2 and err.startswith(f"error: {data / 'coco_pope_popular.json'}:2: not valid JSON")
-    (data / "coco_pope_popular.json").write_text('{"question_id": 1, "image": "x.jpg", "label": "maybe"}\n')
-    code, out, err = run(capsys, mha, *argv, "--out", str(tmp_path / "d"))
-    assert code == 2 and "coco_pope_popular.json:1: missing field(s) text" in err
+
+
+def test_a_question_too_long_for_the_context_is_tied_to_it_and_skippable(mha, tmp_path, capsys):
+    noise_image(120, 90, seed=8).save(tmp_path / "a.png")
+    lines = [
+        {"question_id": "short", "image": "a.png", "question": "Red?", "answer": "yes"},
+        {"question_id": "long", "image": "a.png", "question": "why " * 3000, "answer": "yes"},
+    ]
+    (tmp_path / "set.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    argv = ["--benchmark", "jsonl", "--data", str(tmp_path / "set.jsonl"), "--configs", "full"]
+    code, out, err = run(capsys, mha, *argv, "--out", str(tmp_path / "a"))
+    assert code == 2 and "set.jsonl:2:" in err and "--skip-bad skips such questions" in err and "--retain" not in err
+    code, out, err = run(capsys, mha, *argv, "--skip-bad", "--out", str(tmp_path / "b"))
+    result = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert code == 0 and result["configs"]["full"]["samples"] == 1 and "set.jsonl:2" in result["skipped"][0]["question"]
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (
-            ["--benchmark", "pope", "--data", "{tmp}/nowhere", "--images", "{tmp}"],
-            "--data {tmp}/nowhere does not exist",
-        ),
-        (["--benchmark", "pope", "--data", "{tmp}"], "--images DIR is needed for POPE"),
-        (["--benchmark", "pope", "--data", "{tmp}", "--images", "{tmp}"], "has none of coco_pope_random.json"),
+        (["--benchmark", "pope", "--data", "{tmp}/nowhere"], "--data {tmp}/nowhere does not exist"),
+        (["--benchmark", "pope", "--data", "{tmp}"], "has none of coco_pope_adversarial.json"),
         (["--benchmark", "mme", "--data", "{tmp}"], "holds none of MME's 14 subtask folders"),
         (["--benchmark", "jsonl", "--data", "{tmp}"], "must be a .jsonl file of questions"),
         (["--benchmark", "pope", "--data", "{tmp}", "--configs", "todre-64"], "write todre-keep-64"),
         (["--benchmark", "pope", "--data", "{tmp}", "--configs", "full,full"], "distinct configuration names"),
         (["--benchmark", "pope", "--data", "{tmp}", "--limit", "0"], "--limit must be an integer in [1, inf)"),
-        (["--benchmark", "gqa", "--data", "{tmp}"], "argument --benchmark: invalid choice: 'gqa'"),
+        (["--benchmark", "textvqa", "--data", "{tmp}"], "unknown benchmark 'textvqa'"),
+        (["--benchmark", "sqa,pope", "--score", "{tmp}"], "--score scores one benchmark's answers"),
     ],
 )
 def test_bad_command_lines_are_one_error_line(tmp_path, capsys, argv, message):
+    (tmp_path / "val2014").mkdir()
     code = evaluate.main([a.format(tmp=tmp_path) for a in argv])
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and err.count("\n") == 1 and message.format(tmp=tmp_path) in err, err
 
 
+def test_torchrun_variables_that_are_not_a_job_are_one_line(mha, tmp_path, capsys, monkeypatch):
+    data, images = make_pope(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    code, out, err = run(capsys, mha, "--benchmark", "pope", "--data", str(data), "--images", str(images))
+    assert code == 2 and "WORLD_SIZE, RANK and LOCAL_RANK must be whole numbers" in err
+
+
 # ---------------------------------------------------------------------------------------------
-# Past one process and past local folders: torchrun, the Hub's parquet copies, Figure 2
+# Past one process: torchrun
 # ---------------------------------------------------------------------------------------------
 
 
@@ -483,13 +613,13 @@ def test_two_torchrun_processes_give_the_single_process_result(mha, tmp_path, ca
     assert code == 0, err
     assert out.count("| config |") == 1  # rank 0 alone prints the table
     for name in ("full", "todre-0.10"):
-        assert sorted(p.name for p in (tmp_path / "two" / name).iterdir()) == [
+        assert sorted(p.name for p in (tmp_path / "two" / name).glob("predictions*")) == [
             "predictions.rank0.jsonl",
             "predictions.rank1.jsonl",
         ]
         single, sharded = union(tmp_path / "one" / name), union(tmp_path / "two" / name)
         assert sharded.keys() == single.keys() and all(len(v) == 1 for v in sharded.values())
-        drop = ("seconds", "peak_memory_mb")
+        drop = ("seconds", "seconds_alone", "peak_memory_mb")
         assert all(
             {k: v for k, v in sharded[key][0].items() if k not in drop}
             == {k: v for k, v in single[key][0].items() if k not in drop}
@@ -550,97 +680,6 @@ def test_a_rank_killed_mid_run_loses_only_its_question_in_flight(mha, tmp_path, 
     assert result["world_size"] == 3 and result["configs"]["full"]["samples"] == 30
 
 
-def write_lmms_parquet(path: Path, samples, benchmark: str, row_group_size: int = 4) -> None:
-    """The same questions in lmms-lab's parquet schema, images embedded, several row groups."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows = []
-    for s in samples:
-        image = {"bytes": Path(s.image).read_bytes(), "path": Path(s.image).name}
-        if benchmark == "mme":
-            rows.append(
-                {
-                    "question_id": f"{s.category}/{Path(s.image).name}",
-                    "image": image,
-                    "question": s.question,
-                    "answer": s.label.capitalize(),
-                    "category": s.category,
-                }
-            )
-        else:
-            rows.append(
-                {
-                    "id": str(len(rows)),
-                    "question_id": s.question_id,
-                    "question": s.question,
-                    "answer": s.label,
-                    "image_source": Path(s.image).stem,
-                    "image": image,
-                    "category": s.category,
-                }
-            )
-    path.parent.mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
-
-
-@pytest.mark.parametrize("which", ["pope", "mme"])
-def test_hub_parquet_scores_identically_to_the_local_layout(mha, tmp_path, capsys, monkeypatch, which):
-    import huggingface_hub
-
-    if which == "pope":
-        data, images = make_pope(tmp_path)
-        local = ["--data", str(data), "--images", str(images)]
-        samples = evaluate.load_pope(data, images)
-    else:
-        data = make_mme(tmp_path)
-        local, samples = ["--data", str(data)], evaluate.load_mme(data)
-    hub = tmp_path / "hub"
-    write_lmms_parquet(hub / "data" / "test-00000-of-00001.parquet", samples, which)
-    calls = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kwargs: calls.append(kwargs) or str(hub))
-    argv = ["--benchmark", which, "--configs", "full,keep-64"]
-    assert run(capsys, mha, *argv, *local, "--out", str(tmp_path / "local"))[0] == 0
-    code, out, err = run(capsys, mha, *argv, "--out", str(tmp_path / "hub-out"))
-    assert code == 0, err
-    repo = "lmms-lab/POPE" if which == "pope" else "lmms-lab/MME"
-    assert calls == [{"repo_id": repo, "repo_type": "dataset", "allow_patterns": ["data/*.parquet"]}]
-    from_disk = json.loads((tmp_path / "local" / "results.json").read_text())["configs"]
-    from_hub = json.loads((tmp_path / "hub-out" / "results.json").read_text())["configs"]
-    for name in ("full", "keep-64"):
-        assert from_hub[name]["metrics"] == from_disk[name]["metrics"] and from_hub[name]["samples"] == len(samples)
-        disk = {key: records[0]["answer"] for key, records in union(tmp_path / "local" / name).items()}
-        hub_answers = {key: records[0]["answer"] for key, records in union(tmp_path / "hub-out" / name).items()}
-        assert hub_answers == disk  # the same questions, ids and answers
-
-
-def test_hub_without_pyarrow_or_offline_is_one_line(mha, tmp_path, capsys, monkeypatch):
-    import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    make_pope(tmp_path)
-    write_lmms_parquet(
-        tmp_path / "hub" / "data" / "x.parquet", evaluate.load_pope(tmp_path / "pope", tmp_path / "val2014"), "pope"
-    )
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kwargs: str(tmp_path / "hub"))
-    monkeypatch.setitem(sys.modules, "pyarrow", None)
-    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    code, out, err = run(capsys, mha, "--benchmark", "pope")
-    assert (
-        code == 2
-        and err
-        == "error: reading lmms-lab/POPE needs pyarrow: pip install pyarrow "
-        "(or pass the original layout with --data DIR)\n"
-    )
-
-    def offline(**kwargs):
-        raise LocalEntryNotFoundError("offline")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    code, out, err = run(capsys, mha, "--benchmark", "mme")
-    assert code == 2 and "if you are offline, pass a local copy with --data DIR" in err and err.count("\n") == 1
-
-
 def test_figure2_records_every_layer_and_equals_what_stats_reports(gqa, tmp_path, capsys, monkeypatch):
     noise_image(300, 200, seed=9).save(tmp_path / "a.png")
     question = "What colour is it?"
@@ -676,7 +715,7 @@ def test_figure2_records_every_layer_and_equals_what_stats_reports(gqa, tmp_path
         "--image",
         str(tmp_path / "a.png"),
         "--prompt",
-        question + evaluate.SUFFIX,
+        question + SHORT,
         "--retain",
         "1",
         "--tau",

@@ -24,10 +24,12 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 import anyres
+import checkpoint
 import conftest
 import generate
 import media
 import model as llava
+import picture
 import prompt
 import reference
 import todre
@@ -166,7 +168,7 @@ def test_token_boxes_cover_the_pixels_that_produced_them(size):
     raw = pixel_values * torch.tensor(anyres.CLIP_STD)[:, None, None] + torch.tensor(anyres.CLIP_MEAN)[:, None, None]
     lay = anyres.layout((height, width), PINPOINTS)
     sources = anyres.token_sources(lay)
-    boxes = anyres.token_boxes(lay, sources)
+    boxes = picture.token_boxes(lay, sources)
     assert torch.isnan(boxes[sources == anyres.NEWLINE]).all()
 
     def overlaps(box, grow):
@@ -249,13 +251,15 @@ def test_text_only_logits_match_hf(ckpt):
 @pytest.mark.parametrize("with_image", [True, False])
 def test_greedy_generation_matches_hf(ckpt, with_image):
     """Token for token; our generator stops before EOS, where transformers' includes it."""
-    image = noise_image(517, 301, seed=4) if with_image else None
+    image = noise_image(517, 301, seed=0) if with_image else None
     ref = ckpt.hf_inputs(image)
     with torch.inference_mode():
         expected = ckpt.hf.generate(**ref, max_new_tokens=16, do_sample=False)[0, ref["input_ids"].shape[1] :].tolist()
         visual = ckpt.model.encode_image(image).tokens if with_image else None
     expected = expected[: expected.index(2)] if 2 in expected else expected
-    ours = list(ckpt.model.generate(ckpt.prompt(len(visual) if with_image else None), visual, todre.NO_PRUNING, 16))
+    ours = llava.generate(
+        ckpt.model, ckpt.prompt(len(visual) if with_image else None), visual, todre.NO_PRUNING, 16
+    ).token_ids
     assert ours == expected
     assert len(set(ours)) > 3  # a varied sequence, not one token repeated
 
@@ -268,9 +272,9 @@ def test_sampled_generation_is_seeded_and_tends_to_greedy_as_temperature_falls(c
 
         def sample(temperature, seed):
             generator = torch.Generator().manual_seed(seed)
-            return list(ckpt.model.generate(ids, visual, todre.NO_PRUNING, 12, temperature, generator))
+            return llava.generate(ckpt.model, ids, visual, todre.NO_PRUNING, 12, temperature, generator).token_ids
 
-        greedy = list(ckpt.model.generate(ids, visual, todre.NO_PRUNING, 12))
+        greedy = llava.generate(ckpt.model, ids, visual, todre.NO_PRUNING, 12).token_ids
         assert sample(1e-4, 0) == greedy  # logits / 1e-4: all the probability on the argmax
         assert sample(5.0, 1) == sample(5.0, 1)  # same seed, same tokens
         assert len({tuple(sample(5.0, seed)) for seed in range(4)}) > 1  # a hot distribution really samples
@@ -279,8 +283,8 @@ def test_sampled_generation_is_seeded_and_tends_to_greedy_as_temperature_falls(c
 def test_temperature_near_zero_samples_the_greedy_token(mha):
     with torch.inference_mode():
         ids = mha.prompt(None)
-        greedy = list(mha.model.generate(ids, None, todre.NO_PRUNING, 6))
-        assert list(mha.model.generate(ids, None, todre.NO_PRUNING, 6, temperature=1e-300)) == greedy
+        greedy = llava.generate(mha.model, ids, None, todre.NO_PRUNING, 6).token_ids
+        assert llava.generate(mha.model, ids, None, todre.NO_PRUNING, 6, temperature=1e-300).token_ids == greedy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -608,17 +612,19 @@ def test_loader_accepts_every_key_layout(ckpt, tmp_path, layout):
 def test_loader_names_missing_unexpected_and_misshaped_keys(ckpt, tmp_path):
     state = hf_runtime_state(ckpt)
     del state["model.language_model.layers.0.mlp.up_proj.weight"]
-    with pytest.raises(llava.CheckpointError, match=r"missing \(1\): language_model\.layers\.0\.mlp\.up_proj\.weight"):
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"missing \(1\): language_model\.layers\.0\.mlp\.up_proj\.weight"
+    ):
         llava.load(str(resave(ckpt, tmp_path / "missing", state)))
     state = hf_runtime_state(ckpt)
     state["model.image_newlines"] = state.pop("model.image_newline")
     with pytest.raises(
-        llava.CheckpointError, match=r"missing \(1\): image_newline; unexpected \(1\): model\.image_newlines"
+        checkpoint.CheckpointError, match=r"missing \(1\): image_newline; unexpected \(1\): model\.image_newlines"
     ):
         llava.load(str(resave(ckpt, tmp_path / "renamed", state)))
     state = hf_runtime_state(ckpt)
     state["model.image_newline"] = torch.zeros(3)
-    with pytest.raises(llava.CheckpointError, match=r"wrong shape \(1\): model\.image_newline \(3,\)"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"wrong shape \(1\): model\.image_newline \(3,\)"):
         llava.load(str(resave(ckpt, tmp_path / "misshaped", state)))
 
 
@@ -628,9 +634,9 @@ def test_loader_never_reads_pickles(ckpt, tmp_path):
     for f in ckpt.directory.glob("*.json"):
         shutil.copy(f, directory)
     torch.save(ckpt.hf.state_dict(), directory / "pytorch_model.bin")
-    with pytest.raises(llava.CheckpointError, match="no \\*.safetensors"):
+    with pytest.raises(checkpoint.CheckpointError, match="no \\*.safetensors"):
         llava.load(str(directory))
-    assert not any(p.endswith((".bin", ".pt", ".pth", ".pkl")) or p == "*" for p in llava.HUB_FILES)
+    assert not any(p.endswith((".bin", ".pt", ".pth", ".pkl")) or p == "*" for p in checkpoint.HUB_FILES)
 
 
 def test_hub_id_is_downloaded_with_safe_patterns_only(ckpt, monkeypatch):
@@ -645,7 +651,7 @@ def test_hub_id_is_downloaded_with_safe_patterns_only(ckpt, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     model, _ = llava.load("someone/tiny-llava-next")
     assert calls == [("someone/tiny-llava-next", ["*.json", "*.safetensors", "tokenizer.*", "*.jinja"])]
-    assert llava.DEFAULT_MODEL == "llava-hf/llava-v1.6-vicuna-7b-hf"
+    assert checkpoint.DEFAULT_MODEL == "llava-hf/llava-v1.6-vicuna-7b-hf"
 
 
 def test_hub_config_defaults_match_transformers(tmp_path):
@@ -684,7 +690,7 @@ def test_hub_config_defaults_match_transformers(tmp_path):
         "vocab_size": 32064,
     }
     (tmp_path / "config.json").write_text(json.dumps(hub_config))
-    ours = llava.LlavaNextConfig.from_dir(tmp_path)
+    ours = checkpoint.LlavaConfig.from_dir(tmp_path)
     ref = tf.LlavaNextConfig(**{k: v for k, v in hub_config.items() if k != "model_type"})
     t, rt = ours.text, ref.text_config
     assert (
@@ -737,10 +743,10 @@ def test_hub_config_defaults_match_transformers(tmp_path):
 
 def test_not_llava_next_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(llava.CheckpointError, match="not a LLaVA checkpoint"):
-        llava.LlavaNextConfig.from_dir(tmp_path)
-    with pytest.raises(llava.CheckpointError, match="config.json is missing"):
-        llava.LlavaNextConfig.from_dir(tmp_path / "nowhere")
+    with pytest.raises(checkpoint.CheckpointError, match="not a LLaVA checkpoint"):
+        checkpoint.LlavaConfig.from_dir(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="config.json is missing"):
+        checkpoint.LlavaConfig.from_dir(tmp_path / "nowhere")
 
 
 DELETE = object()  # break_config's value that removes the key
@@ -920,7 +926,7 @@ def test_every_family_generates_what_transformers_generates(family, with_image):
     expected = [t for t in expected[: next((i for i, t in enumerate(expected) if t in family.model.stop_ids), None)]]
     ids = family.prompt(len(visual) if with_image else None)
     assert torch.equal(ids, ref["input_ids"][0])
-    assert list(family.model.generate(ids, visual, todre.NO_PRUNING, 12)) == expected
+    assert llava.generate(family.model, ids, visual, todre.NO_PRUNING, 12).token_ids == expected
 
 
 def test_every_family_runs_both_stages_and_clamps_token_counts(family):
@@ -958,7 +964,7 @@ def test_pad_to_square_is_llavas_expand2square(families, mha):
     expected = reference.clip_image_processor(336)(square, return_tensors="pt")["pixel_values"]
     pixels, framing = anyres.preprocess_square(image, 336, 336, pad_to_square=True)
     torch.testing.assert_close(pixels, expected, atol=1e-6, rtol=0)
-    boxes = anyres.patch_boxes(framing, torch.arange(576), 24)
+    boxes = picture.patch_boxes(framing, torch.arange(576), 24)
     assert boxes[:, 1].min() == 0 and boxes[:, 3].max() == 300  # the padding maps outside the image
     assert len(llava15.model.encode_image(image, pad_to_square=True).tokens) == 576
     with pytest.raises(llava.InputError, match="pad_to_square applies to checkpoints without AnyRes"):
@@ -1055,7 +1061,7 @@ def test_generation_stops_at_every_end_of_turn_token(families, name, stops, monk
             return torch.where(torch.arange(len(logits)) == stop, 1e9, logits) if len(calls) == 2 else logits
 
         monkeypatch.setattr(llava.Llava, "decode_step", ends_here)
-        assert len(list(ckpt.model.generate(ckpt.prompt(None), None, todre.NO_PRUNING, 10))) == 2
+        assert len(llava.generate(ckpt.model, ckpt.prompt(None), None, todre.NO_PRUNING, 10).token_ids) == 2
 
 
 def test_mistral_sliding_window_is_checked_not_silently_ignored(families):
@@ -1135,12 +1141,20 @@ def test_stage1_picks_the_reference_tokens_and_equals_the_model_on_that_subset(c
     assert (ckpt.prefill(ids, visual.tokens[kept], settings)[0] - reference_logits).abs().max() < 1e-4
 
 
-def test_nan_visual_features_are_an_input_error(mha):
-    with torch.inference_mode():
-        visual = mha.model.encode_image(noise_image(336, 336))
-        visual.tokens[100, 3] = float("nan")
-        with pytest.raises(llava.InputError, match="1 of 1176 visual tokens hold NaN or inf"):
-            mha.model.select(visual, todre.Settings())
+@pytest.mark.parametrize("settings", [todre.Settings(), todre.NO_PRUNING], ids=["todre", "full"])
+def test_nan_visual_features_are_an_input_error_with_or_without_stage1(mha, monkeypatch, settings):
+    """Checked where visual tokens are made, so the unpruned model (no Stage 1) refuses them too
+    instead of answering nothing."""
+    project = llava.Llava.project
+
+    def overflowing(self, features):
+        tokens = project(self, features)
+        tokens.view(-1, tokens.shape[-1])[100, 3] = float("inf")  # token 100 of the packed sequence
+        return tokens
+
+    monkeypatch.setattr(llava.Llava, "project", overflowing)
+    with pytest.raises(llava.InputError, match="1 of 1176 visual tokens hold NaN or inf"):
+        llava.ask(mha.model, mha.tokenizer, QUESTION, mha.model.encode_image(noise_image(336, 336)), settings, 2)
 
 
 @pytest.mark.parametrize("select", ["kcenter", "cls"])
@@ -1275,7 +1289,7 @@ def test_eviction_equals_masked_reference(gqa, settings):
                 break
             expected.append(token)
             embeds = torch.cat([embeds, gqa.hf.model.language_model.embed_tokens(torch.tensor([[token]]))], dim=1)
-    ours = list(gqa.model.generate(ids, tokens, settings, max_new_tokens=20))
+    ours = llava.generate(gqa.model, ids, tokens, settings, max_new_tokens=20).token_ids
     assert ours == expected and len(ours) == 20 and len(set(ours)) > 3
 
 
@@ -1283,9 +1297,9 @@ def test_python_api_validates_at_the_entry_point(mha):
     ids = mha.prompt(None)
     for bad in (-1, 0, 2.5, True):
         with pytest.raises(llava.InputError, match="max_new_tokens must be a positive integer"):
-            next(mha.model.generate(ids, None, todre.NO_PRUNING, bad))
+            llava.generate(mha.model, ids, None, todre.NO_PRUNING, bad)
     with pytest.raises(llava.InputError, match="temperature must be a finite number"):
-        next(mha.model.generate(ids, None, todre.NO_PRUNING, 4, temperature=float("nan")))
+        llava.generate(mha.model, ids, None, todre.NO_PRUNING, 4, temperature=float("nan"))
     with pytest.raises(llava.InputError, match="at least one frame"):
         mha.model.encode_video([])
     with pytest.raises(llava.InputError, match="video newlines must be 'grid' or 'none'"):
@@ -1395,7 +1409,7 @@ def test_frame_pixels_match_clip_image_processor(size):
     expected = reference.clip_image_processor(336)(frame, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(pixels, expected, atol=1e-6, rtol=0)
     assert anyres.shortest_edge_size(288, 352, 336) == (336, 410)
-    boxes = anyres.patch_boxes(framing, torch.arange(576), 24)  # the crop, mapped back onto the frame
+    boxes = picture.patch_boxes(framing, torch.arange(576), 24)  # the crop, mapped back onto the frame
     assert (boxes[:, 2] > boxes[:, 0]).all() and boxes[:, 2].max() <= size[0] and boxes[:, 3].max() <= size[1]
 
 
@@ -1502,7 +1516,7 @@ def test_cli_streams_exactly_the_answer_to_stdout(mha, tmp_path):
     assert done.returncode == 0, done.stderr
     settings = todre.Settings()
     visual, kept, ids = mha.pruned(Image.open(image), settings)
-    answer = list(mha.model.generate(ids, visual.tokens[kept], settings, 12))
+    answer = llava.generate(mha.model, ids, visual.tokens[kept], settings, 12).token_ids
     assert done.stdout == mha.tokenizer.decode(answer) + "\n"
     for fact in (
         "visual tokens: 1608 packed -> 158 after Stage 1 (kcenter, 0 of 24 newlines kept)",
@@ -1517,7 +1531,7 @@ def test_cli_streams_exactly_the_answer_to_stdout(mha, tmp_path):
 
 def test_cli_stats_are_complete_when_generation_stops_at_eos(mha, tmp_path, capsys, monkeypatch):
     noise_image(120, 80).save(tmp_path / "photo.png")
-    real_decode_step = llava.LlavaNext.decode_step
+    real_decode_step = llava.Llava.decode_step
     steps = []
 
     def eos_third(self, token, position, kv_cache):  # the model's own decoding, fed EOS as its third token
@@ -1528,7 +1542,7 @@ def test_cli_stats_are_complete_when_generation_stops_at_eos(mha, tmp_path, caps
             logits[self.config.text.eos_token_id] = 0
         return logits
 
-    monkeypatch.setattr(llava.LlavaNext, "decode_step", eos_third)
+    monkeypatch.setattr(llava.Llava, "decode_step", eos_third)
     argv = cli_args(mha, "--image", str(tmp_path / "photo.png"), "--max-new-tokens", "10", "--stats")
     code, out, err = run_cli(capsys, *argv)
     assert code == 0 and len(mha.tokenizer.encode(out.strip(), add_special_tokens=False).ids) >= 1
@@ -1640,7 +1654,7 @@ def test_cli_saves_the_selection_picture(mha, tmp_path, capsys):
 def test_selection_panel_keeps_chosen_tokens_bright_and_dims_the_rest():
     image = Image.new("RGB", (100, 50), (200, 200, 200))
     boxes = torch.tensor([[0.0, 0, 50, 50], [50, 0, 100, 50]], dtype=torch.float64)
-    panel = generate.selection_panel(image, boxes, torch.tensor([True, False]), "test", size=100)
+    panel = picture.selection_panel(image, boxes, torch.tensor([True, False]), "test", size=100)
     assert panel.getpixel((25, 16 + 25)) == (200, 200, 200)  # kept (below the 16-pixel title strip)
     assert panel.getpixel((75, 16 + 25))[0] == 50  # dimmed to a quarter
 
@@ -1754,7 +1768,8 @@ def test_too_long_text_only_prompt_says_to_shorten_it(mha, capsys):
     one_line_error(
         capsys,
         cli_args(mha, "--max-new-tokens", "4090"),
-        "plus 4090 new tokens exceeds the model's 4096-token context: shorten the prompt or lower --max-new-tokens",
+        "plus 4090 new tokens exceeds the model's 4096-token context: shorten the prompt or allow fewer new tokens "
+        "(--max-new-tokens)\n",
     )
 
 
@@ -1899,14 +1914,14 @@ def test_cli_ctrl_c_during_start_up_is_quiet(mha, tmp_path, after_s):
 
 def test_cli_ctrl_c_during_generation_exits_quietly_without_a_picture(mha, tmp_path, capsys, monkeypatch):
     noise_image(200, 150).save(tmp_path / "photo.png")
-    real_decode = llava.LlavaNext.decode
+    real_decode = llava.Llava.decode
 
     def interrupted(self, *args, **kwargs):
         tokens = real_decode(self, *args, **kwargs)
         yield next(tokens)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(llava.LlavaNext, "decode", interrupted)
+    monkeypatch.setattr(llava.Llava, "decode", interrupted)
     argv = cli_args(mha, "--image", str(tmp_path / "photo.png"), "--save-selection", str(tmp_path / "kept.png"))
     code, _, err = run_cli(capsys, *argv)
     assert code == 130 and "Traceback" not in err and err.strip() == ""
@@ -2034,8 +2049,10 @@ def test_readme_use_it_from_python_runs_as_written(mha, tmp_path, monkeypatch, c
     visual = model.encode_image(Image.open(tmp_path / "photo.jpg"))
     kept = model.select(visual, settings)
     ids = llava.prompt_ids(tokenizer, "What is in this picture?", len(kept))
-    expected = tokenizer.decode(list(model.generate(ids, visual.tokens[kept], settings, max_new_tokens=64)))
-    assert printed == expected + "\n" and expected.strip()
+    generation = llava.generate(model, ids, visual.tokens[kept], settings, max_new_tokens=64)
+    expected = tokenizer.decode(generation.token_ids)
+    assert expected.strip()
+    assert printed == f"{expected}\n{len(kept)} {generation.info.evict_layer} {generation.info.ratios}\n"
 
     namespace = {}
     exec(compile(load_todre_alone, "README.md", "exec"), namespace)

@@ -1,0 +1,135 @@
+"""What the command-line programs (generate.py, evaluate.py, bench.py) share: one-line errors, the
+device and dtype flags, Ctrl-C handling, and the clock they measure with.
+
+The library files never import this one: they raise errors that describe the problem, and the
+programs turn those into one `error:` line that adds the flag to change. torch is imported inside
+the functions that need it, so a program can import this file before its slow imports.
+"""
+
+import argparse
+import math
+import signal
+import sys
+
+
+class UsageError(Exception):
+    """A bad flag or input file; printed as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        raise UsageError(f"{message} (see --help)")
+
+
+def check_number(flag: str, value, low, high, low_open: bool = False) -> None:
+    """A finite number in [low, high] (or (low, high] when low_open); None = not given, fine."""
+    if value is None:
+        return
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if not (finite and (value > low if low_open else value >= low) and value <= high):
+        bounds = f"{'(' if low_open else '['}{low}, {'inf)' if high == math.inf else f'{high}]'}"
+        kind = "a finite number" if isinstance(value, float) else "an integer"
+        raise UsageError(f"{flag} must be {kind} in {bounds}, got {value}")
+
+
+def check_not_empty(args, *names: str) -> None:
+    """An empty path flag is an unset shell variable, never what was meant."""
+    for name in names:
+        if getattr(args, name) == "":
+            raise UsageError(f"--{name.replace('_', '-')} is empty (an unset shell variable?)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices, dtypes, and measuring
+# ---------------------------------------------------------------------------------------------
+
+
+def add_device_flags(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype, the same for every program of the project."""
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float16", "bfloat16", "float32"],
+        help="auto: float16 on a GPU, bfloat16 on CPU",
+    )
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps was asked for, but MPS is not available; use --device cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device):
+    """auto: float16 on a GPU, bfloat16 on a CPU (fast on current CPUs, and float16 arithmetic is
+    slow or missing on many)."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cpu" else torch.float16
+    return getattr(torch, name)
+
+
+def now(device) -> float:
+    """Wall clock after the device's queued work is done."""
+    import time
+
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def peak_memory_mb(device) -> float:
+    """CUDA: the most memory tensors ever held on the device; CPU: this process's peak RSS."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C and the exit code
+# ---------------------------------------------------------------------------------------------
+
+
+def quiet_ctrl_c(module_name: str) -> bool:
+    """Call first thing in a program, before its slow imports (torch): Ctrl-C while they load ends
+    the program quietly, as any Unix tool does (exit 130). Left alone where the caller ignores
+    Ctrl-C (a background job) or when the file is imported as a module. Returns whether `run`
+    should turn Ctrl-C into KeyboardInterrupt for `main`."""
+    handled = module_name == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if handled:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    return handled
+
+
+def run(main, handled: bool) -> None:
+    """Run `main()` and exit with its code: during `main` Ctrl-C raises KeyboardInterrupt (so it can
+    clean up and return 130); a second Ctrl-C during interpreter shutdown prints no traceback."""
+    if handled:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    code = main()
+    if handled:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    sys.exit(code)
+
+
+def print_error(message: str) -> None:
+    """One `error:` line on stderr, if there is a stderr left to print to."""
+    try:
+        if sys.stderr is not None:  # print(file=None) would write to stdout
+            print(f"error: {message}", file=sys.stderr)
+    except OSError:
+        pass  # stderr is gone too: the exit code is all that is left

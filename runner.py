@@ -1,0 +1,377 @@
+"""Answering a benchmark's questions in bulk, under several pruning configurations, without ever
+losing or mixing up an answer.
+
+- Questions are answered grouped by image: each image is read and encoded once, and Stage 1 runs
+  once per (image, configuration), since it never looks at the question (paper §4.1). Every
+  question about the image reuses them; answers are the same as encoding anew each time.
+- Each answer is appended to <config>/predictions.jsonl at once, so an interrupted run loses at
+  most the question in flight and a rerun continues. A run's folder records the fingerprint of
+  everything that changes an answer; a rerun with another fingerprint is refused.
+- One run at a time per folder (a lock file names the holder's pid).
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import todre
+from benchmarks import DataError, EmbeddedImages, Question, parse_json
+from media import MediaError, open_image, open_image_bytes
+from model import ContextError, Llava, ask
+
+# ---------------------------------------------------------------------------------------------
+# Predictions on disk
+# ---------------------------------------------------------------------------------------------
+
+RANK_FILE = re.compile(r"predictions\.rank(\d+)\.jsonl")
+RECORD_FIELDS = {"question_id": str, "category": str, "answer": str, "prompt": str}
+
+
+class Predictions:
+    """<config>/predictions.jsonl (one process) or predictions.rank<R>.jsonl (rank R under torchrun):
+    one JSON line per answered question, appended and flushed at once. Together the files are what
+    has been answered: a question counts once, from the first file that has it, whatever number of
+    processes wrote them. A last line cut off by a kill is dropped (from this process's own file)."""
+
+    def __init__(self, folder: Path, rank: int = 0, world_size: int = 1):
+        self.folder = folder
+        self.path = folder / ("predictions.jsonl" if world_size == 1 else f"predictions.rank{rank}.jsonl")
+        self.records = self.read_all()
+        self.done = {(r["category"], r["question_id"]): r for r in self.records}
+
+    def files(self) -> list[Path]:
+        if not self.folder.is_dir():
+            return []
+        ranks = sorted(
+            (p for p in self.folder.iterdir() if RANK_FILE.fullmatch(p.name)),
+            key=lambda p: int(RANK_FILE.fullmatch(p.name)[1]),
+        )
+        single = self.folder / "predictions.jsonl"
+        return ([single] if single.exists() else []) + ranks
+
+    def read_all(self) -> list[dict]:
+        records, seen = [], set()
+        for path in self.files():
+            for record in self.read(path, repair=path == self.path):
+                key = (record["category"], record["question_id"])
+                if key not in seen:
+                    seen.add(key)
+                    records.append(record)
+        return records
+
+    @staticmethod
+    def read(path: Path, repair: bool) -> list[dict]:
+        """A predictions file's records, each checked; a damaged line other than a cut-off last one
+        is a DataError naming it."""
+        from benchmarks import read_text
+
+        text = read_text(path)
+        lines = text.split("\n")
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if not line:
+                continue
+            last = number == len(lines)  # the final line has no newline: a write that was cut off
+            try:
+                record = parse_json(line, f"{path}:{number}")
+                check_record(record, f"{path}:{number}")
+            except DataError as e:
+                if not last:
+                    raise DataError(f"{e}; remove that line (or the file) to redo its questions") from None
+                record = None
+            if last:  # complete or not, a record without its newline is written again or dropped
+                if repair:
+                    keep = "".join(line + "\n" for line in lines[:-1] if line)
+                    keep += json.dumps(record) + "\n" if record is not None else ""
+                    path.write_text(keep, encoding="utf-8")
+                if record is None:
+                    continue
+            records.append(record)
+        return records
+
+    def append(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.append(record)
+        self.done[(record["category"], record["question_id"])] = record
+
+
+def check_record(record, where: str) -> None:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a prediction must be a JSON object")
+    for name, kind in RECORD_FIELDS.items():
+        if not isinstance(record.get(name), kind):
+            raise DataError(f"{where}: a prediction needs {name} ({kind.__name__})")
+
+
+# ---------------------------------------------------------------------------------------------
+# What an output folder was answered with, and who is writing it
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_identity(directory: Path) -> dict:
+    """What identifies a checkpoint's weights and prompts: the hash of its config and tokenizer
+    files, and its weight files' names and sizes (hashing GBs of weights would take minutes)."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.json", "chat_template.jinja"):
+        path = directory / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    weights = sorted((p.name, p.stat().st_size) for p in directory.glob("*.safetensors"))
+    return {"files_sha256": digest.hexdigest(), "weights": [f"{n} ({s} bytes)" for n, s in weights]}
+
+
+def fingerprint(checkpoint: dict, model: Llava, tokenizer, settings: todre.Settings, **run) -> dict:
+    """Everything that changes an answer of one configuration."""
+    settings_fields = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
+    return {
+        "checkpoint": checkpoint,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device": model.device.type,
+        "settings": settings_fields,
+        "conversation": tokenizer.format.name,
+        "chat_template_sha256": hashlib.sha256((tokenizer.format.chat_template or "").encode()).hexdigest(),
+        **run,
+    }
+
+
+def check_fingerprint(folder: Path, expected: dict, write: bool) -> None:
+    """Refuse to add answers made another way to a folder; record the fingerprint of a new one."""
+    path = folder / "fingerprint.json"
+    if path.exists():
+        from benchmarks import read_json
+
+        found = read_json(path)
+        if found != expected:
+            shown = ", ".join(
+                f"{k}: {describe(old)} -> {describe(new)}" for k, old, new in differences(found, expected)[:4]
+            )
+            raise DataError(
+                f"{folder} holds answers made with other settings ({shown}): "
+                "use another --out, or --overwrite to start over"
+            )
+    elif write:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(path, expected)
+
+
+def differences(found, expected, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, found value, expected value) wherever two fingerprints differ."""
+    if not (isinstance(found, dict) and isinstance(expected, dict)):
+        return [] if found == expected else [(prefix or "fingerprint", found, expected)]
+    out = []
+    for key in sorted(found.keys() | expected.keys()):
+        out += differences(found.get(key), expected.get(key), f"{prefix}.{key}" if prefix else key)
+    return out
+
+
+def describe(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class FolderLock:
+    """An exclusive lock on an output folder for as long as this process runs there; a second
+    run into it is refused, naming the holder's pid."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / ".lock"
+        self.file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held until release)
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise DataError(
+                f"{folder} is in use by another evaluate.py run (pid {holder}): wait for it to end"
+            ) from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def release(self) -> None:
+        self.file.close()
+
+
+def write_json(path: Path, value) -> None:
+    """Written whole or not at all: a temporary file of this process renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=1, ensure_ascii=False)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Answering
+# ---------------------------------------------------------------------------------------------
+
+
+def image_groups(questions: list[Question]) -> list[list[Question]]:
+    """The questions grouped by image, groups in the order their first question comes; a question
+    without an image is a group of its own."""
+    groups = {}
+    for q in questions:
+        key = q.image_key if q.image is not None else ("no image", q.key)
+        groups.setdefault(key, []).append(q)
+    return list(groups.values())
+
+
+@dataclass
+class Job:
+    """What answering needs besides the model: the settings by configuration name, where the
+    answers go, and how to measure."""
+
+    configs: dict[str, todre.Settings]
+    predictions: dict[str, Predictions]
+    max_new_tokens: int
+    clock: Callable[[], float] = time.perf_counter
+    peak_memory_mb: Callable[[], float] = lambda: 0.0
+    reset_peak: Callable[[], None] = lambda: None
+    pad_to_square: bool = False
+    reuse: bool = True  # one encode and one Stage 1 per image; False: anew for every answer
+    figure2: bool = False  # eq. 7 at every layer in the full configuration
+    skip_bad: bool = False
+
+
+class Answerer:
+    """Answers groups of questions about one image, under every configuration still missing them."""
+
+    def __init__(self, model: Llava, tokenizer, job: Job):
+        self.model, self.tokenizer, self.job = model, tokenizer, job
+        self.embedded = EmbeddedImages()
+        self.skipped: list[dict] = []
+
+    def open(self, q: Question):
+        """The question's image, or None after recording it as skipped (--skip-bad)."""
+        try:
+            return open_image_bytes(self.embedded.read(q), q.source) if q.blob is not None else open_image(q.image)
+        except (MediaError, DataError) as e:
+            if not self.job.skip_bad:
+                raise DataError(f"{q.source}: {e}") from None
+            self.skipped.append({"question": q.source, "reason": str(e)})
+            return None
+
+    def encode(self, image) -> tuple:
+        start = self.job.clock()
+        visual = self.model.encode_image(image, pad_to_square=self.job.pad_to_square)
+        return visual, self.job.clock() - start
+
+    @torch.inference_mode()
+    def group(self, questions: list[Question]) -> None:
+        job = self.job
+        todo = {name: [q for q in questions if q.key not in job.predictions[name].done] for name in job.configs}
+        answers = sum(len(qs) for qs in todo.values())
+        if not answers:
+            return
+        with_image = questions[0].image is not None
+        image = self.open(questions[0]) if with_image else None
+        if with_image and image is None:
+            self.skipped += [
+                {"question": q.source, "reason": "the image of " + questions[0].source} for q in questions[1:]
+            ]
+            return
+        visual, encode_s = self.encode(image) if with_image and job.reuse else (None, 0.0)
+        for name, settings in job.configs.items():
+            if not todo[name]:
+                continue
+            kept, select_s = None, 0.0
+            if visual is not None and job.reuse:
+                start = job.clock()
+                kept = self.model.select(visual, settings)
+                select_s = job.clock() - start
+            for q in todo[name]:
+                if with_image and not job.reuse:  # what a harness without reuse does: encode anew, Stage 1 in ask
+                    visual, encode_s = self.encode(image)
+                    kept, select_s = None, 0.0
+                try:
+                    record = self.answer(q, name, settings, visual, kept, encode_s, select_s, answers, len(todo[name]))
+                except ContextError as e:  # this question does not fit: say which, or skip it (--skip-bad)
+                    if not job.skip_bad:
+                        raise ContextError(f"{q.source}: {e}", e.visual) from None
+                    self.skipped.append({"question": q.source, "config": name, "reason": str(e)})
+                    continue
+                job.predictions[name].append(record)
+
+    def answer(self, q, name, settings, visual, kept, encode_s, select_s, answers, asked) -> dict:
+        """One question under one configuration, as its predictions.jsonl record. `seconds` is what
+        it cost in this run (the shared encode and Stage 1 spread over the answers that used them),
+        `seconds_alone` what it costs answered on its own (the paper's Table 3 throughput)."""
+        job = self.job
+        job.reset_peak()
+        figure2 = job.figure2 and name == "full"
+        reply = ask(
+            self.model,
+            self.tokenizer,
+            q.text,
+            visual,
+            settings,
+            job.max_new_tokens,
+            kept=kept,
+            every_layer_ratios=figure2,
+            clock=job.clock,
+        )
+        if kept is None and visual is not None:  # Stage 1 ran inside ask (no reuse)
+            select_s = reply.select_s
+        own = reply.prefill_s + reply.decode_s
+        shared = (encode_s / answers + select_s / asked) if job.reuse else encode_s + select_s
+        visual_tokens = 0 if reply.kept is None else len(reply.kept)
+        prefill_flops, _ = todre.paper_flops(
+            self.model.config.text, len(reply.prompt_ids), visual_tokens, reply.info.evict_layer, 0
+        )
+        record = {
+            "question_id": q.question_id,
+            "category": q.category,
+            "image": q.image,
+            "question": q.text,
+            "prompt": self.tokenizer.conversation(q.text, with_media=visual is not None),
+            # LLaVA's scripts strip the decoded answer (batch_decode(...)[0].strip()); so do we
+            "answer": reply.text.strip(),
+            "visual_tokens": visual_tokens,
+            "evict_layer": reply.info.evict_layer,
+            "new_tokens": len(reply.token_ids),
+            "seconds": shared + own,
+            "seconds_alone": encode_s + select_s + own,
+            "prefill_tflops": prefill_flops / 1e12,
+            "peak_memory_mb": job.peak_memory_mb(),
+        }
+        if figure2:
+            record["ratios"] = {str(layer): list(pair) for layer, pair in reply.info.ratios.items()}
+        return record
+
+
+def todo_groups(questions: list[Question], predictions: dict[str, Predictions], rank: int, world: int) -> list:
+    """This process's share: whole image groups, every world-th from the rank-th, of those that some
+    configuration still misses; a stored answer to a question asked differently is refused."""
+    mine = []
+    for i, group in enumerate(image_groups(questions)):
+        for q in group:
+            for p in predictions.values():
+                stored = p.done.get(q.key)
+                if stored is not None and stored["question"] != q.text:
+                    raise DataError(
+                        f"{p.folder}: question {q.question_id!r} ({q.category}) was answered for another text "
+                        f"({stored['question'][:40]!r}); these are other questions: use another --out or --overwrite"
+                    )
+        if i % world == rank and any(q.key not in p.done for q in group for p in predictions.values()):
+            mine.append(group)
+    return mine

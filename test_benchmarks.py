@@ -1,0 +1,278 @@
+"""benchmarks.py: every benchmark read from LLaVA's evaluation layout and from lmms-lab's parquet
+copies, with the prompts LLaVA's scripts send, and the data errors people run into. The tiny
+data sets are built in conftest.py (make_llava_eval, make_hub_copies)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import benchmarks
+from benchmarks import BENCHMARKS, DataError, load_questions
+from conftest import LETTER, SHORT, fake_hub, make_hub_copies, make_llava_eval
+
+
+@pytest.fixture(scope="module")
+def llava_eval(tmp_path_factory):
+    return make_llava_eval(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def hub(llava_eval, tmp_path_factory):
+    return make_hub_copies(llava_eval, tmp_path_factory.mktemp("hub"))
+
+
+def questions(name, data, images=None, split=None):
+    return load_questions(BENCHMARKS[name], data, images, split)
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaVA's layout: the prompts its scripts send
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pope_takes_llavas_prompts_and_labels_each_category_by_position(llava_eval):
+    qs = questions("pope", llava_eval)
+    assert [q.category for q in qs] == ["adversarial"] * 3 + ["random"] * 3 + ["popular"] * 3  # the file's order
+    assert qs[3].question_id == "10000001" and qs[3].source_id == 10000001
+    assert qs[0].text == "Is there a dog in the image?" + SHORT
+    assert [q.label for q in qs[:3]] == ["yes", "no", "yes"]  # the n-th line of coco_pope_adversarial.json
+    assert qs[0].image.endswith("pope/val2014/COCO_val2014_000000000000.jpg")
+
+
+def test_pope_original_layout_still_works_with_images_given(llava_eval):
+    qs = questions("pope", llava_eval / "pope" / "coco", llava_eval / "pope" / "val2014")
+    assert len(qs) == 9 and qs[0].text.endswith(SHORT) and {q.question_id for q in qs} == {"1", "2", "3"}
+
+
+def test_mme_drops_please_answer_yes_or_no_for_the_short_answer_suffix(llava_eval):
+    qs = questions("mme", llava_eval)
+    by_id = {q.key: q for q in qs}
+    art = by_id[("artwork", "artwork/10002.jpg/1")]
+    assert art.text == "Is this artwork created by Titian?" + SHORT and art.label == "yes"
+    assert art.source_id == "artwork/images/10002.jpg"  # llava_mme.jsonl's question_id: the image path
+    assert by_id[("OCR", "OCR/0001.png/2")].source_id == "OCR/0001.png" and len(qs) == 6
+
+
+def test_science_qa_asks_text_only_questions_without_an_image(llava_eval):
+    qs = {q.question_id: q for q in questions("sqa", llava_eval)}
+    assert qs["11"].text == "What is shown?\nA. Maryland\nB. Vermont" + LETTER and qs["11"].image.endswith(
+        "11/image.png"
+    )
+    assert qs["26"].image is None and qs["26"].text.startswith("Context: Select the better estimate.\nHow long?")
+    assert (qs["11"].label, qs["11"].choices) == ("B", ["Maryland", "Vermont"])
+    assert BENCHMARKS["sqa"].max_new_tokens == 1024
+
+
+def test_science_qa_without_problems_json_reads_the_answer_letter_of_llavas_file(llava_eval, tmp_path):
+    import shutil
+
+    copy = tmp_path / "scienceqa"
+    shutil.copytree(llava_eval / "scienceqa", copy)
+    (copy / "problems.json").unlink()
+    with_problems = questions("sqa", llava_eval)
+    without = questions("sqa", copy)
+    assert [(q.label, q.choices) for q in without] == [(q.label, q.choices) for q in with_problems]
+
+
+def test_gqa_answers_and_structural_types_come_from_gqas_own_questions(llava_eval):
+    qs = questions("gqa", llava_eval)
+    assert [(q.label, q.extra["structural"]) for q in qs] == [("no", "verify"), ("woman", "query"), ("red", "query")]
+    assert qs[0].image == qs[1].image != qs[2].image and qs[0].text == "Is it overcast?" + SHORT
+
+
+def test_mmbench_prompt_is_hint_question_options_and_the_letter_instruction(llava_eval):
+    qs = questions("mmbench", llava_eval)
+    assert qs[0].text == "A hint.\nWhich is it 0?\nA. rubber\nB. cotton" + LETTER
+    assert qs[0].choices == ["rubber", "cotton"] and qs[0].label == "A"
+    assert qs[2].text == "Which is it 1?\nA. red\nB. green\nC. blue\nD. black" + LETTER  # hint "nan": absent
+    groups = {q.group for q in qs}
+    assert groups == {"0", "1"} and len(qs) == 6  # 2 + 4 rotated copies
+    assert qs[0].image_key == qs[1].image_key != qs[2].image_key  # copies share one image (one encode)
+    cn = questions("mmbench_cn", llava_eval)
+    assert cn[0].text.endswith("\n请直接回答选项字母。")
+
+
+def test_vizwiz_and_vqav2_default_to_the_test_split_when_llavas_files_are_there(llava_eval):
+    test = questions("vizwiz", llava_eval)
+    assert test[0].answers is None and "respond with 'Unanswerable'." in test[0].text
+    val = questions("vizwiz", llava_eval, split="val")
+    assert (
+        val[0].text
+        == "What is this 0?\nWhen the provided information is insufficient, respond with 'Unanswerable'." + SHORT
+    )
+    assert val[0].answers == ["dog"] * 4 + ["cat"] * 6
+    vqa = questions("vqav2", llava_eval, split="val")
+    assert vqa[0].text == "How many 0?" + SHORT and vqa[0].image.endswith("COCO_val2014_000000000001.jpg")
+    assert questions("vqav2", llava_eval)[0].question_id == "262144000"
+
+
+# ---------------------------------------------------------------------------------------------
+# lmms-lab's parquet copies give the same questions
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, split",
+    [
+        ("pope", None),
+        ("mme", None),
+        ("sqa", None),
+        ("gqa", None),
+        ("mmbench", None),
+        ("mmbench_cn", None),
+        ("vizwiz", "val"),
+        ("vqav2", "val"),
+    ],
+)
+def test_hub_parquet_gives_llavas_prompts_and_labels(llava_eval, hub, monkeypatch, name, split):
+    calls = fake_hub(monkeypatch, hub)
+    local = questions(name, llava_eval, split=split)
+    if name == "sqa":
+        local = [q for q in local if q.image is not None]  # lmms-lab's ScienceQA-IMG: the image questions
+    remote = questions(name, None, split=split)
+    assert calls and calls[0]["repo_type"] == "dataset" and calls[0]["repo_id"] == BENCHMARKS[name].hub[0]
+
+    def seen(qs):
+        return sorted((q.category, q.text, q.label, tuple(q.answers or ()), tuple(q.choices or ())) for q in qs)
+
+    assert seen(remote) == seen(local)
+    embedded = benchmarks.EmbeddedImages()
+    for q in remote:
+        assert embedded.read(q)  # every question's image bytes are there
+    if name in ("pope", "gqa", "mmbench"):
+        assert len({q.image_key for q in remote}) == len({q.image_key for q in local})  # shared images stay shared
+
+
+def test_hub_without_pyarrow_or_offline_is_one_clear_error(hub, monkeypatch):
+    import sys
+
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    fake_hub(monkeypatch, hub)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(DataError, match=r"reading lmms-lab/POPE needs pyarrow: pip install pyarrow"):
+        questions("pope", None)
+    monkeypatch.undo()
+
+    def offline(**kwargs):
+        raise LocalEntryNotFoundError("offline")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(DataError, match="if you are offline, pass a local copy with --data DIR"):
+        questions("gqa", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# --limit, and files that are not what they claim
+# ---------------------------------------------------------------------------------------------
+
+
+def test_limit_keeps_the_first_n_of_every_category_with_whole_groups(llava_eval):
+    pope = benchmarks.limit(questions("pope", llava_eval), 1)
+    assert [(q.category, q.question_id) for q in pope] == [
+        ("adversarial", "1"),
+        ("random", "10000001"),
+        ("popular", "20000001"),
+    ]
+    mme = benchmarks.limit(questions("mme", llava_eval), 1)
+    assert sorted(q.question_id for q in mme) == [
+        "OCR/0001.png/1",
+        "OCR/0001.png/2",
+        "artwork/10002.jpg/1",
+        "artwork/10002.jpg/2",
+    ]
+    mmbench = benchmarks.limit(questions("mmbench", llava_eval), 1)
+    assert sorted(int(q.question_id) for q in mmbench) == [0, 1, 1_000_000, 1_000_001, 2_000_001, 3_000_001]
+
+
+def test_a_repeated_question_id_is_refused_naming_both_lines(tmp_path):
+    rows = [{"question_id": "q1", "image": "a.png", "question": "x?", "answer": "yes"}] * 2
+    (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"set.jsonl:2: question 'q1' \(all\) is already at .*set.jsonl:1"):
+        questions("jsonl", tmp_path / "set.jsonl")
+
+
+def test_an_empty_question_file_is_an_error(tmp_path):
+    (tmp_path / "set.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="holds no questions"):
+        questions("jsonl", tmp_path / "set.jsonl")
+
+
+def test_lines_split_at_line_feeds_only_and_a_bom_is_dropped(tmp_path):
+    rows = [{"question_id": "q1", "image": "a.png", "question": "one\u2028two\u0085three", "answer": "yes"}]
+    (tmp_path / "set.jsonl").write_bytes(
+        b"\xef\xbb\xbf" + "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows).encode()
+    )
+    (q,) = questions("jsonl", tmp_path / "set.jsonl")
+    assert q.text == "one\u2028two\u0085three" + SHORT
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[" * 100000, "JSON this reader refuses"),
+        ('{"a": 1' + "0" * 5000 + "}", "JSON this reader refuses"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_json_that_python_refuses_is_a_data_error_naming_the_line(tmp_path, content, message):
+    (tmp_path / "set.jsonl").write_text(content + "\n")
+    with pytest.raises(DataError, match=f"set.jsonl:1: {message}"):
+        questions("jsonl", tmp_path / "set.jsonl")
+
+
+def test_a_fifo_or_device_is_refused_instead_of_read(tmp_path):
+    os.mkfifo(tmp_path / "set.jsonl")
+    with pytest.raises(DataError, match="is not a regular file"):
+        benchmarks.read_text(tmp_path / "set.jsonl")
+    with pytest.raises(DataError, match="/dev/zero is not a regular file"):
+        benchmarks.read_text(Path("/dev/zero"))
+
+
+def test_image_paths_may_not_leave_the_images_folder(tmp_path, llava_eval):
+    rows = [{"question_id": "q1", "image": "../secret.png", "question": "x?", "answer": "yes"}]
+    (tmp_path / "set.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DataError, match=r"image '../secret.png' is outside the images folder"):
+        questions("jsonl", tmp_path / "set.jsonl", tmp_path / "images")
+    assert questions("jsonl", tmp_path / "set.jsonl")[0].image == str(tmp_path / "../secret.png")  # no --images
+    (tmp_path / "images" / "link.png").symlink_to("/etc/passwd")
+    rows[0]["image"] = "link.png"
+    (tmp_path / "set.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(DataError, match="outside the images folder"):
+        questions("jsonl", tmp_path / "set.jsonl", tmp_path / "images")
+
+
+def test_mme_finds_images_whatever_the_case_of_their_suffix(tmp_path):
+    release = tmp_path / "MME_Benchmark_release_version" / "count"
+    release.mkdir(parents=True)
+    from conftest import save_image
+
+    save_image(release / "0001.JPG", seed=1)
+    (release / "0001.txt").write_text("Are there two? Please answer yes or no.\tYes\n")
+    (q,) = questions("mme", tmp_path)
+    assert q.image.endswith("0001.JPG") and q.question_id == "count/0001.JPG/1"
+
+
+@pytest.mark.parametrize(
+    "name, remove, message",
+    [
+        ("gqa", "gqa/data/testdev_balanced_questions.json", "needs llava_gqa_testdev_balanced.jsonl"),
+        ("sqa", "scienceqa/llava_test_CQM-A.json", "has no llava_test_CQM-A.json"),
+        ("mmbench", "mmbench/mmbench_dev_20230712.tsv", "has no mmbench_dev_20230712.tsv"),
+        ("pope", "pope/coco", "has none of coco_pope_adversarial.json"),
+    ],
+)
+def test_a_missing_file_says_what_to_download_and_where(llava_eval, tmp_path, name, remove, message):
+    import shutil
+
+    shutil.copytree(llava_eval, tmp_path / "eval")
+    target = tmp_path / "eval" / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(DataError, match=message):
+        questions(name, tmp_path / "eval")
