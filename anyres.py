@@ -50,10 +50,10 @@ def resized_size(height: int, width: int, target_h: int, target_w: int) -> tuple
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with any transparency composited onto white, as HF's convert_to_rgb does."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    """RGB as LLaVA's training and evaluation code read images (`Image.open(path).convert('RGB')`):
+    a transparent pixel keeps the colour stored under it, whatever the kind of transparency (an
+    alpha channel, a palette's transparent index, an RGB colour key). transformers' processors
+    composite transparency onto white instead; media.on_white does that, for those who want it."""
     return image.convert("RGB")
 
 
@@ -61,7 +61,7 @@ def normalize(image: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """uint8 HWC -> float32 CHW, x/255 in float64 then (x - mean) / std in float32, like HF."""
     x = (np.asarray(image, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (H, W, 3) -> (3, H, W)
 
 
 def preprocess(image: Image.Image, pinpoints, crop_size: int = 336, mean=CLIP_MEAN, std=CLIP_STD):
@@ -139,14 +139,15 @@ def token_sources(lay: Layout) -> torch.Tensor:
     c = torch.arange(*lay.cols)[None, :]
     crop = 1 + (r // side) * grid_w + (c // side)
     mosaic = crop * side * side + (r % side) * side + (c % side)  # (rows, cols)
-    newline = torch.full((mosaic.shape[0], 1), NEWLINE)
+    newline = torch.full((mosaic.shape[0], 1), NEWLINE)  # (rows, 1)
+    # thumbnail (side * side,), then the mosaic with its newline column, row-major (rows * (cols + 1),)
     return torch.cat([torch.arange(side * side), torch.cat([mosaic, newline], dim=1).flatten()])
 
 
 def pack(features: torch.Tensor, sources: torch.Tensor, image_newline: torch.Tensor | None) -> torch.Tensor:
     """Crop features (crops, side*side, d) -> packed tokens (len(sources), d) in HF's order; NEWLINE
     sources become the image_newline vector (None: the sources have no newline)."""
-    flat = features.reshape(-1, features.shape[-1])
+    flat = features.reshape(-1, features.shape[-1])  # (crops * side * side, d)
     tokens = flat[sources.clamp(min=0)]
     if image_newline is None:
         return tokens
@@ -229,7 +230,7 @@ def frame_sources(frames: int, side: int, newlines: bool) -> torch.Tensor:
     """Packed order of `frames` square grids of side x side tokens, frame after frame: each token's
     index into the flattened (frames * side * side) features, and with `newlines` one NEWLINE
     after every row of every frame (lmms-eval llava_vid's "grid" placement)."""
-    grid = torch.arange(frames * side * side).view(frames, side, side)
+    grid = torch.arange(frames * side * side).view(frames, side, side)  # (frames, side, side)
     if newlines:
-        grid = torch.cat([grid, torch.full((frames, side, 1), NEWLINE)], dim=2)
-    return grid.flatten()
+        grid = torch.cat([grid, torch.full((frames, side, 1), NEWLINE)], dim=2)  # (frames, side, side + 1)
+    return grid.flatten()  # (frames * side * (side + newlines),)

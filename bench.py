@@ -1,6 +1,7 @@
 """Speed and memory of LLaVA-NeXT with and without ToDRE, side by side, on random weights.
 
     python bench.py --preset small --json results.json
+    python bench.py --preset small --reuse --new-tokens 4   # evaluation: one encode per image vs one per question
 
 Every configuration runs in a fresh subprocess (so CPU peak RSS is its own) on the same seeded
 random weights and the same synthetic 672x672 image (2880 patch tokens) and question.
@@ -23,10 +24,9 @@ from PIL import Image
 import anyres
 import cli
 import todre
-from checkpoint import LlavaConfig
 from clip import CLIPVisionConfig
 from llama import LlamaConfig
-from model import Llava, generate
+from model import Llava, LlavaConfig, generate
 
 CLIP_L_336 = dict(
     hidden_size=1024,
@@ -262,6 +262,103 @@ def run_one(args) -> dict:
     return {"name": args.one, **row, **median, "peak_mem_mb": cli.peak_memory_mb(device)}
 
 
+# ---------------------------------------------------------------------------------------------
+# --reuse: evaluation time per question with and without one encode per image
+# ---------------------------------------------------------------------------------------------
+
+
+class SyntheticTokenizer:
+    """What the evaluation runner needs of a tokenizer, for random weights: the same prompt ids as
+    synthetic_prompt_ids, with the question's words mixed into the text part so every question
+    differs."""
+
+    class format:  # noqa: N801 (a stand-in for prompt.PromptFormat)
+        name, chat_template = "synthetic", None
+
+    def prompt_ids(self, question: str, num_visual: int | None = None, video: bool = False) -> list[int]:
+        ids = synthetic_prompt_ids(num_visual or 0, "cpu").tolist()
+        return ids[:-1] + [3 + sum(map(ord, question)) % 31000, ids[-1]]
+
+    def conversation(self, question: str, with_media: bool = True, video: bool = False) -> str:
+        return ("<image>\n" if with_media else "") + question
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(map(str, ids))
+
+
+def run_reuse(args) -> dict:
+    """A POPE-shaped set (--images images x --questions each) answered under each configuration
+    with the runner evaluate.py uses: once with one encode and one Stage 1 per image, once encoding
+    for every question (on the first --anew questions of each image, to bound the time). Reports
+    wall time per question both ways and checks the answers are the same."""
+    import tempfile
+    from pathlib import Path
+
+    from benchmarks import Question
+    from runner import Answerer, Job, Predictions
+
+    device = torch.device(args.device)
+    model = build_model(model_config(args.preset), device, getattr(torch, args.dtype), seed=0)
+    folder = Path(tempfile.mkdtemp(prefix="bench-reuse-"))
+    questions = []
+    for i in range(args.images):
+        path = folder / f"image{i}.png"
+        noisy = np.asarray(synthetic_image()).astype(int) + np.random.default_rng(i).integers(-16, 16, (672, 672, 3))
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path)
+        for q in range(args.questions):
+            questions.append(Question(f"{i}-{q}", "random", f"Is there a thing {q} in the image?", str(path), "bench"))
+    anew = [q for q in questions if int(q.question_id.split("-")[1]) < args.anew]
+    warm = Job({"full": todre.NO_PRUNING}, {"full": Predictions(folder / "warm-up")}, args.new_tokens)
+    Answerer(model, SyntheticTokenizer(), warm).group(questions[:1])  # first-call costs out of the timings
+    runs = []
+    for name in [n for n in args.configs.split(",") if n and n != "hf-full"]:
+        settings = settings_for(name, args.evict_layer)
+        row = {"name": name}
+        answers = {}
+        for mode, subset, reuse in (("reuse", questions, True), ("anew", anew, False)):
+            predictions = Predictions(folder / mode / name)
+            job = Job(
+                {name: settings}, {name: predictions}, args.new_tokens, clock=lambda: cli.now(device), reuse=reuse
+            )
+            answerer = Answerer(model, SyntheticTokenizer(), job)
+            groups = {}
+            for q in subset:
+                groups.setdefault(q.image, []).append(q)
+            print(f"{name}: {len(subset)} questions, {mode} ...", file=sys.stderr)
+            start = cli.now(device)
+            for group in groups.values():
+                answerer.group(group)
+            row[f"{mode}_s_per_question"] = (cli.now(device) - start) / len(subset)
+            answers[mode] = {(r["question_id"]): r["answer"] for r in predictions.records}
+        row["ratio"] = row["reuse_s_per_question"] / row["anew_s_per_question"]
+        row["same_answers"] = all(answers["reuse"][k] == v for k, v in answers["anew"].items())
+        runs.append(row)
+    return {
+        "preset": args.preset,
+        "device": args.device,
+        "dtype": args.dtype,
+        "images": args.images,
+        "questions_per_image": args.questions,
+        "anew_questions_per_image": args.anew,
+        "new_tokens": args.new_tokens,
+        "runs": runs,
+    }
+
+
+def print_reuse(result: dict) -> None:
+    print(
+        f"preset {result['preset']} on {result['device']}, {result['dtype']}: {result['images']} images x "
+        f"{result['questions_per_image']} questions, {result['new_tokens']} new tokens; without reuse timed on "
+        f"the first {result['anew_questions_per_image']} questions of each image"
+    )
+    print(f"{'config':<15} {'s/question, reuse':>18} {'s/question, anew':>17} {'ratio':>6} {'same answers':>13}")
+    for r in result["runs"]:
+        print(
+            f"{r['name']:<15} {r['reuse_s_per_question']:>18.3f} {r['anew_s_per_question']:>17.3f} "
+            f"{r['ratio']:>6.2f} {'yes' if r['same_answers'] else 'NO':>13}"
+        )
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
@@ -296,6 +393,15 @@ def parse_args(argv=None):
         help="paper version(s) for the pruned configurations: v1 (default), v2, or v1,v2 to time both side by side",
     )
     p.add_argument("--json", help="write the results here")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="time evaluation per question with one encode per image vs one per question (full, todre-0.25, "
+        "todre-0.10 unless --configs says otherwise)",
+    )
+    p.add_argument("--images", type=int, default=2, help="--reuse: distinct images")
+    p.add_argument("--questions", type=int, default=18, help="--reuse: questions per image (POPE has ~18)")
+    p.add_argument("--anew", type=int, default=6, help="--reuse: questions per image timed without reuse")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -361,6 +467,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args)))
+        return 0
+    if args.reuse:
+        if args.configs == ",".join(CONFIGS):
+            args.configs = "full,todre-0.25,todre-0.10"
+        result = run_reuse(args)
+        print_reuse(result)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
         return 0
     variants = args.variant.split(",")
     if unknown := set(variants) - set(todre.VARIANTS):

@@ -14,12 +14,11 @@ import hashlib
 import json
 import math
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import scoring
-from media import os_error_text
+from media import os_error_text, read_file
 
 # LLaVA's instruction suffixes, as its question files carry them (LLaVA docs/Evaluation.md, eval.zip).
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
@@ -71,16 +70,13 @@ def read_text(path: Path) -> str:
     """A UTF-8 text file (a BOM is dropped), refusing anything that is not a regular file: a FIFO
     would hang, /dev/zero would fill the memory."""
     try:
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            raise DataError(f"{path} is not a regular file")
-        if os.path.getsize(path) > MAX_JSON_BYTES:
-            raise DataError(f"{path} is larger than {MAX_JSON_BYTES >> 30} GiB: not a question file")
-        return path.read_bytes().decode("utf-8").removeprefix("\ufeff")
+        return read_file(path, MAX_JSON_BYTES).decode("utf-8").removeprefix("\ufeff")
+    except ValueError as e:
+        if not isinstance(e, UnicodeDecodeError):
+            raise DataError(str(e)) from None
+        raise DataError(f"cannot read {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise DataError(f"cannot read {path}: {os_error_text(e)}") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"cannot read {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def lines(path: Path) -> list[str]:
@@ -281,14 +277,15 @@ class POPE(Benchmark):
         return self.load_original(labels_dir, images)
 
     def label_files(self, folder: Path) -> dict[str, Path]:
-        files = {
-            c: folder / f"coco_pope_{c}.json" for c in self.categories if (folder / f"coco_pope_{c}.json").is_file()
-        }
-        if not files:
+        files = {c: folder / f"coco_pope_{c}.json" for c in self.categories}
+        missing = [p.name for p in files.values() if not p.is_file()]
+        if len(missing) == len(files):
             raise DataError(
                 f"{folder} has none of coco_pope_adversarial.json, coco_pope_popular.json, coco_pope_random.json "
                 "(POPE's output/coco folder, which LLaVA's layout keeps in pope/coco/)"
             )
+        if missing:  # POPE's number is the mean F1 over all three: two would be another number
+            raise DataError(f"{folder} lacks {' and '.join(missing)}: POPE's score is the mean over its 3 categories")
         return files
 
     def load_llava(self, questions_file: Path, labels_dir: Path, images: Path) -> list[Question]:

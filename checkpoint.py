@@ -9,7 +9,7 @@ Weights are only ever read from safetensors: never pickles, never code from the 
 import json
 import math
 import types
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ import anyres
 import prompt
 from clip import ACTIVATIONS, CLIPVisionConfig, layers_to_run
 from llama import LlamaConfig
-from media import os_error_text
+from media import os_error_text, read_file
 from todre import is_count
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
@@ -39,157 +39,147 @@ class CheckpointError(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class LlavaConfig:
-    """One LLaVA checkpoint's settings, from config.json and preprocessor_config.json."""
+def read_config(directory: Path) -> dict:
+    """The settings of the checkpoint in `directory` (config.json and preprocessor_config.json), as
+    the keyword arguments of model.LlavaConfig: first parsed, then checked rule by rule, each
+    failure a CheckpointError naming the file and the field."""
+    path = directory / "config.json"
+    cfg = read_json(path)
+    pre_path, pre = preprocessor_config(directory)
+    check_architecture(cfg, directory)
+    vision, text = vision_config(cfg, path), text_config(cfg, path)
+    check_shapes(vision, text, section(cfg, "text_config", path), path)
+    settings = dict(
+        text=text,
+        vision=vision,
+        model_type=cfg["model_type"],
+        vision_feature_layer=feature_layer(cfg, vision, path),
+        projector_bias=cfg.get("multimodal_projector_bias", True),
+        image_token_index=cfg.get("image_token_index", cfg.get("image_token_id", 32000)),
+        video_token_index=cfg.get("video_token_index", cfg.get("video_token_id", 32000))
+        if "video" in cfg["model_type"]
+        else None,
+        spatial_pool_mode=cfg.get("spatial_pool_mode", "average"),
+        spatial_pool_stride=cfg.get("spatial_pool_stride", 2),
+        image_grid_pinpoints=None,  # LLaVA-1.5: one square crop
+        **image_processing(pre, vision, pre_path),
+    )
+    require(
+        isinstance(settings["projector_bias"], bool),
+        path,
+        f"multimodal_projector_bias must be true or false, got {settings['projector_bias']!r}",
+    )
+    check_placeholders(settings, text, path)
+    check_pooling(settings, vision, path)
+    if settings["model_type"] != "llava":  # LLaVA-NeXT tiles images onto these canvases
+        settings["image_grid_pinpoints"] = cfg.get("image_grid_pinpoints") or pre.get("image_grid_pinpoints")
+        check_pinpoints(settings["image_grid_pinpoints"], settings["crop_size"], path)
+    return settings
 
-    text: LlamaConfig
-    vision: CLIPVisionConfig
-    image_grid_pinpoints: list | None  # [[h, w], ...] canvases AnyRes may fit an image into; None: no AnyRes
-    image_token_index: int  # the id of the <image> placeholder token
-    vision_feature_layer: int = -2
-    projector_bias: bool = True
-    crop_size: int = 336  # from preprocessor_config.json
-    image_mean: tuple = anyres.CLIP_MEAN
-    image_std: tuple = anyres.CLIP_STD
-    model_type: str = "llava_next"
-    resize_shortest_edge: int = 336  # without AnyRes: the shortest edge is resized to this, then cropped
-    # Video (llava_next_video checkpoints set these; image checkpoints take video the same way,
-    # through their <image> placeholder, as lmms-eval's llava_vid does).
-    video_token_index: int | None = None  # the id of the <video> placeholder; None: the image one
-    spatial_pool_mode: str = "average"  # how each frame's patch grid is pooled before the projector
-    spatial_pool_stride: int = 2  # 24x24 -> 12x12 tokens per frame
 
-    def __post_init__(self):
-        if self.video_token_index is None:
-            self.video_token_index = self.image_token_index
+def check_architecture(cfg: dict, directory: Path) -> None:
+    """A LLaVA of the kinds this project builds, with the feature strategy and projector it runs."""
+    path = directory / "config.json"
+    if cfg.get("model_type") not in MODEL_TYPES:
+        raise CheckpointError(
+            f"{directory} holds a {cfg.get('model_type')!r} model, not a LLaVA checkpoint ({', '.join(MODEL_TYPES)})"
+        )
+    if cfg.get("vision_feature_select_strategy", "default") != "default":
+        raise CheckpointError(f"{path}: only vision_feature_select_strategy 'default' (drop [CLS]) is supported")
+    if cfg.get("projector_hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"{path}: only a gelu projector (projector_hidden_act 'gelu') is supported")
 
-    def placeholder(self, video: bool) -> tuple[str, int]:
-        """The prompt text and token id that stand for the visual tokens of an image or a video."""
-        if video and self.video_token_index != self.image_token_index:
-            return "<video>", self.video_token_index
-        return "<image>", self.image_token_index
 
-    @property
-    def anyres(self) -> bool:
-        """LLaVA-NeXT tiles images (AnyRes); LLaVA-1.5 takes one square crop."""
-        return self.image_grid_pinpoints is not None
+def vision_config(cfg: dict, path: Path) -> CLIPVisionConfig:
+    vision = build(CLIPVisionConfig, section(cfg, "vision_config", path), f"{path}: vision_config")
+    if vision.hidden_act not in ACTIVATIONS:
+        raise CheckpointError(
+            f"{path}: vision_config.hidden_act {vision.hidden_act!r} is not supported "
+            f"(supported: {', '.join(ACTIVATIONS)})"
+        )
+    return vision
 
-    @property
-    def image_newline(self) -> bool:
-        """Whether the checkpoint has the learned image_newline vector (LLaVA-NeXT does, 1.5 not)."""
-        return self.model_type != "llava"
 
-    @classmethod
-    def from_dir(cls, directory: Path) -> "LlavaConfig":
-        path = directory / "config.json"
-        cfg = read_json(path)
-        model_type = cfg.get("model_type")
-        if model_type not in MODEL_TYPES:
-            raise CheckpointError(
-                f"{directory} holds a {model_type!r} model, not a LLaVA checkpoint ({', '.join(MODEL_TYPES)})"
-            )
-        if cfg.get("vision_feature_select_strategy", "default") != "default":
-            raise CheckpointError(f"{path}: only vision_feature_select_strategy 'default' (drop [CLS]) is supported")
-        if cfg.get("projector_hidden_act", "gelu") != "gelu":
-            raise CheckpointError(f"{path}: only a gelu projector (projector_hidden_act 'gelu') is supported")
-        pre_path, pre = preprocessor_config(directory)
+def text_config(cfg: dict, path: Path) -> LlamaConfig:
+    text = section(cfg, "text_config", path)
+    tie = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))  # transformers 5 keeps it on top
+    return build(LlamaConfig, {**text, "tie_word_embeddings": tie}, f"{path}: text_config")
 
-        vision_dict = section(cfg, "vision_config", path)
-        vision = build(CLIPVisionConfig, vision_dict, f"{path}: vision_config")
-        if vision.hidden_act not in ACTIVATIONS:
-            raise CheckpointError(
-                f"{path}: vision_config.hidden_act {vision.hidden_act!r} is not supported "
-                f"(supported: {', '.join(ACTIVATIONS)})"
-            )
-        text_dict = section(cfg, "text_config", path)
-        tie = cfg.get("tie_word_embeddings", text_dict.get("tie_word_embeddings", False))
-        text = build(LlamaConfig, {**text_dict, "tie_word_embeddings": tie}, f"{path}: text_config")
+
+def check_shapes(vision: CLIPVisionConfig, text: LlamaConfig, text_dict: dict, path: Path) -> None:
+    """Sizes that must divide one another for the model to be built at all."""
+    require(
+        vision.image_size % vision.patch_size == 0, path, "vision_config: image_size must be a multiple of patch_size"
+    )
+    require(
+        vision.hidden_size % vision.num_attention_heads == 0,
+        path,
+        "vision_config: hidden_size must be a multiple of num_attention_heads",
+    )
+    require(
+        text.num_attention_heads % text.num_key_value_heads == 0,
+        path,
+        "text_config: num_attention_heads must be a multiple of num_key_value_heads",
+    )
+    require(
+        "head_dim" in text_dict or text.hidden_size % text.num_attention_heads == 0,
+        path,
+        "text_config: hidden_size must be a multiple of num_attention_heads",
+    )
+
+
+def feature_layer(cfg: dict, vision: CLIPVisionConfig, path: Path) -> int:
+    layer = cfg.get("vision_feature_layer", -2)
+    if not is_count(layer):
+        raise CheckpointError(f"{path}: vision_feature_layer must be one integer, got {layer!r}")
+    try:
+        layers_to_run(layer, vision.num_hidden_layers)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return layer
+
+
+def check_placeholders(settings: dict, text: LlamaConfig, path: Path) -> None:
+    for name in ("image_token_index", "video_token_index"):
+        token = settings[name]
         require(
-            vision.image_size % vision.patch_size == 0,
+            token is None or is_count(token) and 0 <= token < text.vocab_size,
             path,
-            "vision_config: image_size must be a multiple of patch_size",
-        )
-        require(
-            vision.hidden_size % vision.num_attention_heads == 0,
-            path,
-            "vision_config: hidden_size must be a multiple of num_attention_heads",
-        )
-        require(
-            text.num_attention_heads % text.num_key_value_heads == 0,
-            path,
-            "text_config: num_attention_heads must be a multiple of num_key_value_heads",
-        )
-        require(
-            "head_dim" in text_dict or text.hidden_size % text.num_attention_heads == 0,
-            path,
-            "text_config: hidden_size must be a multiple of num_attention_heads",
+            f"{name} must be an id below vocab_size {text.vocab_size}, got {token!r}",
         )
 
-        feature_layer = cfg.get("vision_feature_layer", -2)
-        if not is_count(feature_layer):
-            raise CheckpointError(f"{path}: vision_feature_layer must be one integer, got {feature_layer!r}")
-        try:
-            layers_to_run(feature_layer, vision.num_hidden_layers)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        image_token = cfg.get("image_token_index", cfg.get("image_token_id", 32000))
-        video_token = cfg.get("video_token_index", cfg.get("video_token_id", 32000)) if "video" in model_type else None
-        for name, token in (("image_token_index", image_token), ("video_token_index", video_token)):
-            require(
-                token is None or is_count(token) and 0 <= token < text.vocab_size,
-                path,
-                f"{name} must be an id below vocab_size {text.vocab_size}, got {token!r}",
-            )
-        pool_mode, stride = cfg.get("spatial_pool_mode", "average"), cfg.get("spatial_pool_stride", 2)
-        require(
-            pool_mode in ("average", "max"),
-            path,
-            f"spatial_pool_mode {pool_mode!r} is not supported (supported: average, max)",
-        )
-        grid = vision.image_size // vision.patch_size
-        require(
-            is_count(stride) and stride >= 1 and grid % stride == 0,
-            path,
-            f"spatial_pool_stride must be a whole divisor of the {grid}x{grid} patch grid, got {stride!r}",
-        )
 
-        crop = pre.get("crop_size", vision.image_size)
-        crop = crop.get("height") if isinstance(crop, dict) else crop
-        if crop != vision.image_size:
-            raise CheckpointError(
-                f"{pre_path}: crop_size {crop!r} does not match the vision tower's image_size "
-                f"{vision.image_size} in config.json"
-            )
-        pinpoints = None
-        if model_type != "llava":
-            pinpoints = cfg.get("image_grid_pinpoints") or pre.get("image_grid_pinpoints")
-            check_pinpoints(pinpoints, crop, path)
-        size = pre.get("size", {"shortest_edge": crop})
-        size = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
-        require(is_count(size) and size > 0, pre_path, f"size must give a positive shortest_edge, got {size!r}")
-        mean, std = pre.get("image_mean", anyres.CLIP_MEAN), pre.get("image_std", anyres.CLIP_STD)
-        for name, values in (("image_mean", mean), ("image_std", std)):
-            if not (isinstance(values, (list, tuple)) and len(values) == 3 and all(is_number(v) for v in values)):
-                raise CheckpointError(f"{pre_path}: {name} must be 3 finite numbers, got {values!r}")
-        if min(std) <= 0:
-            raise CheckpointError(f"{pre_path}: image_std must be positive, got {std!r}")
-        return cls(
-            text=text,
-            vision=vision,
-            image_grid_pinpoints=pinpoints,
-            image_token_index=image_token,
-            vision_feature_layer=feature_layer,
-            projector_bias=cfg.get("multimodal_projector_bias", True),
-            crop_size=crop,
-            image_mean=tuple(mean),
-            image_std=tuple(std),
-            model_type=model_type,
-            resize_shortest_edge=size,
-            video_token_index=video_token,
-            spatial_pool_mode=pool_mode,
-            spatial_pool_stride=stride,
+def check_pooling(settings: dict, vision: CLIPVisionConfig, path: Path) -> None:
+    """Video: each frame's patch grid is pooled by a whole divisor of its side."""
+    mode, stride = settings["spatial_pool_mode"], settings["spatial_pool_stride"]
+    require(mode in ("average", "max"), path, f"spatial_pool_mode {mode!r} is not supported (supported: average, max)")
+    grid = vision.image_size // vision.patch_size
+    require(
+        is_count(stride) and stride >= 1 and grid % stride == 0,
+        path,
+        f"spatial_pool_stride must be a whole divisor of the {grid}x{grid} patch grid, got {stride!r}",
+    )
+
+
+def image_processing(pre: dict, vision: CLIPVisionConfig, pre_path: Path) -> dict:
+    """The image processor's crop, resize, mean and std (preprocessor_config.json)."""
+    crop = pre.get("crop_size", vision.image_size)
+    crop = crop.get("height") if isinstance(crop, dict) else crop
+    if crop != vision.image_size:
+        raise CheckpointError(
+            f"{pre_path}: crop_size {crop!r} does not match the vision tower's image_size "
+            f"{vision.image_size} in config.json"
         )
+    size = pre.get("size", {"shortest_edge": crop})
+    size = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
+    require(is_count(size) and size > 0, pre_path, f"size must give a positive shortest_edge, got {size!r}")
+    mean, std = pre.get("image_mean", anyres.CLIP_MEAN), pre.get("image_std", anyres.CLIP_STD)
+    for name, values in (("image_mean", mean), ("image_std", std)):
+        if not (isinstance(values, (list, tuple)) and len(values) == 3 and all(is_number(v) for v in values)):
+            raise CheckpointError(f"{pre_path}: {name} must be 3 finite numbers, got {values!r}")
+    if min(std) <= 0:
+        raise CheckpointError(f"{pre_path}: image_std must be positive, got {std!r}")
+    return dict(crop_size=crop, resize_shortest_edge=size, image_mean=tuple(mean), image_std=tuple(std))
 
 
 def preprocessor_config(directory: Path) -> tuple[Path, dict]:
@@ -210,14 +200,19 @@ def require(ok: bool, path: Path, rule: str) -> None:
         raise CheckpointError(f"{path}: {rule}")
 
 
+MAX_CONFIG_BYTES = 64 << 20  # config, tokenizer and template files are kilobytes to a few MB
+
+
 def read_json(path: Path) -> dict:
     """A JSON object from `path`, or a CheckpointError saying what is wrong with the file."""
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(read_file(path, MAX_CONFIG_BYTES))
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing: is {path.parent} a LLaVA checkpoint directory?") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    except (RecursionError, ValueError) as e:  # not a regular file, too large, too deep, a huge number
+        raise CheckpointError(f"cannot read {path}: {str(e)[:120]}") from None
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {os_error_text(e)}") from None
     if not isinstance(value, dict):
@@ -244,6 +239,23 @@ FIELD_CHECKS = {
 }
 
 
+# Sizes far beyond any real checkpoint, refused before a model of that size is built (a damaged or
+# hostile config.json could otherwise ask for terabytes).
+LARGEST = {
+    "vocab_size": 1 << 21,
+    "hidden_size": 1 << 16,
+    "intermediate_size": 1 << 18,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 4096,
+    "max_position_embeddings": 1 << 24,
+    "sliding_window": 1 << 24,
+    "image_size": 4096,
+    "patch_size": 4096,
+}
+
+
 def build(config_class, values: dict, where: str):
     """config_class.from_dict(values), after checking every field's JSON type against the
     dataclass annotation and every size against zero; errors name the field."""
@@ -257,8 +269,14 @@ def build(config_class, values: dict, where: str):
         checks = [FIELD_CHECKS[k] for k in kinds if k in FIELD_CHECKS]
         if checks and not any(check(value) for check, _ in checks):
             raise CheckpointError(f"{where}.{f.name} must be {checks[0][1]}, got {value!r}")
-        if f.name.endswith(("_size", "_layers", "_heads", "_eps", "head_dim", "rope_theta")) and value <= 0:
+        positive = ("_size", "_layers", "_heads", "_eps", "head_dim", "rope_theta", "max_position_embeddings")
+        if (f.name.endswith(positive) or f.name == "sliding_window") and value <= 0:
             raise CheckpointError(f"{where}.{f.name} must be positive, got {value!r}")
+        if f.name in LARGEST and value > LARGEST[f.name]:
+            raise CheckpointError(
+                f"{where}.{f.name} is {value}, beyond any LLaVA checkpoint (at most {LARGEST[f.name]}): "
+                "the config is damaged"
+            )
     try:
         return config_class.from_dict(values)
     except ValueError as e:
@@ -318,14 +336,15 @@ def resolve_checkpoint(model: str) -> Path:
         raise CheckpointError(f"{model} is neither a local directory nor a valid Hub model id") from None
 
 
-def load_tokenizer(directory: Path, cfg: LlavaConfig) -> "prompt.PromptTokenizer":
-    """The checkpoint's tokenizer.json, checked against the model (every id it can produce has an
-    embedding; '<image>' is the config's image token), with its conversation format."""
+def load_tokenizer(directory: Path, cfg) -> "prompt.PromptTokenizer":
+    """The checkpoint's tokenizer.json, checked against the model config `cfg` (model.LlavaConfig:
+    every id it can produce has an embedding; '<image>' is the config's image token), with its
+    conversation format."""
     from tokenizers import Tokenizer
 
     path = directory / "tokenizer.json"
     try:
-        tokenizer = Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_str(read_file(path, MAX_CONFIG_BYTES).decode("utf-8"))
     except Exception as e:  # the tokenizers library raises a bare Exception on a missing or bad file
         raise CheckpointError(f"cannot read {path} ({e})") from None
     size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -352,7 +371,7 @@ def load_tokenizer(directory: Path, cfg: LlavaConfig) -> "prompt.PromptTokenizer
     return prompt.PromptTokenizer(tokenizer, conversation, cfg)
 
 
-def stop_ids(directory: Path, cfg: LlavaConfig, tokenizer: "prompt.PromptTokenizer") -> set[int]:
+def stop_ids(directory: Path, cfg, tokenizer: "prompt.PromptTokenizer") -> set[int]:
     """The ids that end an answer: config.json's EOS (Llama 3 lists several), generation_config.json's,
     and the token that ends the assistant's turn in the checkpoint's format (<|im_end|>, <|eot_id|>)."""
     ids = set(cfg.text.eos_token_ids)
@@ -392,29 +411,34 @@ def unused_key(name: str, vision_layers_run: int) -> bool:
     return layer.isdigit() and int(layer) >= vision_layers_run
 
 
-def load_weights(model: torch.nn.Module, directory: Path, device: torch.device, dtype: torch.dtype) -> None:
-    """Load every *.safetensors file in `directory` into `model` (built on the meta device), cast to dtype.
+def read_weights(
+    directory: Path, expected: dict, device: torch.device, dtype: torch.dtype, skip, tied: dict | None = None
+) -> dict:
+    """Every *.safetensors file in `directory` as {parameter name: tensor} on `device` in `dtype`.
 
-    Refused, naming the tensor: a name in two shards, an integer tensor where a float weight
-    belongs, a tensor holding NaN or inf, and any missing, unexpected or mis-shaped names.
+    expected: {name: shape} of the model's parameters; skip(name): True for checkpoint tensors the
+    model deliberately does not build; tied: {name: the name whose tensor it shares when the
+    checkpoint omits it} (tie_word_embeddings). Refused, naming the tensor: a name in two shards,
+    an integer tensor where a float weight belongs, a tensor holding NaN or inf, and any missing,
+    unexpected or mis-shaped names.
     """
     from safetensors import SafetensorError, safe_open
 
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{directory} has no *.safetensors weights (pickled .bin weights are never loaded)")
-    expected = {name: p.shape for name, p in model.state_dict().items()}
-    vision_layers_run = len(model.vision_tower.encoder.layers)
     # float64 sums see any NaN or inf and cannot overflow on finite weights; MPS has no float64.
     sum_dtype = torch.float32 if device.type == "mps" else torch.float64
     state, source, unexpected, misshaped = {}, {}, [], []
     for file in files:
+        if not file.is_file():  # a FIFO or device named *.safetensors would hang or never end
+            raise CheckpointError(f"{file} is not a regular file")
         try:
             with safe_open(file, framework="pt", device=str(device)) as f:
                 for key in f.keys():
                     name = hub_key(key)
                     if name not in expected:
-                        if not unused_key(name, vision_layers_run):
+                        if not skip(name):
                             unexpected.append(key)
                         continue
                     if name in source:
@@ -432,8 +456,9 @@ def load_weights(model: torch.nn.Module, directory: Path, device: torch.device, 
                     state[name] = tensor.to(dtype)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
-    if model.config.text.tie_word_embeddings and "language_model.embed_tokens.weight" in state:
-        state.setdefault("language_model.lm_head.weight", state["language_model.embed_tokens.weight"])
+    for name, source_name in (tied or {}).items():
+        if name not in state and source_name in state:
+            state[name] = state[source_name]
     missing = sorted(set(expected) - set(state))
     problems = [
         f"{label} ({len(names)}): {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
@@ -442,4 +467,4 @@ def load_weights(model: torch.nn.Module, directory: Path, device: torch.device, 
     ]
     if problems:
         raise CheckpointError(f"weights in {directory} do not match config.json: " + "; ".join(problems))
-    model.load_state_dict(state, assign=True)
+    return state

@@ -53,6 +53,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, return_cls_attn: bool = False):
         b, n, d = x.shape
+        # (b, n, d) -> (b, heads, n, head_dim) each
         q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v)  # (b, heads, n, head_dim)
         cls_attn = None
@@ -61,9 +62,9 @@ class Attention(nn.Module):
             # of the vision encoder"; we take the layer LLaVA takes its features from (the penultimate
             # for the Hub checkpoints, FasterVLM's choice too), which is the last layer LLaVA runs.
             # Only the [CLS] query row needs explicit probabilities: one extra (1 x n) row per head.
-            scores = (q[:, :, :1].float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+            scores = (q[:, :, :1].float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (b, heads, 1, n)
             cls_attn = scores.softmax(dim=-1).mean(dim=1)[:, 0, 1:]  # (b, n - 1): CLS -> patches
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, d)), cls_attn
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d)), cls_attn  # (b, n, d) again
 
 
 class EncoderLayer(nn.Module):
@@ -104,7 +105,7 @@ class VisionTower(nn.Module):
         emb = self.embeddings
         patches = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype))  # (crops, d, S/p, S/p)
         patches = patches.flatten(2).transpose(1, 2)  # (crops, patches, d), row-major
-        cls = emb.class_embedding.expand(patches.shape[0], 1, -1)
+        cls = emb.class_embedding.expand(patches.shape[0], 1, -1)  # (crops, 1, d)
         x = torch.cat([cls, patches], dim=1) + emb.position_embedding.weight
         x = self.pre_layrnorm(x)
         last = len(self.encoder.layers) - 1

@@ -25,10 +25,11 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 import generate
-import model as llava
+import model
 import prompt
 import reference
 import todre
+from llama import KVCache
 
 HERE = Path(__file__).parent
 PINPOINTS = reference.PINPOINTS
@@ -230,7 +231,7 @@ class Checkpoint:
         self.processor.save_pretrained(directory)  # tokenizer_config.json, chat_template.jinja, processor_config.json
         self.image_processor.save_pretrained(directory)  # preprocessor_config.json, as the Hub's llava-hf checkpoints
         self.directory, self.shape, self.layers, self.family = directory, shape, s["layers"], family
-        self.model, self.tokenizer = llava.load(str(directory))
+        self.model, self.tokenizer = model.load(str(directory))
         self.image_token = self.model.config.image_token_index
 
     def hf_text(self, question=QUESTION, media: str | None = "image") -> str:
@@ -248,12 +249,12 @@ class Checkpoint:
 
     def prompt(self, num_visual: int | None, question: str = QUESTION, video: bool = False) -> torch.Tensor:
         """Our prompt ids with num_visual image (or video) tokens (None: text only)."""
-        return llava.prompt_ids(self.tokenizer, question, num_visual, video)
+        return model.prompt_ids(self.tokenizer, question, num_visual, video)
 
     @torch.inference_mode()
     def prefill(self, ids, visual_embeds, settings=todre.NO_PRUNING, room: int = 0):
         """Our prefill on a fresh cache: (logits (n', vocab) of every remaining token, info, cache)."""
-        kv_cache = self.model.new_kv_cache(room) if room else llava.KVCache(self.layers, room=0)
+        kv_cache = self.model.new_kv_cache(room) if room else KVCache(self.layers, room=0)
         logits, info = self.model.prefill(ids, visual_embeds, settings, kv_cache, all_logits=True)
         return logits[0], info, kv_cache
 
@@ -505,6 +506,34 @@ def families(tmp_path_factory):
 def family(request, families):
     """Each of the other checkpoint families in turn."""
     return families(request.param)
+
+
+FRAME_SIZES = [
+    (352, 288),
+    (288, 352),
+    (640, 480),
+    (336, 336),
+    (1920, 1080),
+    (30, 20),
+    (20, 300),
+    (1000, 336),
+]  # (width, height) of video frames
+
+
+def write_video(path, frames: int, fps: int, size=(64, 48)):
+    """A synthetic video written with PyAV: frame i is a flat colour whose red channel is 4 * i."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(frames):
+            pixels = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+            pixels[..., 0], pixels[..., 1] = 4 * i, 128
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,6 +57,13 @@ from scoring import ratio
 
 
 def parse_args(argv):
+    """The flags, checked: a UsageError names the first one that cannot be used."""
+    args = flags().parse_args(argv)
+    check_args(args)
+    return args
+
+
+def flags() -> cli.Parser:
     p = cli.Parser(
         description=__doc__.split("\n")[0],
         epilog=todre.CONFIG_NAMES,
@@ -115,7 +122,11 @@ def parse_args(argv):
     p.add_argument("--newlines", choices=["drop", "keep"], help="Stage 1 and the image_newline tokens")
     p.add_argument("--pad-to-square", action="store_true", help="LLaVA-1.5: pad to a square, as LLaVA's evaluation")
     cli.add_device_flags(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def check_args(args) -> None:
+    """Every rule the flags must follow, before anything slow happens."""
     cli.check_number("--limit", args.limit, 1, math.inf)
     cli.check_number("--max-new-tokens", args.max_new_tokens, 1, math.inf)
     cli.check_number("--tau", args.tau, 0, math.inf)
@@ -134,7 +145,6 @@ def parse_args(argv):
     for path, flag in ((args.data, "--data"), (args.images, "--images"), (args.score, "--score")):
         if path is not None and not Path(path).exists():
             raise UsageError(f"{flag} {path} does not exist")
-    return args
 
 
 def benchmark_names(text: str) -> list[str]:
@@ -332,18 +342,18 @@ def answer_all(model, tokenizer, questions: list[Question], job: Job, shard: Sha
     """This process's image groups, answered; returns every rank's skipped questions."""
     from tqdm import tqdm
 
-    missing = set()
+    missing = {}  # image -> why it cannot be read; each distinct image checked once
     for image in {q.image for q in questions if q.blob is None and q.image is not None}:
         if not os.path.isfile(image):
-            missing.add(image)
+            missing[image] = "not a regular file" if os.path.exists(image) else "image not found"
     skipped = []
     if missing:
         first = next(q for q in questions if q.image in missing)
         if not job.skip_bad:
             more = f" (and {len(missing) - 1} more images; --skip-bad skips them)" if len(missing) > 1 else ""
-            raise DataError(f"{first.source}: image not found: {first.image}{more}")
+            raise DataError(f"{first.source}: {missing[first.image]}: {first.image}{more}")
         skipped = [
-            {"question": q.source, "reason": f"image not found: {q.image}"} for q in questions if q.image in missing
+            {"question": q.source, "reason": f"{missing[q.image]}: {q.image}"} for q in questions if q.image in missing
         ]
         questions = [q for q in questions if q.image not in missing]
     groups = todo_groups(questions, job.predictions, shard.rank, shard.world_size)

@@ -39,6 +39,13 @@ class OutputError(Exception):
 
 
 def parse_args(argv):
+    """The flags, checked: a UsageError names the first one that cannot be used."""
+    args = flags().parse_args(argv)
+    check_args(args)
+    return args
+
+
+def flags() -> cli.Parser:
     p = cli.Parser(description="LLaVA-NeXT with ToDRE visual token pruning.")
     p.add_argument("--image", help="image file to ask about")
     p.add_argument(
@@ -64,6 +71,13 @@ def parse_args(argv):
         action="store_true",
         help="LLaVA-1.5 checkpoints: centre the image on a square of the mean colour instead of centre-cropping "
         "it, as LLaVA's own evaluation (and the published 1.5 numbers) did",
+    )
+    p.add_argument(
+        "--transparency",
+        choices=["stored", "white"],
+        default="stored",
+        help="transparent pixels: the colour stored under them, as LLaVA read its images (default), "
+        "or white, as transformers' processors composite them",
     )
     p.add_argument("--prompt", required=True, help="the question")
     p.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or local checkpoint directory")
@@ -113,7 +127,11 @@ def parse_args(argv):
     p.add_argument("--no-todre", action="store_true", help="no pruning; the same as --retain 1 --tau 0")
     p.add_argument("--save-selection", metavar="PNG", help="save the image with the kept visual tokens highlighted")
     p.add_argument("--stats", action="store_true", help="token counts, attention ratios and timings to stderr")
-    args = p.parse_args(argv)
+    return p
+
+
+def check_args(args) -> None:
+    """Every rule the flags must follow, before anything slow happens."""
 
     check_not_empty(args, "image", "video", "model", "save_selection")
     if args.image and args.video:
@@ -149,7 +167,6 @@ def parse_args(argv):
         if not (args.image or args.video):
             raise UsageError("--save-selection needs --image or --video")
         check_writable(args.save_selection, [p for p in (args.image, args.video) if p])
-    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +247,7 @@ def run(args) -> None:
     settings = settings_from(args)
     device = cli.pick_device(args.device)
     clip = open_video(args.video, args.max_frames) if args.video else None
-    media = open_image(args.image) if args.image else clip.frames if clip else None
+    media = open_image(args.image, args.transparency) if args.image else clip.frames if clip else None
     if sys.stderr.isatty():  # progress for people; a script reading stderr sees only errors and --stats
         print(f"loading {args.model} on {device} ...", file=sys.stderr)
     model, tokenizer = load(args.model, device, cli.pick_dtype(args.dtype, device))
@@ -241,6 +258,7 @@ def run(args) -> None:
     start = cli.now(device)
     visual = None
     if clip is not None:
+        model.check_video_budget(len(media), args.video_newlines, settings, args.max_new_tokens)
         visual = model.encode_video(media, args.video_newlines)
     elif media is not None:
         visual = model.encode_image(media, pad_to_square=args.pad_to_square)
@@ -324,7 +342,9 @@ def main(argv=None) -> int:
         run(parse_args(argv))
         return 0
     except ContextError as e:  # the library says what overflowed; the flags to change are ours
-        cli.print_error(f"{e} (--max-new-tokens{'; --retain or --keep-tokens' if e.visual else ''})")
+        flags = "; --retain or --keep-tokens" if e.visual else ""
+        flags += "; --max-frames" if "frames" in str(e) else ""
+        cli.print_error(f"{e} (--max-new-tokens{flags})")
         return 2
     except (UsageError, MediaError, CheckpointError, InputError, OutputError) as e:
         if isinstance(e, OutputError):

@@ -5,6 +5,7 @@ the layer loop (model.py does, to run ToDRE's Stage 2 between layers); `Llama.fo
 plain loop for everything else.
 """
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -56,6 +57,10 @@ class LlamaConfig:
     # Mistral's sliding-window attention: this implementation attends to the whole sequence, which
     # is the same thing as long as the sequence is no longer than the window (model.py checks).
     sliding_window: int | None = None
+    # RoPE scaling (transformers' rope_type): "default", "linear" (positions divided by the factor)
+    # or "dynamic" (NTK: the base grows once the sequence passes max_position_embeddings).
+    rope_type: str = "default"
+    rope_factor: float = 1.0
 
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
@@ -71,13 +76,30 @@ class LlamaConfig:
         if model_type not in DEFAULTS:
             raise ValueError(f"text model type {model_type!r} is not a Llama-architecture model (llama, mistral)")
         d = {**DEFAULTS[model_type], **d}
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}  # newer configs nest rope_theta here
-        if not isinstance(rope, dict):
-            raise ValueError(f"rope_parameters (or rope_scaling) must be an object, got {rope!r}")
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
-        d["rope_theta"] = rope.get("rope_theta", d["rope_theta"])
+        d.update(rope_parameters(d))
         return cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
+
+
+ROPE_TYPES = ("default", "linear", "dynamic")
+
+
+def rope_parameters(d: dict) -> dict:
+    """rope_theta, rope_type and rope_factor as transformers reads them: `rope_scaling` (transformers
+    4's key) wins over `rope_parameters` (transformers 5's), a rope_theta inside them over the
+    top-level one, and "rope_type" over the older "type" (PreTrainedConfig.convert_rope_params_to_dict)."""
+    rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"rope_scaling (or rope_parameters) must be an object, got {rope!r}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"RoPE scaling {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    theta, factor = rope.get("rope_theta", d.get("rope_theta")), rope.get("factor", 1.0)
+    for name, value in (("rope_theta", theta), ("factor", factor)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"RoPE {name} must be a positive number, got {value!r}")
+    if rope_type != "default" and factor < 1:
+        raise ValueError(f"RoPE scaling factor must be at least 1, got {factor!r}")
+    return {"rope_theta": float(theta), "rope_type": rope_type, "rope_factor": float(factor)}
 
 
 class KVCache:
@@ -100,6 +122,11 @@ class KVCache:
             self.k[layer] = k.new_empty(b, h, t + self.room, d)
             self.v[layer] = v.new_empty(b, h, t + self.room, d)
         start, end = self.lengths[layer], self.lengths[layer] + k.shape[2]
+        if end > self.k[layer].shape[2]:  # writing past the buffer would silently drop keys
+            raise ValueError(
+                f"layer {layer}'s KV cache has room for {self.k[layer].shape[2]} tokens, not {end}: "
+                "make the cache with room for every token to be decoded"
+            )
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         self.lengths[layer] = end
@@ -121,17 +148,31 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 
-def rope(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin (t, head_dim) for integer positions (t,), computed in float32 as HF does."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
+def rope(positions: torch.Tensor, cfg: LlamaConfig, dtype: torch.dtype):
+    """cos, sin (t, head_dim) for integer positions (t,), computed in float32 as transformers' Llama.
+
+    Scaling as transformers' rope functions: "linear" divides the inverse frequencies (so the
+    positions) by the factor; "dynamic" (NTK) raises the base once the sequence, up to the highest
+    position asked for, is longer than max_position_embeddings. transformers keeps the dynamic
+    frequencies of the longest sequence seen so far; computed per call, as here, they are the same
+    for a prefill followed by decoding, where the sequence only grows.
+    """
+    dim, theta = cfg.head_dim, cfg.rope_theta
+    if cfg.rope_type == "dynamic":
+        seq_len = max(int(positions.max()) + 1 if len(positions) else 0, cfg.max_position_embeddings)
+        grown = cfg.rope_factor * seq_len / cfg.max_position_embeddings - (cfg.rope_factor - 1)
+        theta = theta * grown ** (dim / (dim - 2))
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device).float() / dim)  # (dim / 2,)
+    if cfg.rope_type == "linear":
+        inv_freq = inv_freq / cfg.rope_factor
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (t, dim / 2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (t, dim): the half-split layout
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE with HF's half-split rotate_half (not interleaved pairs)."""
-    x1, x2 = x.chunk(2, dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)  # the two halves of the last axis, (..., head_dim / 2) each
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
@@ -163,15 +204,15 @@ class Attention(nn.Module):
         from them and the cached keys, without recomputing anything.
         """
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (b, heads, t, head_dim)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (b, kv_heads, t, head_dim)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = kv_cache.update(layer, k, v)
         # Prefill (t > 1) starts from an empty cache, so a causal mask over (t, t) is the whole story;
         # a decoded token (t == 1) sees every cached entry.
         out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=self.kv_heads != self.heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), q
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), q  # (b, t, heads * head_dim) -> (b, t, d)
 
 
 class DecoderLayer(nn.Module):
@@ -204,7 +245,7 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
-        return rope(positions, self.config.head_dim, self.config.rope_theta, dtype)
+        return rope(positions, self.config, dtype)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(x)).float()

@@ -9,6 +9,7 @@ Video files need PyAV (`pip install av`); frame directories and GIF/WebP do not.
 
 import errno
 import io
+import math
 import os
 import stat
 import time
@@ -20,7 +21,6 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv"}
 WAIT_FOR_WRITER_S = 5.0  # how long a FIFO may stay without a writer before that is an error
 MAX_STREAM_BYTES = 2**30  # an image read from a pipe larger than this is not an image
 
@@ -41,6 +41,19 @@ def os_error_text(e: OSError) -> str:
         errno.ENOSPC: "no space left on the device",
         errno.EROFS: "the file system is read-only",
     }.get(e.errno, e.strerror or str(e))
+
+
+def read_file(path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. Anything else is a ValueError saying
+    what it is, before a byte is read: a FIFO would hang, /dev/zero would fill the memory. OSError
+    (missing, permissions) is the caller's to word."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path} is not a regular file")
+    if info.st_size > limit:
+        raise ValueError(f"{path} is larger than {limit >> 20} MiB")
+    with open(path, "rb") as f:
+        return f.read(limit + 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,12 +166,23 @@ def to_8_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray((values * (255 / full_scale)).clip(0, 255).round().astype(np.uint8))
 
 
-def open_image(path: str) -> Image.Image:
+def on_white(image: Image.Image) -> Image.Image:
+    """The image with any transparency composited onto white (transformers' convert_to_rgb), as RGB."""
+    if "A" not in image.getbands() and image.info.get("transparency") is None:
+        return image
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
+def open_image(path: str, transparency: str = "stored") -> Image.Image:
     """A decoded image, upright (EXIF orientation applied, as transformers' load_image does), or a
-    MediaError saying what is wrong with the file."""
+    MediaError saying what is wrong with the file. Transparent pixels keep their stored colour, as
+    LLaVA read its training and evaluation images (`transparency="white"`: composited onto white,
+    as transformers' processors do)."""
     image = open_lazily(path)
     load_pixels(image, path)
-    return to_8_bit(ImageOps.exif_transpose(image))
+    image = to_8_bit(ImageOps.exif_transpose(image))
+    return on_white(image) if transparency == "white" else image
 
 
 def open_image_bytes(data: bytes, name: str) -> Image.Image:
@@ -214,8 +238,18 @@ def open_video(path: str, max_frames: int) -> Clip:
         return open_frame_directory(path, max_frames)
     if not stat.S_ISREG(mode):
         raise MediaError(f"{path} is not a regular file: pass a video file, an animation or a directory of frames")
-    if Path(path).suffix.lower() in VIDEO_SUFFIXES:
+    # What the file is, not what its name says: anything Pillow reads is an animation (or a single
+    # image), anything else goes to PyAV.
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # open_animation refuses those
+            Image.open(path).close()
+    except UnidentifiedImageError:
         return open_video_file(path, max_frames)
+    except Image.DecompressionBombError:
+        raise MediaError(f"{path} is too large to decode safely (over Pillow's decompression-bomb limit)") from None
+    except OSError as e:
+        raise MediaError(f"cannot read video {path}: {os_error_text(e)}") from None
     return open_animation(path, max_frames)
 
 
@@ -231,8 +265,16 @@ def open_animation(path: str, max_frames: int) -> Clip:
     """A GIF/WebP/APNG (or any single image): its frames' durations give it a frame rate."""
     animation = open_lazily(path)
     total = getattr(animation, "n_frames", 1)
-    duration_ms = animation.info.get("duration") or 0  # of the first frame; animations rarely vary
-    fps = 1000 / duration_ms if duration_ms > 0 and total > 1 else None
+    fps = None
+    if total > 1:  # the mean of every frame's duration: frames may differ (a pause, a slow start)
+        durations = []
+        for i in range(total):
+            try:
+                animation.seek(i)
+            except EOFError:
+                raise MediaError(f"{path} is damaged and cannot be decoded (frame {i} is missing)") from None
+            durations.append(animation.info.get("duration") or 0)
+        fps = 1000 * total / sum(durations) if all(d > 0 for d in durations) else None
     indices = frame_indices(total, fps, max_frames)
     frames = []
     for i in indices:
@@ -268,6 +310,11 @@ def open_video_file(path: str, max_frames: int) -> Clip:
         with av.open(path) as container:
             for number, frame in enumerate(container.decode(video=0)):
                 if number in wanted:
+                    if frame.width * frame.height > (Image.MAX_IMAGE_PIXELS or math.inf):
+                        raise MediaError(
+                            f"{path} has {frame.width}x{frame.height} frames, too large to decode safely "
+                            "(over Pillow's decompression-bomb limit)"
+                        )
                     frames.append(frame.to_image())
                 if len(frames) == len(wanted):
                     break

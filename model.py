@@ -21,9 +21,19 @@ from torch import nn
 import anyres
 import prompt
 import todre
-from checkpoint import DEFAULT_MODEL, LlavaConfig, load_tokenizer, load_weights, resolve_checkpoint, stop_ids
-from clip import VisionTower, layers_to_run
-from llama import KVCache, Llama
+from checkpoint import (
+    DEFAULT_MODEL,
+    load_tokenizer,
+    read_config,
+    read_weights,
+    resolve_checkpoint,
+    stop_ids,
+    unused_key,
+)
+from clip import CLIPVisionConfig, VisionTower, layers_to_run
+from llama import KVCache, Llama, LlamaConfig
+
+FRAMES_PER_BATCH = 16  # video frames through the vision tower at once
 
 
 class InputError(ValueError):
@@ -68,6 +78,49 @@ class PrefillInfo:
     positions: torch.Tensor | None = None  # positions of the tokens left at the end of prefill
 
 
+@dataclass
+class LlavaConfig:
+    """One LLaVA checkpoint's settings (checkpoint.read_config reads them from its config.json and
+    preprocessor_config.json), with the Hub's field names where there are some."""
+
+    text: LlamaConfig
+    vision: CLIPVisionConfig
+    image_grid_pinpoints: list | None  # [[h, w], ...] canvases AnyRes may fit an image into; None: no AnyRes
+    image_token_index: int  # the id of the <image> placeholder token
+    vision_feature_layer: int = -2
+    projector_bias: bool = True
+    crop_size: int = 336  # from preprocessor_config.json
+    image_mean: tuple = anyres.CLIP_MEAN
+    image_std: tuple = anyres.CLIP_STD
+    model_type: str = "llava_next"
+    resize_shortest_edge: int = 336  # without AnyRes: the shortest edge is resized to this, then cropped
+    # Video (llava_next_video checkpoints set these; image checkpoints take video the same way,
+    # through their <image> placeholder, as lmms-eval's llava_vid does).
+    video_token_index: int | None = None  # the id of the <video> placeholder; None: the image one
+    spatial_pool_mode: str = "average"  # how each frame's patch grid is pooled before the projector
+    spatial_pool_stride: int = 2  # 24x24 -> 12x12 tokens per frame
+
+    def __post_init__(self):
+        if self.video_token_index is None:
+            self.video_token_index = self.image_token_index
+
+    def placeholder(self, video: bool) -> tuple[str, int]:
+        """The prompt text and token id that stand for the visual tokens of an image or a video."""
+        if video and self.video_token_index != self.image_token_index:
+            return "<video>", self.video_token_index
+        return "<image>", self.image_token_index
+
+    @property
+    def anyres(self) -> bool:
+        """LLaVA-NeXT tiles images (AnyRes); LLaVA-1.5 takes one square crop."""
+        return self.image_grid_pinpoints is not None
+
+    @property
+    def has_image_newline(self) -> bool:
+        """Whether the checkpoint has the learned image_newline vector (LLaVA-NeXT does, 1.5 not)."""
+        return self.model_type != "llava"
+
+
 class Llava(nn.Module):
     """LLaVA-1.5, LLaVA-NeXT and LLaVA-NeXT-Video: CLIP tower, projector, Llama-family decoder."""
 
@@ -80,7 +133,7 @@ class Llava(nn.Module):
         self.multi_modal_projector = nn.Module()
         self.multi_modal_projector.linear_1 = nn.Linear(d_vision, d, bias=cfg.projector_bias)
         self.multi_modal_projector.linear_2 = nn.Linear(d, d, bias=cfg.projector_bias)
-        self.image_newline = nn.Parameter(torch.zeros(d)) if cfg.image_newline else None
+        self.image_newline = nn.Parameter(torch.zeros(d)) if cfg.has_image_newline else None
         self.language_model = Llama(cfg.text)
         self.stop_ids = set(cfg.text.eos_token_ids)  # load() adds the checkpoint's end-of-turn token
 
@@ -164,20 +217,48 @@ class Llava(nn.Module):
         cfg = self.config
         if not frames:
             raise InputError("a video needs at least one frame")
-        newlines = newlines or ("grid" if cfg.image_newline else "none")
+        newlines = newlines or ("grid" if cfg.has_image_newline else "none")
         if newlines not in ("grid", "none"):
             raise InputError(f"video newlines must be 'grid' or 'none', got {newlines!r}")
-        if newlines == "grid" and not cfg.image_newline:
+        if newlines == "grid" and not cfg.has_image_newline:
             raise InputError("this checkpoint has no image_newline vector (LLaVA-1.5): use video newlines 'none'")
-        crops = [
-            anyres.preprocess_square(f, cfg.crop_size, cfg.crop_size, cfg.image_mean, cfg.image_std) for f in frames
-        ]
-        features, cls_attn = self.vision_features(torch.cat([pixels for pixels, _ in crops]))  # (f, 576, d_vision)
-        features, cls_attn = self.pool(features), self.pool(cls_attn[..., None])[..., 0]  # (f, 144, .), (f, 144)
+        pooled, attention, framings = [], [], []
+        for start in range(0, len(frames), FRAMES_PER_BATCH):  # a bounded batch through CLIP at a time
+            crops = [
+                anyres.preprocess_square(f, cfg.crop_size, cfg.crop_size, cfg.image_mean, cfg.image_std)
+                for f in frames[start : start + FRAMES_PER_BATCH]
+            ]
+            features, cls_attn = self.vision_features(torch.cat([pixels for pixels, _ in crops]))  # (f, 576, d_vision)
+            pooled.append(self.project(self.pool(features)))  # (f, 144, d): pooled before the projector
+            attention.append(self.pool(cls_attn[..., None])[..., 0])  # (f, 144)
+            framings += [framing for _, framing in crops]
         side = cfg.vision.image_size // cfg.vision.patch_size // cfg.spatial_pool_stride
         sources = anyres.frame_sources(len(frames), side, newlines == "grid").to(self.device)
-        tokens = anyres.pack(self.project(features), sources, self.image_newline)
-        return VisualTokens(tokens, sources, cls_attn, None, [framing for _, framing in crops])
+        tokens = anyres.pack(torch.cat(pooled), sources, self.image_newline)
+        return VisualTokens(tokens, sources, torch.cat(attention), None, framings)
+
+    def check_video_budget(self, frames: int, newlines, settings: todre.Settings, max_new_tokens: int) -> None:
+        """ContextError before any frame is encoded if the visual tokens that would reach the LLM
+        (after Stage 1) and the answer's room cannot fit the context, however short the question."""
+        packed, candidates = self.video_tokens(frames, newlines)
+        kept = packed
+        if settings.stage1:
+            kept = todre.token_budget(candidates, settings.retain, settings.keep_tokens)
+            kept += (packed - candidates) if settings.newlines == "keep" else 0
+        limit = self.config.text.max_position_embeddings
+        if kept + max_new_tokens > limit:
+            raise ContextError(
+                f"{frames} frames make {kept} visual tokens for the LLM, which with {max_new_tokens} new tokens "
+                f"exceeds the model's {limit}-token context: take fewer frames, allow fewer new tokens, or prune more",
+                True,
+            )
+
+    def video_tokens(self, frames: int, newlines: str | None = None) -> tuple[int, int]:
+        """(packed tokens, Stage 1 candidates) that `frames` video frames make, known before encoding."""
+        cfg = self.config
+        side = cfg.vision.image_size // cfg.vision.patch_size // cfg.spatial_pool_stride
+        grid = (newlines or ("grid" if cfg.has_image_newline else "none")) == "grid"
+        return frames * side * (side + grid), frames * side * side
 
     # -- Stage 1 --------------------------------------------------------------------------------
 
@@ -248,6 +329,7 @@ class Llava(nn.Module):
         Figure 2) as well, without changing what Stage 2 decides.
         """
         lm = self.language_model
+        self.check_prefill(input_ids, visual_embeds, settings, kv_cache)
         x = self.embed(input_ids, visual_embeds)
         positions = torch.arange(len(input_ids), device=input_ids.device)
         cos, sin = lm.rope(positions, x.dtype)
@@ -278,6 +360,29 @@ class Llava(nn.Module):
                 info.evict_layer = i
         info.positions = positions
         return lm.logits(x if all_logits else x[:, -1:]), info
+
+    def check_prefill(self, input_ids, visual_embeds, settings: todre.Settings, kv_cache: KVCache) -> None:
+        """InputError unless the arguments are what prefill takes (the Python API's entry point)."""
+        if not (isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1 and not input_ids.is_floating_point()):
+            raise InputError(f"input_ids must be a 1-D tensor of token ids, got {describe(input_ids)}")
+        if len(input_ids) == 0:
+            raise InputError("input_ids is empty")
+        d = self.config.text.hidden_size
+        if visual_embeds is not None and not (
+            isinstance(visual_embeds, torch.Tensor) and visual_embeds.dim() == 2 and visual_embeds.shape[1] == d
+        ):
+            raise InputError(f"visual_embeds must be a (tokens, {d}) tensor, got {describe(visual_embeds)}")
+        if not isinstance(settings, todre.Settings):
+            raise InputError(f"settings must be a todre.Settings, got {type(settings).__name__}")
+        layers = len(self.language_model.layers)
+        asked = [*settings.probes(layers), *([settings.evict_layer] if settings.evict_layer is not None else [])]
+        if any(layer >= layers for layer in asked):
+            raise InputError(f"Stage 2 layers {asked} must be below {layers}, the model's number of layers")
+        if any(kv_cache.lengths):
+            raise InputError(
+                f"the KV cache already holds {max(kv_cache.lengths)} tokens of another prompt: "
+                "prefill a fresh one (model.new_kv_cache)"
+            )
 
     def decode_step(self, token: int, position: int, kv_cache: KVCache) -> torch.Tensor:
         """One generated token at `position` -> next-token logits (vocab,)."""
@@ -330,6 +435,12 @@ class Llava(nn.Module):
                 f"model's {max_len}-token context: {advice}",
                 visual_embeds is not None,
             )
+
+
+def describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
 
 
 def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> int:
@@ -451,13 +562,32 @@ def prompt_ids(
 # ---------------------------------------------------------------------------------------------
 
 
+FLOAT_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+
 def load(model_id: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a Hub id or a local directory."""
+    """(model, tokenizer) from a Hub id or a local directory; dtype a torch dtype or its name."""
+    dtype = FLOAT_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dtype not in FLOAT_DTYPES.values():
+        raise InputError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
     directory = resolve_checkpoint(model_id)
-    cfg = LlavaConfig.from_dir(directory)
+    cfg = LlavaConfig(**read_config(directory))
     tokenizer = load_tokenizer(directory, cfg)
     with torch.device("meta"):
         model = Llava(cfg)
-    load_weights(model, directory, torch.device(device), dtype)
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    vision_layers = len(model.vision_tower.encoder.layers)
+    tied = (
+        {"language_model.lm_head.weight": "language_model.embed_tokens.weight"} if cfg.text.tie_word_embeddings else {}
+    )
+    state = read_weights(
+        directory, expected, torch.device(device), dtype, lambda name: unused_key(name, vision_layers), tied
+    )
+    model.load_state_dict(state, assign=True)
     model.stop_ids = stop_ids(directory, cfg, tokenizer)
     return model.eval(), tokenizer

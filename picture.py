@@ -71,7 +71,6 @@ def patch_boxes(framing: Framing, patches: torch.Tensor, side: int) -> torch.Ten
     )
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Drawing
 # ---------------------------------------------------------------------------------------------
@@ -142,5 +141,3 @@ def save_png(picture: Image.Image, path: str) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
-
-

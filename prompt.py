@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from media import read_file
+
 # LLaVA's Vicuna v1 system prompt: conv_vicuna_v1 in LLaVA's conversation.py, which every evaluation
 # script passes (--conv-mode vicuna_v1) and LLaVA-1.5/NeXT were trained with. (Its conv_llava_v1 says
 # "curious human ... the human's questions"; the scripts' defaults name it, but no published run used it.)
@@ -52,6 +54,7 @@ class PromptFormat:
     family: str  # vicuna, mistral, chatml, llama3
     chat_template: str | None = None  # the checkpoint's jinja template; None: the built-in one
     special_tokens: dict = field(default_factory=dict)  # bos_token, eos_token... for the template
+    source: str = "the built-in format"  # the file the template came from, for messages
 
     @property
     def name(self) -> str:
@@ -68,13 +71,25 @@ class PromptFormat:
             system = SYSTEMS.get(self.family, "")
             return BUILT_IN[self.family].format(system=system, user=user)
         content = ([{"type": placeholder.strip("<>")}] if placeholder else []) + [{"type": "text", "text": question}]
-        return render_template(self.chat_template, [{"role": "user", "content": content}], self.special_tokens)
+        return render_template(
+            self.chat_template, [{"role": "user", "content": content}], self.special_tokens, self.source
+        )
 
 
-def render_template(template: str, messages: list, special_tokens: dict) -> str:
+# Bounds on rendering a checkpoint's template, which is code from the checkpoint: what any chat
+# template needs is tiny next to these, and a hostile one ('x' * 10**10, 7 ** 10**10, nested loops
+# over huge ranges) fails in a moment instead of hanging or eating the memory.
+MAX_RENDERED_CHARS = 1 << 20
+MAX_LOOP_STEPS = 100_000  # range() items over one rendering
+MAX_REPEAT = 1 << 16  # str/list * n
+MAX_POWER_BITS = 256  # a ** b results
+
+
+def render_template(template: str, messages: list, special_tokens: dict, source: str = "the chat template") -> str:
     """A chat template rendered as transformers' apply_chat_template(add_generation_prompt=True)
     renders it: jinja2's sandbox, trim_blocks and lstrip_blocks, the loop-controls extension, a
-    no-op {% generation %} block, raise_exception and an unescaped tojson."""
+    no-op {% generation %} block, raise_exception and an unescaped tojson; bounded (above), and
+    every way it can fail a PromptError naming `source`."""
     try:
         import jinja2
         from jinja2.ext import Extension
@@ -93,18 +108,47 @@ def render_template(template: str, messages: list, special_tokens: dict) -> str:
         def _render(self, caller):
             return caller()
 
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*" and any(isinstance(x, (str, list, tuple)) for x in (left, right)):
+                count = right if isinstance(left, (str, list, tuple)) else left
+                if isinstance(count, int) and count > MAX_REPEAT:
+                    raise jinja2.exceptions.SecurityError(f"repeats something {count} times")
+            if operator == "**" and isinstance(left, int) and isinstance(right, int):
+                if right > 0 and abs(left) > 1 and right * max(1, abs(left).bit_length()) > MAX_POWER_BITS:
+                    raise jinja2.exceptions.SecurityError(f"computes {left} ** {right}")
+            return super().call_binop(context, operator, left, right)
+
+    steps = [0]
+
+    def bounded_range(*args):
+        for value in range(*args):
+            steps[0] += 1
+            if steps[0] > MAX_LOOP_STEPS:
+                raise jinja2.exceptions.SecurityError(f"loops more than {MAX_LOOP_STEPS} times")
+            yield value
+
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
-    environment = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
-    )
+    environment = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
     environment.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
-    environment.globals["raise_exception"] = raise_exception
+    environment.globals.update(raise_exception=raise_exception, range=bounded_range)
     try:
-        return environment.from_string(template).render(messages=messages, add_generation_prompt=True, **special_tokens)
-    except jinja2.exceptions.TemplateError as e:
-        raise PromptError(f"the checkpoint's chat template cannot be rendered ({e})") from None
+        chunks, size = [], 0
+        stream = environment.from_string(template).generate(
+            messages=messages, add_generation_prompt=True, **special_tokens
+        )
+        for chunk in stream:
+            size += len(chunk)
+            if size > MAX_RENDERED_CHARS:
+                raise jinja2.exceptions.SecurityError(f"renders more than {MAX_RENDERED_CHARS} characters")
+            chunks.append(chunk)
+        return "".join(chunks)
+    except Exception as e:  # the template is code: any error it raises (1/0, recursion, a type error) is its own
+        raise PromptError(f"{source} cannot be rendered ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def load_format(directory: Path, text_model_type: str, vocab: dict) -> PromptFormat:
@@ -113,12 +157,28 @@ def load_format(directory: Path, text_model_type: str, vocab: dict) -> PromptFor
     tokenizer and text model say (ChatML and Llama 3 by their special tokens, Mistral by its
     model type, else Vicuna)."""
     tokenizer_config = read_json_object(directory / "tokenizer_config.json")
-    jinja = directory / "chat_template.jinja"  # transformers 5 saves it alone, older ones in JSON
-    template = jinja.read_text() if jinja.is_file() else None
-    template = template or read_json_object(directory / "chat_template.json").get("chat_template")
-    template = template or tokenizer_config.get("chat_template")
+    template, source = None, None
+    for path, key in (
+        (directory / "chat_template.jinja", None),  # transformers 5 saves it alone, older ones in JSON
+        (directory / "chat_template.json", "chat_template"),
+        (directory / "tokenizer_config.json", "chat_template"),
+    ):
+        if key is None:
+            try:
+                template = read_optional(path).decode("utf-8") or None
+            except UnicodeDecodeError as e:
+                raise PromptError(f"{path} is not UTF-8 text ({e.reason})") from None
+        else:
+            template = (tokenizer_config if path.name == "tokenizer_config.json" else read_json_object(path)).get(key)
+        if template:
+            source = f"the chat template in {path}"
+            break
     if isinstance(template, list):  # several named templates: the default one
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        template = next(
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+        )
+    if template is not None and not isinstance(template, str):
+        raise PromptError(f"{source}: a chat template must be text, got {type(template).__name__}")
     special_tokens = {
         name: value.get("content") if isinstance(value, dict) else value
         for name, value in tokenizer_config.items()
@@ -126,7 +186,7 @@ def load_format(directory: Path, text_model_type: str, vocab: dict) -> PromptFor
     }
     if template:
         probe = render_template(
-            template, [{"role": "user", "content": [{"type": "text", "text": "q"}]}], special_tokens
+            template, [{"role": "user", "content": [{"type": "text", "text": "q"}]}], special_tokens, source
         )
         family = classify(probe)
     elif "<|im_start|>" in vocab:
@@ -135,7 +195,9 @@ def load_format(directory: Path, text_model_type: str, vocab: dict) -> PromptFor
         family = "llama3"
     else:
         family = "mistral" if text_model_type == "mistral" else "vicuna"
-    return PromptFormat(family, template if family != "vicuna" else None, special_tokens)
+    if family == "vicuna":
+        return PromptFormat(family, None, special_tokens)
+    return PromptFormat(family, template, special_tokens, source or "the built-in format")
 
 
 def classify(rendered: str) -> str:
@@ -145,12 +207,30 @@ def classify(rendered: str) -> str:
     return "vicuna"
 
 
-def read_json_object(path: Path) -> dict:
-    """A JSON object, or {} for a missing or unreadable file (these files are optional)."""
+MAX_TEMPLATE_BYTES = 16 << 20
+
+
+def read_optional(path: Path) -> bytes:
+    """An optional file's bytes; b"" where it is missing. A file that is there but unreadable,
+    not a regular file, or too large is a PromptError naming it."""
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_file(path, MAX_TEMPLATE_BYTES)
+    except FileNotFoundError:
+        return b""
+    except (OSError, ValueError) as e:
+        raise PromptError(f"cannot read {path}: {str(e)[:120]}") from None
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object, or {} for a missing file or one that holds no object (these files are
+    optional); a file that cannot be parsed is a PromptError naming it."""
+    data = read_optional(path)
+    if not data:
         return {}
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, nesting too deep, a number too long
+        raise PromptError(f"{path} is not valid JSON ({str(e)[:120]})") from None
     return value if isinstance(value, dict) else {}
 
 
@@ -161,6 +241,7 @@ def encode(
     placeholder_id: int | None,
     num_visual: int | None,
     bos_token: str | None = None,
+    source: str = "the conversation format",
 ) -> list[int]:
     """Token ids of `text`, its one placeholder expanded to num_visual placeholder ids.
 
@@ -172,8 +253,11 @@ def encode(
     if placeholder is None:
         return tokenizer.encode(text, add_special_tokens=add_bos).ids
     before, *after = text.split(placeholder)
-    if len(after) != 1:
-        raise PromptError(f"the prompt must not contain the placeholder {placeholder!r} itself")
+    if len(after) != 1:  # the question was checked for placeholders: the template made this many
+        raise PromptError(
+            f"{source} rendered {len(after)} {placeholder!r} placeholders for one image: it is not a template "
+            "for one image per question"
+        )
     ids = tokenizer.encode(before, add_special_tokens=add_bos).ids
     return ids + [placeholder_id] * num_visual + tokenizer.encode(after[0], add_special_tokens=False).ids
 
@@ -208,9 +292,8 @@ class PromptTokenizer:
         if placeholder is not None and placeholder in question:
             raise PromptError(f"the prompt must not contain the placeholder {placeholder!r} itself")
         text = self.format.render(question, placeholder)
-        return encode(
-            self.tokenizer, text, placeholder, placeholder_id, num_visual, self.format.special_tokens.get("bos_token")
-        )
+        bos = self.format.special_tokens.get("bos_token")
+        return encode(self.tokenizer, text, placeholder, placeholder_id, num_visual, bos, self.format.source)
 
     def end_of_turn_id(self) -> int | None:
         """The id of the token that ends the assistant's turn in this format, if the vocabulary has it."""

@@ -261,7 +261,7 @@ CONTRACTIONS = {
 NUMBER_WORDS = dict(none="0", zero="0", one="1", two="2", three="3", four="4", five="5", six="6", seven="7")
 NUMBER_WORDS.update(eight="8", nine="9", ten="10")
 ARTICLES = ("a", "an", "the")
-PUNCTUATION = ";/[]\"{}()=+\\_-><@`,?!"
+PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
 PERIOD_NOT_IN_NUMBER = re.compile(r"(?!<=\d)(\.)(?!\d)")  # the reference's look-behind is malformed; kept
 COMMA_IN_NUMBER = re.compile(r"(?<=\d)(\,)+(?=\d)")
 

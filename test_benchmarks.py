@@ -276,3 +276,25 @@ def test_a_missing_file_says_what_to_download_and_where(llava_eval, tmp_path, na
     shutil.rmtree(target) if target.is_dir() else target.unlink()
     with pytest.raises(DataError, match=message):
         questions(name, tmp_path / "eval")
+
+
+def test_pope_with_a_category_file_missing_is_refused(tmp_path, llava_eval):
+    import shutil
+
+    shutil.copytree(llava_eval / "pope", tmp_path / "pope")
+    (tmp_path / "pope" / "coco" / "coco_pope_popular.json").unlink()
+    with pytest.raises(DataError, match="lacks coco_pope_popular.json: POPE's score is the mean over its 3 categories"):
+        questions("pope", tmp_path)
+
+
+def test_a_parquet_row_without_image_bytes_is_one_line_naming_it(tmp_path, monkeypatch):
+    from conftest import write_parquet
+
+    row = {"question_id": "1", "question": "Is there a dog?", "answer": "yes", "category": "random", "image": None}
+    write_parquet(tmp_path / "lmms-lab_POPE" / "data" / "test-00000-of-00001.parquet", [row])
+    fake_hub(monkeypatch, tmp_path)
+    (q,) = questions("pope", None)
+    with pytest.raises(
+        DataError, match=r"test-00000-of-00001.parquet \(row group 0, row 0\): the image column holds no"
+    ):
+        benchmarks.EmbeddedImages().read(q)

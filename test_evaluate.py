@@ -18,7 +18,7 @@ import pytest
 import bench
 import evaluate
 import generate
-import model as llava
+import model
 import runner
 import scoring
 import tables
@@ -53,8 +53,8 @@ def make_pope(root: Path, questions: int = 4) -> tuple[Path, Path]:
 
 
 def run(capsys, ckpt, *argv, max_new_tokens="4", dtype="float32"):
-    model = ["--model", str(ckpt.directory), "--device", "cpu", "--dtype", dtype, "--max-new-tokens", max_new_tokens]
-    code = evaluate.main([*argv, *model])
+    flags = ["--model", str(ckpt.directory), "--device", "cpu", "--dtype", dtype, "--max-new-tokens", max_new_tokens]
+    code = evaluate.main([*argv, *flags])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -276,13 +276,13 @@ def test_each_image_is_encoded_once_and_answers_equal_encoding_every_time(mha, t
     data, images = make_pope(tmp_path, questions=6)  # 3 images x 6 questions x 3 categories
     calls = {"encode": 0, "select": 0}
     for name, method in (("encode", "encode_image"), ("select", "select")):
-        real = getattr(llava.Llava, method)
+        real = getattr(model.Llava, method)
 
         def counted(self, *a, _real=real, _name=name, **k):
             calls[_name] += 1
             return _real(self, *a, **k)
 
-        monkeypatch.setattr(llava.Llava, method, counted)
+        monkeypatch.setattr(model.Llava, method, counted)
     argv = ["--benchmark", "pope", "--data", str(data), "--images", str(images), "--configs", "full,todre-0.10,keep-64"]
     assert run(capsys, mha, *argv, "--out", str(tmp_path / "reuse"))[0] == 0
     assert calls == {"encode": 3, "select": 9}  # 3 images; Stage 1 once per (image, configuration)
@@ -472,7 +472,7 @@ def test_pope_end_to_end_in_its_original_layout(mha, tmp_path, capsys):
 def test_lmms_eval_parser_and_empty_answers_are_counted(mha, tmp_path, capsys, monkeypatch):
     data, images = make_pope(tmp_path)
     argv = ["--benchmark", "pope", "--data", str(data), "--images", str(images), "--configs", "full"]
-    monkeypatch.setattr(llava.Llava, "decode", lambda self, *a, **k: iter(()))  # the model says nothing
+    monkeypatch.setattr(model.Llava, "decode", lambda self, *a, **k: iter(()))  # the model says nothing
     code, stdout, err = run(capsys, mha, *argv, "--out", str(tmp_path / "a"))
     row = json.loads((tmp_path / "a" / "results.json").read_text())["configs"]["full"]
     assert code == 0 and row["empty_answers"] == 12 and "full: 12 empty answers (counted wrong)" in stdout
@@ -513,6 +513,35 @@ def test_bad_data_is_one_line_naming_file_and_line_or_a_counted_skip(mha, tmp_pa
     )
     code, out, err = run(capsys, mha, *argv, "--out", str(tmp_path / "c"))
     assert code == 2 and err.startswith(f"error: {data / 'coco_pope_popular.json'}:2: not valid JSON")
+
+
+def test_each_distinct_image_is_checked_once_and_a_device_is_not_an_image(mha, tmp_path, capsys, monkeypatch):
+    lines = [
+        {"question_id": f"q{i}", "image": f"missing{i % 50}.png", "question": "Red?", "answer": "yes"}
+        for i in range(2000)
+    ]
+    lines.append({"question_id": "dev", "image": "/dev/null", "question": "Red?", "answer": "yes"})
+    (tmp_path / "set.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    checked = []
+    real_isfile = os.path.isfile
+    monkeypatch.setattr(evaluate.os.path, "isfile", lambda p: checked.append(p) or real_isfile(p))
+    argv = ["--benchmark", "jsonl", "--data", str(tmp_path / "set.jsonl"), "--configs", "full"]
+    code, out, err = run(capsys, mha, *argv, "--skip-bad", "--out", str(tmp_path / "out"))
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    images = [p for p in checked if "missing" in str(p) or str(p) == "/dev/null"]
+    assert code == 0 and len(result["skipped"]) == 2001 and len(images) == 51  # not once per question
+    assert {s["reason"] for s in result["skipped"] if "/dev/null" in s["reason"]} == {"not a regular file: /dev/null"}
+
+
+def test_odd_prediction_file_names_are_ignored_and_non_utf8_is_one_line(tmp_path):
+    folder = tmp_path / "full"
+    folder.mkdir()
+    (folder / "predictions.rankX.jsonl").write_text("not json at all\n")
+    (folder / "predictions.rank1.jsonl.bak").write_text("not json at all\n")
+    assert runner.Predictions(folder).records == []
+    (folder / "predictions.jsonl").write_bytes(b'{"question_id": "\xff"}\n')
+    with pytest.raises(evaluate.DataError, match="predictions.jsonl: not UTF-8 text"):
+        runner.Predictions(folder)
 
 
 def test_a_question_too_long_for_the_context_is_tied_to_it_and_skippable(mha, tmp_path, capsys):

@@ -307,6 +307,14 @@ class Settings:
             raise ValueError(f"newlines must be 'drop' or 'keep', got {self.newlines!r}")
         if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau) and self.tau >= 0):
             raise ValueError(f"tau must be a finite number >= 0, got {self.tau!r}")
+        if self.probe_layers is not None and not (
+            isinstance(self.probe_layers, (tuple, list)) and all(is_count(x) and x >= 0 for x in self.probe_layers)
+        ):
+            raise ValueError(f"probe_layers must be layer numbers >= 0, got {self.probe_layers!r}")
+        if self.evict_layer is not None and not (is_count(self.evict_layer) and self.evict_layer >= 0):
+            raise ValueError(f"evict_layer must be a layer number >= 0, got {self.evict_layer!r}")
+        if not all(isinstance(f, (int, float)) and 0 < f <= 1 for f in self.probe_fractions):
+            raise ValueError(f"probe_fractions must be fractions of the depth in (0, 1], got {self.probe_fractions!r}")
 
 
 # The paper's two versions. v1 (May 2025) is the default; its authors' revision v2 (Nov 2025)

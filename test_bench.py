@@ -1,0 +1,52 @@
+"""bench.py: the benchmark runs and refuses what it cannot run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import (
+    HERE,
+)
+
+
+def test_bench_tiny_preset_runs_and_writes_its_json(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["--preset", "tiny", "--repeats", "1", "--new-tokens", "4", "--json", str(out)]
+    done = subprocess.run([sys.executable, str(HERE / "bench.py"), *argv], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert (result["preset"], result["device"], result["dtype"]) == ("tiny", "cpu", "bfloat16")  # generate.py's default
+    runs = {r["name"]: r for r in result["runs"]}
+    assert list(runs) == ["full", "stage1-0.10", "todre-0.25", "todre-0.10", "hf-full"]
+    assert [runs[n]["visual_tokens"] for n in runs] == [2928, 288, 720, 288, 2928]
+    fields = {
+        "name",
+        "vision_s",
+        "select_s",
+        "prefill_s",
+        "decode_s",
+        "total_s",
+        "prefill_tflops",
+        "prefill_tflops_exact",
+        "peak_mem_mb",
+        "visual_tokens",
+        "kv_cache_mb",
+        "decode_tflops",
+    }
+    assert all(set(r) >= fields for r in runs.values())
+    assert runs["todre-0.10"]["evict_layer"] == 1 and runs["stage1-0.10"]["evict_layer"] is None
+    assert runs["todre-0.10"]["kv_cache_mb"] < runs["stage1-0.10"]["kv_cache_mb"] < runs["full"]["kv_cache_mb"]
+    assert runs["full"]["kv_cache_mb"] == pytest.approx(runs["hf-full"]["kv_cache_mb"], rel=0.02)
+    assert runs["full"]["prefill_tflops"] > runs["stage1-0.10"]["prefill_tflops"] > runs["todre-0.10"]["prefill_tflops"]
+    assert runs["todre-0.10"]["stage2_probe"]["layers"] == [1, 2] and runs["todre-0.10"]["stage2_probe"]["probe_s"] > 0
+    assert "Stage 2 forced after layer 1" in done.stdout and "Stage-1 selection in todre-0.10" in done.stdout
+
+
+@pytest.mark.parametrize("configs, message", [("todre-64", "write todre-keep-64"), ("bogus", "unknown configuration")])
+def test_bench_refuses_unknown_configurations_before_running_any(configs, message):
+    done = subprocess.run(
+        [sys.executable, str(HERE / "bench.py"), "--configs", configs], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and message in done.stderr
