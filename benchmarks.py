@@ -244,6 +244,11 @@ class Benchmark:
     def default_split(self, data: Path | None) -> str | None:
         return None
 
+    def llava_answer(self, record: dict) -> dict:
+        """The fields LLaVA's model_vqa_loader writes for an answered question: its id as the
+        question file has it, the question text as asked (`prompt`) and the answer (`text`)."""
+        return {"question_id": record["source_id"], "prompt": record["question"], "text": record["answer"]}
+
     def describe_prompt(self) -> str:
         """What decides the prompt, for the output folder's fingerprint."""
         return f"{self.name}: LLaVA evaluation prompts, suffixes as in its question files"
@@ -538,6 +543,12 @@ class ScienceQA(Benchmark):
             )
         return questions
 
+    def llava_answer(self, record):
+        """model_vqa_science's: the prompt marks an image question with "<image>\\n", which
+        eval_science_qa.py reads to count the IMG subset."""
+        line = super().llava_answer(record)
+        return {**line, "prompt": "<image>\n" + line["prompt"]} if record["image"] is not None else line
+
     def parse(self, answer, question, parser):
         return scoring.parse_science_qa(answer)
 
@@ -711,6 +722,18 @@ class MMBench(Benchmark):
             self.question(r, where, (path, group, row))
             for where, path, group, row, r in parquet_rows(repo, download(repo, [pattern]), pattern)
         ]
+
+    def llava_answer(self, record):
+        """model_vqa_mmbench's: the prompt without the instruction, the options and their letters."""
+        options = record["choices"]
+        return {
+            "question_id": record["source_id"],
+            "round_id": 0,
+            "prompt": record["question"].removesuffix(self.suffix),
+            "text": record["answer"],
+            "options": options,
+            "option_char": list("ABCD"[: len(options)]),
+        }
 
     def parse(self, answer, question, parser):
         return scoring.parse_mmbench(answer, dict(zip(scoring.LETTERS, question.choices, strict=False)))

@@ -368,7 +368,7 @@ def load_tokenizer(directory: Path, cfg) -> "prompt.PromptTokenizer":
         conversation = prompt.load_format(directory, text_model_type, tokenizer.get_vocab(with_added_tokens=True))
     except prompt.PromptError as e:
         raise CheckpointError(f"{directory}: {e}") from None
-    return prompt.PromptTokenizer(tokenizer, conversation, cfg)
+    return prompt.PromptTokenizer(tokenizer, conversation, cfg.placeholder)
 
 
 def stop_ids(directory: Path, cfg, tokenizer: "prompt.PromptTokenizer") -> set[int]:

@@ -330,6 +330,7 @@ def make_job(args, bench, folder, model, tokenizer, identity, device, shard) -> 
         reuse=not args.no_image_cache,
         figure2=args.figure2,
         skip_bad=args.skip_bad,
+        read=lambda answer, question: bench.parse(answer, question, args.parser),
     )
 
 
@@ -433,17 +434,10 @@ def relative(metrics, full):
 
 
 def llava_answer(bench: Benchmark, record: dict, model_id: str) -> dict:
-    """One line of the answers file LLaVA's scripts write (model_vqa_loader / _science / _mmbench),
-    so that LLaVA's own converters and scorers read ours."""
-    prompt = record["question"]
-    if bench.name == "sqa" and record["image"] is not None:
-        prompt = "<image>\n" + prompt
-    line = {"question_id": record["source_id"], "prompt": prompt, "text": record["answer"]}
-    if bench.name in ("mmbench", "mmbench_cn"):
-        line["prompt"] = prompt.removesuffix(bench.suffix)
-        line.update(round_id=0, options=record["choices"], option_char=list("ABCD"[: len(record["choices"])]))
+    """One line of the answers file LLaVA's scripts write, so that LLaVA's own converters and
+    scorers read ours: the benchmark's fields, then LLaVA's bookkeeping."""
     answer_id = hashlib.sha1(f"{record['category']}/{record['question_id']}".encode()).hexdigest()[:22]
-    return {**line, "answer_id": answer_id, "model_id": model_id, "metadata": {}}
+    return {**bench.llava_answer(record), "answer_id": answer_id, "model_id": model_id, "metadata": {}}
 
 
 def score(args, bench, questions, stored: dict[str, list[dict]], skipped, folder: Path, model, world_size: int) -> dict:

@@ -14,6 +14,7 @@ import os
 import stat
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,10 @@ MAX_STREAM_BYTES = 2**30  # an image read from a pipe larger than this is not an
 
 class MediaError(Exception):
     """An image or video that cannot be read; the message says why."""
+
+
+class NotAnImage(MediaError):
+    """A file Pillow does not recognise as an image (it may still be a video)."""
 
 
 def os_error_text(e: OSError) -> str:
@@ -113,6 +118,18 @@ def read_pipe(path: str) -> bytes:
         os.close(fd)
 
 
+@contextmanager
+def bomb_guard(name: str):
+    """Pillow's decompression-bomb warning and error, both as one MediaError naming the file: an
+    image that large is refused before its pixels are decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise MediaError(f"{name} is too large to decode safely (over Pillow's decompression-bomb limit)") from None
+
+
 def open_lazily(path: str) -> Image.Image:
     """The opened (not yet decoded) image at `path`, or a MediaError saying what is wrong."""
     mode = check_path(path, "image").st_mode
@@ -125,26 +142,25 @@ def open_lazily(path: str) -> Image.Image:
     else:
         kind = "a terminal" if stat.S_ISCHR(mode) and os.path.realpath(path).startswith("/dev/pts") else "a device"
         raise MediaError(f"{path} is {kind}, not an image file")
+    return open_source(source, path)
+
+
+def open_source(source, name: str) -> Image.Image:
+    """Image.open on a path or a file object, its failures as MediaErrors naming `name`."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with bomb_guard(name):
             return Image.open(source)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise MediaError(f"{path} is too large to decode safely (over Pillow's decompression-bomb limit)") from None
     except UnidentifiedImageError:
-        raise MediaError(f"{path} is not an image Pillow can read") from None
+        raise NotAnImage(f"{name} is not an image Pillow can read") from None
     except OSError as e:
-        raise MediaError(f"cannot read image {path}: {os_error_text(e)}") from None
+        raise MediaError(f"cannot read image {name}: {os_error_text(e)}") from None
 
 
 def load_pixels(image: Image.Image, path: str) -> None:
     """Decode the pixels now, so that a damaged file fails here, with its name."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with bomb_guard(path):
             image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise MediaError(f"{path} is too large to decode safely (over Pillow's decompression-bomb limit)") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
         raise MediaError(f"{path} is damaged and cannot be decoded ({e})") from None
 
@@ -179,22 +195,18 @@ def open_image(path: str, transparency: str = "stored") -> Image.Image:
     MediaError saying what is wrong with the file. Transparent pixels keep their stored colour, as
     LLaVA read its training and evaluation images (`transparency="white"`: composited onto white,
     as transformers' processors do)."""
-    image = open_lazily(path)
-    load_pixels(image, path)
+    return decoded(open_lazily(path), path, transparency)
+
+
+def open_image_bytes(data: bytes, name: str, transparency: str = "stored") -> Image.Image:
+    """open_image for an image held in memory (a dataset's embedded image); `name` for messages."""
+    return decoded(open_source(io.BytesIO(data), name), name, transparency)
+
+
+def decoded(image: Image.Image, name: str, transparency: str) -> Image.Image:
+    load_pixels(image, name)
     image = to_8_bit(ImageOps.exif_transpose(image))
     return on_white(image) if transparency == "white" else image
-
-
-def open_image_bytes(data: bytes, name: str) -> Image.Image:
-    """open_image for an image held in memory (a dataset's embedded image); `name` for messages."""
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise MediaError(f"{name} is not an image Pillow can read") from None
-    except Image.DecompressionBombError:
-        raise MediaError(f"{name} is too large to decode safely (over Pillow's decompression-bomb limit)") from None
-    load_pixels(image, name)
-    return to_8_bit(ImageOps.exif_transpose(image))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,15 +253,9 @@ def open_video(path: str, max_frames: int) -> Clip:
     # What the file is, not what its name says: anything Pillow reads is an animation (or a single
     # image), anything else goes to PyAV.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # open_animation refuses those
-            Image.open(path).close()
-    except UnidentifiedImageError:
+        open_source(path, path).close()
+    except NotAnImage:
         return open_video_file(path, max_frames)
-    except Image.DecompressionBombError:
-        raise MediaError(f"{path} is too large to decode safely (over Pillow's decompression-bomb limit)") from None
-    except OSError as e:
-        raise MediaError(f"cannot read video {path}: {os_error_text(e)}") from None
     return open_animation(path, max_frames)
 
 

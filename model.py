@@ -338,7 +338,7 @@ class Llava(nn.Module):
         # Eq. 7's sets: S = the tokens before the image, V = the image, T = the text after it.
         text_pos = positions[positions > visual_pos.max()] if len(visual_pos) else positions[:0]
         stage2 = len(visual_pos) > 0 and (settings.tau > 0 or settings.evict_layer is not None)
-        probes = settings.probes(len(lm.layers)) if stage2 else []
+        probes = settings.layers_to_probe(len(lm.layers)) if stage2 else []
         measured = set(range(len(lm.layers))) if every_layer_ratios and len(visual_pos) else set(probes)
         info = PrefillInfo()
 
@@ -375,7 +375,10 @@ class Llava(nn.Module):
         if not isinstance(settings, todre.Settings):
             raise InputError(f"settings must be a todre.Settings, got {type(settings).__name__}")
         layers = len(self.language_model.layers)
-        asked = [*settings.probes(layers), *([settings.evict_layer] if settings.evict_layer is not None else [])]
+        asked = [
+            *settings.layers_to_probe(layers),
+            *([settings.evict_layer] if settings.evict_layer is not None else []),
+        ]
         if any(layer >= layers for layer in asked):
             raise InputError(f"Stage 2 layers {asked} must be below {layers}, the model's number of layers")
         if any(kv_cache.lengths):

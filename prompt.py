@@ -265,23 +265,23 @@ def encode(
 class PromptTokenizer:
     """A checkpoint's tokenizer with its conversation format: question -> prompt ids, ids -> text.
 
-    `placeholders` is the checkpoint config (its `placeholder(video)` gives the text and id that
-    stand for an image's or a video's visual tokens).
+    `placeholder(video)` gives the text and id that stand for an image's or a video's visual tokens
+    (the checkpoint config's LlavaConfig.placeholder).
     """
 
-    def __init__(self, tokenizer, conversation: PromptFormat, placeholders):
-        self.tokenizer, self.format, self.placeholders = tokenizer, conversation, placeholders
+    def __init__(self, tokenizer, conversation: PromptFormat, placeholder):
+        self.tokenizer, self.format, self.placeholder = tokenizer, conversation, placeholder
 
     def conversation(self, question: str, with_media: bool = True, video: bool = False) -> str:
         """The whole conversation as the text the tokenizer gets, with one placeholder
         (<image> or <video>) where the visual tokens go."""
-        placeholder = self.placeholders.placeholder(video)[0] if with_media else None
+        placeholder = self.placeholder(video)[0] if with_media else None
         return self.format.render(question, placeholder)
 
     def prompt_ids(self, question: str, num_visual: int | None = None, video: bool = False) -> list[int]:
         """Ids of the whole prompt for `question`, with num_visual placeholder ids where the image
         (or video) goes; num_visual None: a text-only prompt."""
-        placeholder, placeholder_id = self.placeholders.placeholder(video) if num_visual is not None else (None, None)
+        placeholder, placeholder_id = self.placeholder(video) if num_visual is not None else (None, None)
         try:
             question.encode("utf-8")
         except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8, kept by Python's argv decoding

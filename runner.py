@@ -251,6 +251,7 @@ class Job:
     reuse: bool = True  # one encode and one Stage 1 per image; False: anew for every answer
     figure2: bool = False  # eq. 7 at every layer in the full configuration
     skip_bad: bool = False
+    read: Callable[[str, Question], object] = lambda answer, question: answer  # the benchmark's reader
 
 
 class Answerer:
@@ -346,6 +347,10 @@ class Answerer:
             "prompt": self.tokenizer.conversation(q.text, with_media=visual is not None),
             # LLaVA's scripts strip the decoded answer (batch_decode(...)[0].strip()); so do we
             "answer": reply.text.strip(),
+            # what this run's reader made of it, and the expected answer, for people reading the file;
+            # results.json reads `answer` again every time, against the data's current labels
+            "pred": job.read(reply.text.strip(), q),
+            "label": q.label if q.label is not None else q.answers,
             "visual_tokens": visual_tokens,
             "evict_layer": reply.info.evict_layer,
             "new_tokens": len(reply.token_ids),

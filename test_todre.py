@@ -32,11 +32,11 @@ def test_token_budget_is_a_fraction_or_an_explicit_count():
 
 def test_settings_variants_and_overrides():
     v1, v2 = todre.variant("v1"), todre.variant("v2")
-    assert (v1.select, v1.tau, v1.probes(32)) == ("kcenter", 0.03, [15, 19, 23, 27]) and v1 == todre.Settings()
-    assert (v2.select, v2.tau, v2.probes(32)) == ("maxsum", 0.10, [27])
+    assert (v1.select, v1.tau, v1.layers_to_probe(32)) == ("kcenter", 0.03, [15, 19, 23, 27]) and v1 == todre.Settings()
+    assert (v2.select, v2.tau, v2.layers_to_probe(32)) == ("maxsum", 0.10, [27])
     tuned = todre.variant("v2", tau=0.2, probe_layers=[5, 3], retain=0.25, select=None)
-    assert (tuned.select, tuned.tau, tuned.probes(32), tuned.retain) == ("maxsum", 0.2, [3, 5], 0.25)
-    assert not todre.NO_PRUNING.stage1 and todre.NO_PRUNING.probes(32) == []
+    assert (tuned.select, tuned.tau, tuned.layers_to_probe(32), tuned.retain) == ("maxsum", 0.2, [3, 5], 0.25)
+    assert not todre.NO_PRUNING.stage1 and todre.NO_PRUNING.layers_to_probe(32) == []
     assert todre.Settings(retain=1.0, keep_tokens=64).stage1 and not todre.Settings(retain=1).stage1
     for bad, message in [
         (dict(retain=64), "for a token count use keep_tokens=64"),

@@ -33,14 +33,19 @@ def is_count(value) -> bool:
 def token_budget(num_candidates: int, retain: float = 1.0, keep_tokens: int | None = None) -> int:
     """k for Stage 1: `keep_tokens` if given, else round(retain * num_candidates); clamped to
     [1, num_candidates]. 0.10 of the 2880 patch tokens of a 672x672 image keeps 288, 0.25 keeps 720."""
+    check_budget(retain, keep_tokens)
     if keep_tokens is not None:
-        if not (is_count(keep_tokens) and keep_tokens >= 1):
-            raise ValueError(f"keep_tokens must be a positive integer, got {keep_tokens!r}")
         return min(num_candidates, keep_tokens)
+    return max(1, min(num_candidates, round(retain * num_candidates)))
+
+
+def check_budget(retain, keep_tokens) -> None:
+    """ValueError unless retain is a fraction in (0, 1] and keep_tokens None or a positive count."""
     if isinstance(retain, bool) or not isinstance(retain, (int, float)) or not 0 < retain <= 1:  # NaN fails too
         hint = f"; for a token count use keep_tokens={retain}" if is_count(retain) and retain > 1 else ""
         raise ValueError(f"retain is a fraction in (0, 1], got {retain!r}{hint}")
-    return max(1, min(num_candidates, round(retain * num_candidates)))
+    if keep_tokens is not None and not (is_count(keep_tokens) and keep_tokens >= 1):
+        raise ValueError(f"keep_tokens must be a positive integer, got {keep_tokens!r}")
 
 
 def select_pivot(cls_attn: torch.Tensor, anyres: bool) -> int:
@@ -289,18 +294,14 @@ class Settings:
         """Whether Stage 1 runs: retain 1.0 with no token count switches it off, newlines included."""
         return self.keep_tokens is not None or self.retain != 1.0
 
-    def probes(self, num_layers: int) -> list[int]:
+    def layers_to_probe(self, num_layers: int) -> list[int]:
         """The Stage 2 probe layers (0-based) of a decoder with num_layers layers; none when tau is 0."""
         if self.tau == 0:
             return []
         return sorted(self.probe_layers) if self.probe_layers else probe_layers(num_layers, self.probe_fractions)
 
     def __post_init__(self):
-        if not (isinstance(self.retain, (int, float)) and not isinstance(self.retain, bool) and 0 < self.retain <= 1):
-            hint = f"; for a token count use keep_tokens={self.retain}" if is_count(self.retain) else ""
-            raise ValueError(f"retain is a fraction in (0, 1], got {self.retain!r}{hint}")
-        if self.keep_tokens is not None and not (is_count(self.keep_tokens) and self.keep_tokens >= 1):
-            raise ValueError(f"keep_tokens must be a positive integer, got {self.keep_tokens!r}")
+        check_budget(self.retain, self.keep_tokens)
         if self.select not in SELECTORS:
             raise ValueError(f"unknown selector {self.select!r}: use one of {', '.join(SELECTORS)}")
         if self.newlines not in ("drop", "keep"):
