@@ -756,10 +756,43 @@ class VQA(Benchmark):
     the val split, scored here by the VQA soft accuracy over its human answers."""
 
     splits = ("test", "val")
-    test_file = ""
+    test_file = ""  # LLaVA's question file of the test split
+    test_images = ""  # the folder its images go in, in LLaVA's layout
 
     def default_split(self, data: Path | None) -> str:
         return "test" if data is not None and (subfolder(data, self.folder) / self.test_file).is_file() else "val"
+
+    def load(self, data, images, split):
+        split = split or self.default_split(data)
+        if data is None:
+            return self.load_hub(split)
+        root = subfolder(data, self.folder)
+        return self.load_test(root, images) if split == "test" else self.load_val(root, images)
+
+    def load_test(self, root: Path, images: Path | None) -> list[Question]:
+        """LLaVA's question file for the server-scored split (model_vqa_loader's input): no answers."""
+        path = root / self.test_file
+        if not path.is_file():
+            raise DataError(f"{root} has no {self.test_file}: extract LLaVA's eval.zip ({self.folder}/) there")
+        images = images or root / self.test_images
+        questions = []
+        for n, r in json_lines(path):
+            where = f"{path}:{n}"
+            require(r, ("question_id", "image", "text"), where)
+            image = in_folder(images, str(r["image"]), where, confined=True)
+            extra = {"image_name": str(r["image"])}  # VizWiz's upload names the image
+            questions.append(
+                Question(
+                    str(r["question_id"]),
+                    "default",
+                    str(r["text"]),
+                    image,
+                    where,
+                    source_id=r["question_id"],
+                    extra=extra,
+                )
+            )
+        return questions
 
     def parse(self, answer, question, parser):
         return scoring.evalai_answer(answer)
@@ -772,33 +805,11 @@ class VizWiz(VQA):
     """VizWiz (LLaVA vizwiz.sh): 8,000 test questions scored by EvalAI, or the val split here."""
 
     name, column, folder = "vizwiz", "VizWiz", "vizwiz"
-    test_file = "llava_test.jsonl"
+    test_file, test_images = "llava_test.jsonl", "test"
     hub = ("lmms-lab/VizWiz-VQA", "data/val-*.parquet")
 
-    def load(self, data, images, split):
-        split = split or self.default_split(data)
-        if data is None:
-            return self.load_hub(split)
-        root = subfolder(data, self.folder)
-        if split == "test":
-            path = root / self.test_file
-            if not path.is_file():
-                raise DataError(f"{root} has no {self.test_file}: extract LLaVA's eval.zip (vizwiz/) there")
-            images = images or root / "test"
-            return [
-                Question(
-                    str(r["question_id"]),
-                    "default",
-                    str(r["text"]),
-                    in_folder(images, str(r["image"]), f"{path}:{n}", confined=True),
-                    f"{path}:{n}",
-                    source_id=r["question_id"],
-                    extra={"image_name": str(r["image"])},
-                )
-                for n, r in (
-                    (n, require(r, ("question_id", "image", "text"), f"{path}:{n}")) for n, r in json_lines(path)
-                )
-            ]
+    def load_val(self, root: Path, images: Path | None) -> list[Question]:
+        """VizWiz's val annotations (val.json, 10 answers a question) and images (val/)."""
         path = root / "val.json"
         if not path.is_file():
             raise DataError(f"{root} has no val.json: VizWiz's val annotations (Annotations.zip) go there")
@@ -847,32 +858,11 @@ class VQAv2(VQA):
     """VQAv2 (LLaVA vqav2.sh): test-dev, 107,394 questions scored by EvalAI, or the val split here."""
 
     name, column, folder = "vqav2", "VQAv2", "vqav2"
-    test_file = "llava_vqav2_mscoco_test-dev2015.jsonl"
+    test_file, test_images = "llava_vqav2_mscoco_test-dev2015.jsonl", "test2015"
     hub = ("lmms-lab/VQAv2", "data/validation-*.parquet")
 
-    def load(self, data, images, split):
-        split = split or self.default_split(data)
-        if data is None:
-            return self.load_hub(split)
-        root = subfolder(data, self.folder)
-        if split == "test":
-            path = root / self.test_file
-            if not path.is_file():
-                raise DataError(f"{root} has no {self.test_file}: extract LLaVA's eval.zip (vqav2/) there")
-            images = images or root / "test2015"
-            return [
-                Question(
-                    str(r["question_id"]),
-                    "default",
-                    str(r["text"]),
-                    in_folder(images, str(r["image"]), f"{path}:{n}", confined=True),
-                    f"{path}:{n}",
-                    source_id=r["question_id"],
-                )
-                for n, r in (
-                    (n, require(r, ("question_id", "image", "text"), f"{path}:{n}")) for n, r in json_lines(path)
-                )
-            ]
+    def load_val(self, root: Path, images: Path | None) -> list[Question]:
+        """The VQA API's val2014 questions and annotations (10 answers a question), images in val2014/."""
         questions_file = root / "v2_OpenEnded_mscoco_val2014_questions.json"
         annotations_file = root / "v2_mscoco_val2014_annotations.json"
         if not questions_file.is_file() or not annotations_file.is_file():
