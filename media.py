@@ -293,12 +293,54 @@ def open_animation(path: str, max_frames: int) -> Clip:
     return Clip(frames, indices, total, fps)
 
 
+SEEK_AFTER_FRAMES = 3000  # a longer video is read by seeking to each sampled frame, not by decoding them all
+
+
+def frame_picture(frame, path: str) -> Image.Image:
+    """A decoded frame as a picture, refused over Pillow's decompression-bomb limit like an image."""
+    if frame.width * frame.height > (Image.MAX_IMAGE_PIXELS or math.inf):
+        raise MediaError(
+            f"{path} has {frame.width}x{frame.height} frames, too large to decode safely "
+            "(over Pillow's decompression-bomb limit)"
+        )
+    return frame.to_image()
+
+
+def walk_frames(container, stream, indices: list[int], fps, path: str) -> list[Image.Image]:
+    """The frames numbered `indices`, decoding in order and stopping after the last of them."""
+    wanted, frames = set(indices), []
+    for number, frame in enumerate(container.decode(stream)):
+        if number in wanted:
+            frames.append(frame_picture(frame, path))
+        if len(frames) == len(wanted):
+            break
+    return frames
+
+
+def seek_frames(container, stream, indices: list[int], fps: float, path: str) -> list[Image.Image]:
+    """The frames numbered `indices` of a constant-rate video, each reached by seeking to the
+    keyframe before it and decoding from there; a frame's number is its time x fps. A frame
+    without a timestamp sends the whole reading back to walk_frames."""
+    start, frames = stream.start_time or 0, []
+    for index in indices:
+        container.seek(start + int(index / fps / stream.time_base), stream=stream, backward=True)
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                container.seek(start, stream=stream, backward=True)
+                return walk_frames(container, stream, indices, fps, path)
+            if round((frame.pts - start) * stream.time_base * fps) >= index:
+                frames.append(frame_picture(frame, path))
+                break
+    return frames
+
+
 def open_video_file(path: str, max_frames: int) -> Clip:
     """An .mp4/.mkv/.webm/.mov/.avi... through PyAV (the decoder transformers and lmms-eval use).
 
     The frame count comes from the container, or, where it does not say, from counting the
-    stream's packets (no decoding); then the frames are decoded in order and only the sampled
-    ones are turned into pictures, so memory holds max_frames frames, never the whole video.
+    stream's packets (no decoding); then the frames are decoded in order up to the last sampled
+    one (a long video: reached by seeking), and only the sampled ones are turned into pictures,
+    so memory holds max_frames frames, never the whole video.
     """
     try:
         import av
@@ -312,18 +354,10 @@ def open_video_file(path: str, max_frames: int) -> Clip:
             fps = float(stream.average_rate) if stream.average_rate else None
             total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
         indices = frame_indices(total, fps, max_frames)
-        wanted, frames = set(indices), []
         with av.open(path) as container:
-            for number, frame in enumerate(container.decode(video=0)):
-                if number in wanted:
-                    if frame.width * frame.height > (Image.MAX_IMAGE_PIXELS or math.inf):
-                        raise MediaError(
-                            f"{path} has {frame.width}x{frame.height} frames, too large to decode safely "
-                            "(over Pillow's decompression-bomb limit)"
-                        )
-                    frames.append(frame.to_image())
-                if len(frames) == len(wanted):
-                    break
+            stream = container.streams.video[0]
+            seekable = total > SEEK_AFTER_FRAMES and fps and stream.time_base
+            frames = (seek_frames if seekable else walk_frames)(container, stream, indices, fps, path)
     except MediaError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as e:

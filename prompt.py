@@ -153,7 +153,8 @@ def render_template(template: str, messages: list, special_tokens: dict, source:
 
 def load_format(directory: Path, text_model_type: str, vocab: dict) -> PromptFormat:
     """The checkpoint's conversation format: its chat template (chat_template.json, then
-    tokenizer_config.json) classified by the markers it renders, or, without one, the family its
+    tokenizer_config.json) classified by the markers its text holds (it is rendered only when a
+    prompt is made), or, without one, the family its
     tokenizer and text model say (ChatML and Llama 3 by their special tokens, Mistral by its
     model type, else Vicuna)."""
     tokenizer_config = read_json_object(directory / "tokenizer_config.json")
@@ -184,11 +185,8 @@ def load_format(directory: Path, text_model_type: str, vocab: dict) -> PromptFor
         for name, value in tokenizer_config.items()
         if name.endswith("_token") and isinstance(value, (str, dict))
     }
-    if template:
-        probe = render_template(
-            template, [{"role": "user", "content": [{"type": "text", "text": "q"}]}], special_tokens, source
-        )
-        family = classify(probe)
+    if template:  # by the markers its text holds: it is rendered only when a prompt is made, bounded
+        family = classify(template)
     elif "<|im_start|>" in vocab:
         family = "chatml"
     elif "<|start_header_id|>" in vocab:
@@ -200,9 +198,9 @@ def load_format(directory: Path, text_model_type: str, vocab: dict) -> PromptFor
     return PromptFormat(family, template, special_tokens, source or "the built-in format")
 
 
-def classify(rendered: str) -> str:
+def classify(template: str) -> str:
     for marker, family in (("[INST]", "mistral"), ("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3")):
-        if marker in rendered:
+        if marker in template:
             return family
     return "vicuna"
 

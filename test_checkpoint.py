@@ -371,22 +371,24 @@ BROKEN_CHECKPOINTS = {
     "config_is_a_fifo": (replace_with_fifo("config.json"), "config.json is not a regular file"),
     "weights_are_a_fifo": (replace_with_fifo("model.safetensors"), "model.safetensors is not a regular file"),
     "config_nested_too_deep": (write_file("config.json", "[" * 100000), "cannot read"),
+    # hostile templates ([INST]: a Mistral-style one, so it is used), each failing at the first prompt
     "template_repeats_a_string_10_billion_times": (
         write_file("chat_template.jinja", "{{ 'x' * 10**10 }}[INST]"),
         "chat_template.jinja cannot be rendered (SecurityError: repeats something 10000000000 times)",
     ),
     "template_raises_a_huge_power": (
-        write_file("chat_template.jinja", "{{ 7 ** 10000000000 }}"),
+        write_file("chat_template.jinja", "[INST] {{ 7 ** 10000000000 }}"),
         "chat_template.jinja cannot be rendered (SecurityError: computes 7 ** 10000000000)",
     ),
     "template_loops_for_ever": (
         write_file(
-            "chat_template.jinja", "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+            "chat_template.jinja",
+            "[INST] {% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
         ),
         "chat_template.jinja cannot be rendered (SecurityError: loops more than 100000 times)",
     ),
     "template_divides_by_zero": (
-        write_file("chat_template.jinja", "{{ 1 / 0 }}"),
+        write_file("chat_template.jinja", "[INST] {{ 1 / 0 }}"),
         "chat_template.jinja cannot be rendered (ZeroDivisionError",
     ),
     "template_not_utf8": (write_file("chat_template.jinja", b"\xff\xfe{{"), "chat_template.jinja is not UTF-8 text"),

@@ -189,3 +189,29 @@ def test_integer_images_are_scaled_by_their_real_bit_depth(tmp_path, mode, store
     path = tmp_path / ("deep.png" if mode == "I;16" else "deep.tif")
     pixels = np.asarray(media.open_image(str(path)).convert("RGB"))
     assert pixels[5, 5].tolist() == [shown] * 3 and pixels[0, 0].tolist() == [0, 0, 0]
+
+
+def test_a_long_video_is_read_by_seeking_to_the_same_frames(tmp_path, monkeypatch):
+    import av
+
+    with av.open(str(tmp_path / "long.mp4"), "w") as out:  # 150 frames at 25 fps, a keyframe every 12
+        stream = out.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt, stream.gop_size = 64, 48, "yuv420p", 12
+        for i in range(150):
+            pixels = np.zeros((48, 64, 3), dtype=np.uint8)
+            pixels[..., 0], pixels[..., 1] = i, 255 - i
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    walked = media.open_video(str(tmp_path / "long.mp4"), 20)
+    seeks = []
+    monkeypatch.setattr(media, "SEEK_AFTER_FRAMES", 100)
+    real_seek = av.container.InputContainer.seek
+    monkeypatch.setattr(
+        av.container.InputContainer, "seek", lambda self, *a, **k: seeks.append(a) or real_seek(self, *a, **k)
+    )
+    sought = media.open_video(str(tmp_path / "long.mp4"), 20)
+    assert len(seeks) == len(walked.indices) == 6 and sought.indices == walked.indices == [0, 25, 50, 75, 100, 125]
+    for a, b in zip(sought.frames, walked.frames, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))

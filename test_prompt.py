@@ -97,3 +97,13 @@ def test_a_template_that_renders_two_placeholders_is_blamed_not_the_question(mha
         cli_args(mha, "--model", str(directory), "--image", str(tmp_path / "a.png")),
         f"the chat template in {directory / 'chat_template.jinja'} rendered 2 '<image>' placeholders for one image",
     )
+
+
+def test_a_chat_template_is_rendered_only_when_a_prompt_is_made(mha, tmp_path):
+    directory = tmp_path / "lazy"
+    shutil.copytree(mha.directory, directory)
+    (directory / "chat_template.jinja").write_text("[INST] {{ 1 / 0 }} [/INST]")
+    _, tokenizer = model.load(str(directory))  # loading reads the template's markers, runs none of it
+    assert tokenizer.format.family == "mistral"
+    with pytest.raises(prompt.PromptError, match="chat_template.jinja cannot be rendered .ZeroDivisionError"):
+        tokenizer.prompt_ids(QUESTION)
