@@ -266,9 +266,14 @@ def run(args) -> None:
     printed = ""
 
     def stream(token_ids):
+        """Print what the answer has become, once it cannot change any more: a run of byte tokens
+        (SentencePiece's byte fallback) decodes as a whole, so it waits for the token after it,
+        and a multi-byte character cut off at the end (byte-level tokenizers) waits for the rest."""
         nonlocal printed
+        if tokenizer.is_byte(token_ids[-1]):
+            return
         text = tokenizer.decode(token_ids)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+        if not text.endswith("\ufffd") and text.startswith(printed):
             write_answer(text[len(printed) :])
             printed = text
 

@@ -550,10 +550,11 @@ def ask(
 
 
 def prompt_ids(
-    tokenizer: prompt.PromptTokenizer, question: str, num_visual: int | None = None, video: bool = False
+    tokenizer: prompt.PromptTokenizer, question: str, num_visual: int | list[int] | None = None, video: bool = False
 ) -> torch.Tensor:
     """The checkpoint's prompt for `question`, in its own conversation format, with num_visual
-    placeholder ids where the image (or video) goes; None: a text-only prompt (prompt.py)."""
+    placeholder ids where the image (or video) goes (a list: one count per image, for several);
+    None: a text-only prompt (prompt.py)."""
     try:
         return torch.tensor(tokenizer.prompt_ids(question, num_visual, video))
     except prompt.PromptError as e:

@@ -63,14 +63,16 @@ class PromptFormat:
             return "vicuna (LLaVA's system prompt)"
         return f"{self.family} ({'chat template' if self.chat_template else 'built-in'})"
 
-    def render(self, question: str, placeholder: str | None) -> str:
+    def render(self, question: str, placeholder: str | None, images: int = 1) -> str:
         """The conversation as text: one user turn (the placeholder, a newline, the question) and
-        the assistant's turn opened. placeholder None: a text-only question."""
-        user = question if placeholder is None else f"{placeholder}\n{question}"
+        the assistant's turn opened. placeholder None: a text-only question. Several images: their
+        placeholders separated by spaces, as lmms-eval's llava writes them ("<image> <image>\\n")."""
+        user = question if placeholder is None else f"{' '.join([placeholder] * images)}\n{question}"
         if self.family == "vicuna" or not self.chat_template:
             system = SYSTEMS.get(self.family, "")
             return BUILT_IN[self.family].format(system=system, user=user)
-        content = ([{"type": placeholder.strip("<>")}] if placeholder else []) + [{"type": "text", "text": question}]
+        media = [{"type": placeholder.strip("<>")}] * images if placeholder else []
+        content = media + [{"type": "text", "text": question}]
         return render_template(
             self.chat_template, [{"role": "user", "content": content}], self.special_tokens, self.source
         )
@@ -237,27 +239,32 @@ def encode(
     text: str,
     placeholder: str | None,
     placeholder_id: int | None,
-    num_visual: int | None,
+    num_visual: int | list[int] | None,
     bos_token: str | None = None,
     source: str = "the conversation format",
 ) -> list[int]:
-    """Token ids of `text`, its one placeholder expanded to num_visual placeholder ids.
+    """Token ids of `text`, each placeholder expanded to its count of placeholder ids (num_visual:
+    one count, or one per image in order).
 
-    As LLaVA's tokenizer_image_token: the text on each side of the placeholder is tokenized on
-    its own, the first part with the tokenizer's special tokens (BOS) unless the text already
+    As LLaVA's tokenizer_image_token: the text around the placeholders is tokenized piece by
+    piece, the first piece with the tokenizer's special tokens (BOS) unless the text already
     starts with the BOS token (as transformers' processor decides), the rest without.
     """
     add_bos = not (bos_token and text.startswith(bos_token))
     if placeholder is None:
         return tokenizer.encode(text, add_special_tokens=add_bos).ids
-    before, *after = text.split(placeholder)
-    if len(after) != 1:  # the question was checked for placeholders: the template made this many
+    counts = num_visual if isinstance(num_visual, list) else [num_visual]
+    first, *rest = text.split(placeholder)
+    if len(rest) != len(counts):  # the question was checked for placeholders: the template made these
+        images = "one image" if len(counts) == 1 else f"{len(counts)} images"
         raise PromptError(
-            f"{source} rendered {len(after)} {placeholder!r} placeholders for one image: it is not a template "
-            "for one image per question"
+            f"{source} rendered {len(rest)} {placeholder!r} placeholders for {images}: it does not put one "
+            "placeholder per image"
         )
-    ids = tokenizer.encode(before, add_special_tokens=add_bos).ids
-    return ids + [placeholder_id] * num_visual + tokenizer.encode(after[0], add_special_tokens=False).ids
+    ids = tokenizer.encode(first, add_special_tokens=add_bos).ids
+    for count, piece in zip(counts, rest, strict=True):
+        ids += [placeholder_id] * count + tokenizer.encode(piece, add_special_tokens=False).ids
+    return ids
 
 
 class PromptTokenizer:
@@ -270,15 +277,15 @@ class PromptTokenizer:
     def __init__(self, tokenizer, conversation: PromptFormat, placeholder):
         self.tokenizer, self.format, self.placeholder = tokenizer, conversation, placeholder
 
-    def conversation(self, question: str, with_media: bool = True, video: bool = False) -> str:
-        """The whole conversation as the text the tokenizer gets, with one placeholder
-        (<image> or <video>) where the visual tokens go."""
+    def conversation(self, question: str, with_media: bool = True, video: bool = False, images: int = 1) -> str:
+        """The whole conversation as the text the tokenizer gets, with a placeholder (<image> or
+        <video>) where each image's visual tokens go."""
         placeholder = self.placeholder(video)[0] if with_media else None
-        return self.format.render(question, placeholder)
+        return self.format.render(question, placeholder, images)
 
-    def prompt_ids(self, question: str, num_visual: int | None = None, video: bool = False) -> list[int]:
+    def prompt_ids(self, question: str, num_visual: int | list[int] | None = None, video: bool = False) -> list[int]:
         """Ids of the whole prompt for `question`, with num_visual placeholder ids where the image
-        (or video) goes; num_visual None: a text-only prompt."""
+        (or video) goes, or one count per image for several; num_visual None: a text-only prompt."""
         placeholder, placeholder_id = self.placeholder(video) if num_visual is not None else (None, None)
         try:
             question.encode("utf-8")
@@ -289,7 +296,7 @@ class PromptTokenizer:
             ) from None
         if placeholder is not None and placeholder in question:
             raise PromptError(f"the prompt must not contain the placeholder {placeholder!r} itself")
-        text = self.format.render(question, placeholder)
+        text = self.format.render(question, placeholder, len(num_visual) if isinstance(num_visual, list) else 1)
         bos = self.format.special_tokens.get("bos_token")
         return encode(self.tokenizer, text, placeholder, placeholder_id, num_visual, bos, self.format.source)
 
@@ -300,6 +307,11 @@ class PromptTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
+
+    def is_byte(self, token_id: int) -> bool:
+        """Whether the token is one of SentencePiece's byte-fallback tokens (<0x41>)."""
+        piece = self.tokenizer.id_to_token(token_id) or ""
+        return len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
 
     def encode(self, text: str, add_special_tokens: bool = True):
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)

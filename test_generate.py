@@ -23,6 +23,7 @@ import todre
 from conftest import (
     HERE,
     PINPOINTS,
+    QUESTION,
     cli_args,
     cli_process,
     hf_runtime_state,
@@ -64,6 +65,18 @@ def test_streaming_prints_multibyte_characters_made_of_byte_fallback_tokens(mha,
     monkeypatch.setattr(model.Llava, "decode", lambda self, *args, **kwargs: iter(pieces))
     code, out, err = run_cli(capsys, *cli_args(mha, "--max-new-tokens", "6"))
     assert code == 0 and out == text + "\n", err
+
+
+def test_what_streams_is_the_whole_answer_decoded_at_once(mha, tmp_path, capsys):
+    """Random weights emit runs of byte tokens that decode differently once the run goes on; the
+    stream waits for a run to end, so it prints exactly the answer decoded at once."""
+    noise_image(120, 90, seed=40).save(tmp_path / "photo.png")
+    code, out, err = run_cli(capsys, *cli_args(mha, "--image", str(tmp_path / "photo.png"), "--max-new-tokens", "64"))
+    reply = model.ask(
+        mha.model, mha.tokenizer, QUESTION, mha.model.encode_image(noise_image(120, 90, seed=40)), max_new_tokens=64
+    )
+    assert code == 0 and out == reply.text + "\n"
+    assert any(mha.tokenizer.is_byte(t) for t in reply.token_ids)  # the case this is about
 
 
 def test_too_many_frames_for_the_context_are_refused_before_encoding(mha, tmp_path, capsys, monkeypatch):

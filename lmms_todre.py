@@ -1,0 +1,275 @@
+"""ToDRE inside lmms-eval (EvolvingLMMs-Lab/lmms-eval 0.7.x): every lmms-eval task, answered by this
+project's model under any pruning configuration, scored by lmms-eval's own scorers.
+
+    python lmms_todre.py --model todre \
+        --model_args pretrained=llava-hf/llava-v1.6-vicuna-7b-hf,config=todre-0.10 \
+        --tasks pope,mme,videomme --batch_size 1 --log_samples --output_path logs/todre-0.10
+    accelerate launch --num_processes 8 lmms_todre.py --model todre ...   # as lmms-eval's own launch
+    python lmms_todre.py table2 full=logs/full todre-0.10=logs/todre-0.10 --out table2
+
+This file registers the `todre` model with lmms-eval and hands every other argument to lmms-eval's
+own command line. lmms-eval is optional (`pip install -r requirements-lmms.txt`); nothing else in
+the project imports it. `table2` turns lmms-eval result folders into the paper's Table 2.
+"""
+
+import cli
+
+CTRL_C_HANDLED = cli.quiet_ctrl_c(__name__)  # before the slow imports (torch, lmms-eval)
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import tables
+import todre
+from checkpoint import DEFAULT_MODEL, CheckpointError
+from cli import UsageError
+from media import MediaError, open_image_bytes, open_video
+from model import ContextError, InputError, generate, load, prompt_ids
+from prompt import PromptFormat
+
+try:
+    from lmms_eval.api.model import lmms as LMMsModel
+except ImportError:  # lmms-eval is optional: `main` says how to install it
+    LMMsModel = object
+
+TABLE2 = {  # the paper's Table 2 columns: lmms-eval task -> its score in the results file
+    "videomme": ("VideoMME", "videomme_perception_score"),
+    "egoschema_subset": ("Egoschema", "score"),
+    "mlvu_dev": ("MLVU", "mlvu_percetion_score"),
+    "longvideobench_val_v": ("LongVideoBench", "lvb_acc"),
+}
+
+
+class ToDRE(LMMsModel):
+    """lmms-eval's model interface over this project's LLaVA and ToDRE.
+
+    Model arguments: pretrained (Hub id or directory), config (todre.parse_config's names: full,
+    todre-0.10, keep-64, todre-0.10-v2, ...), device, dtype, max_frames (video: one frame a second,
+    at most this many; 20, the paper's), video_newlines (grid, the paper's, or none), pad_to_square
+    (LLaVA-1.5), conv (vicuna, mistral, chatml or llama3: the built-in format instead of the
+    checkpoint's own).
+    """
+
+    def __init__(
+        self,
+        pretrained: str = DEFAULT_MODEL,
+        config: str = "todre-0.10",
+        device: str = "auto",
+        dtype: str = "auto",
+        max_frames: int = 20,
+        video_newlines: str | None = None,
+        pad_to_square: bool = False,
+        conv: str | None = None,
+        batch_size: int = 1,
+        **unknown,
+    ):
+        super().__init__()
+        if unknown:
+            raise UsageError(f"unknown model argument(s) {', '.join(sorted(unknown))} for --model todre")
+        if int(batch_size) != 1:
+            raise UsageError("--model todre answers one request at a time: --batch_size 1")
+        try:
+            self.settings = todre.parse_config(config)
+        except ValueError as e:
+            raise UsageError(str(e).splitlines()[0]) from None
+        self._rank, self._world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self._device = cli.pick_device(device)
+        if self._device.type == "cuda" and self._world_size > 1:  # one GPU per process, as lmms-eval launches
+            self._device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self._device)
+        self.model, self.tokenizer = load(pretrained, self._device, cli.pick_dtype(dtype, self._device))
+        if conv is not None:
+            if conv not in ("vicuna", "mistral", "chatml", "llama3"):
+                raise UsageError(f"conv must be vicuna, mistral, chatml or llama3, got {conv!r}")
+            self.tokenizer.format = PromptFormat(conv, None, self.tokenizer.format.special_tokens)
+        self.max_frames, self.video_newlines = int(max_frames), video_newlines
+        self.pad_to_square = str(pad_to_square).lower() in ("1", "true", "yes")
+        self.batch_size_per_gpu = 1
+        self.visual_tokens: list[dict] = []  # per request: tokens kept and the eviction layer
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def rank(self):
+        return self._rank
+
+    @property
+    def world_size(self):
+        return self._world_size
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def visuals(self, request) -> tuple[list, bool]:
+        """The request's images (PIL) or video (a path), as the task's doc_to_visual gives them."""
+        _, _, doc_to_visual, doc_id, task, split = request.args[:6]
+        found = doc_to_visual(self.task_dict[task][split][doc_id]) or []
+        found = [v for v in (found if isinstance(found, list) else [found]) if v is not None]
+        video = bool(found) and all(isinstance(v, str) for v in found)
+        return found, video
+
+    def inputs(self, question: str, request):
+        """(prompt ids, visual embeddings or None) for one request, Stage 1 applied per image."""
+        found, video = self.visuals(request)
+        if not found:
+            return prompt_ids(self.tokenizer, question).to(self.device), None
+        if video:  # this project's frame sampling and pooling: 1 fps, at most max_frames, 2x2 pooled
+            frames = open_video(found[0], self.max_frames).frames
+            self.model.check_video_budget(len(frames), self.video_newlines, self.settings, 1)
+            visuals = [self.model.encode_video(frames, self.video_newlines)]
+        else:
+            images = [v if hasattr(v, "size") else open_image_bytes(v, "an image of the request") for v in found]
+            visuals = [self.model.encode_image(image.convert("RGB"), self.pad_to_square) for image in images]
+        kept = [self.model.select(visual, self.settings) for visual in visuals]
+        embeds = torch.cat([visual.tokens[k] for visual, k in zip(visuals, kept, strict=True)])
+        counts = [len(k) for k in kept]
+        ids = prompt_ids(self.tokenizer, question, counts if len(counts) > 1 else counts[0], video)
+        return ids.to(self.device), embeds
+
+    def generate_until(self, requests) -> list[str]:
+        """Each request greedily (temperature 0) or sampled, up to its max_new_tokens, cut at the
+        first of its `until` strings, stripped as lmms-eval's llava strips its answers."""
+        answers = []
+        for request in requests:
+            question, gen_kwargs = request.args[0], dict(request.args[1])
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new_tokens = int(gen_kwargs.get("max_new_tokens", 1024))
+            temperature = float(gen_kwargs.get("temperature", 0) or 0)
+            ids, embeds = self.inputs(question, request)
+            generator = torch.Generator(self.device).manual_seed(0)
+            result = generate(self.model, ids, embeds, self.settings, max_new_tokens, temperature, generator)
+            text = self.tokenizer.decode(result.token_ids)
+            for stop in until:
+                if stop and stop in text:
+                    text = text[: text.index(stop)]
+            self.visual_tokens.append({"visual_tokens": 0 if embeds is None else len(embeds)})
+            self.visual_tokens[-1]["evict_layer"] = result.info.evict_layer
+            answers.append(text.strip())
+            self.cache_hook.add_partial("generate_until", request.args[:2], answers[-1])
+        return answers
+
+    @torch.inference_mode()
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """The log-probability of each request's continuation after its context (and image), and
+        whether greedy decoding would produce it, with both pruning stages as in generation."""
+        results = []
+        for request in requests:
+            context, target = request.args[0], request.args[1]
+            _, _, doc_to_visual, doc_id, task, split = request.args[:6]
+            continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
+            ids, embeds = self.inputs(context, request)
+            # the continuation as the model would generate it after the opened assistant turn: its own
+            # tokens (SentencePiece gives "yes" its leading piece, as after "ASSISTANT:"), no end token
+            cont = torch.tensor(self.tokenizer.encode(continuation, add_special_tokens=False).ids, dtype=torch.long)
+            if len(cont) == 0:
+                raise InputError(f"the continuation {continuation!r} has no tokens")
+            full = torch.cat([ids, cont.to(self.device)])
+            kv_cache = self.model.new_kv_cache(1)
+            logits, info = self.model.prefill(full, embeds, self.settings, kv_cache, all_logits=True)
+            positions = info.positions.tolist()
+            where = {p: i for i, p in enumerate(positions)}
+            rows = torch.stack([logits[0, where[p - 1]] for p in range(len(ids), len(full))])  # predict each token
+            logprobs = rows.log_softmax(-1)
+            targets = full[len(ids) :]
+            total = float(logprobs.gather(-1, targets[:, None]).sum())
+            results.append((total, bool((rows.argmax(-1) == targets).all())))
+        return results
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("--model todre answers single-round tasks")
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 2 from lmms-eval's results
+# ---------------------------------------------------------------------------------------------
+
+
+def read_results(path: Path) -> dict:
+    """lmms-eval's results JSON (`results` by task), from the file or the newest *_results.json in
+    an output folder (lmms-eval writes <folder>/<model>/<time>_results.json)."""
+    if path.is_dir():
+        found = sorted(path.rglob("*results*.json"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UsageError(f"{path} holds no lmms-eval results file (*results*.json)")
+        path = found[-1]
+    try:
+        results = json.loads(path.read_text()).get("results")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UsageError(f"cannot read {path} as lmms-eval results ({e})") from None
+    if not isinstance(results, dict):
+        raise UsageError(f"{path} has no 'results' object: not an lmms-eval results file")
+    return results
+
+
+def score_of(results: dict, task: str, metric: str) -> float | None:
+    """A task's score as lmms-eval reports it ("<metric>,none"), None when the run lacks the task."""
+    row = results.get(task) or {}
+    value = row.get(f"{metric},none", row.get(metric))
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def table2(argv: list[str]) -> int:
+    """`table2 CONFIG=RESULTS ... [--out DIR]`: the paper's Table 2 as table.md and table.json."""
+    out = Path("table2")
+    if "--out" in argv:
+        i = argv.index("--out")
+        if i + 1 >= len(argv):
+            raise UsageError("--out needs a folder")
+        out, argv = Path(argv[i + 1]), argv[:i] + argv[i + 2 :]
+    if not argv or any("=" not in a for a in argv):
+        raise UsageError("table2 takes CONFIG=RESULTS pairs, e.g. full=logs/full todre-0.10=logs/todre-0.10")
+    scores = {}
+    for pair in argv:
+        config, path = pair.split("=", 1)
+        results = read_results(Path(path))
+        scores[config] = {column: score_of(results, task, metric) for task, (column, metric) in TABLE2.items()}
+    table = tables.build(scores, [column for column, _ in TABLE2.values()])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.json").write_text(json.dumps(table, indent=1))
+    (out / "table.md").write_text(tables.markdown(table, {c: 3 for c, _ in TABLE2.values()}) + "\n")
+    print(tables.markdown(table, {c: 3 for c, _ in TABLE2.values()}))
+    return 0
+
+
+def register() -> None:
+    """Make `--model todre` known to lmms-eval's model registry, and `--model llava_vid` this model
+    too (in this process only): lmms-eval picks a task's prompt by the model's name, and the
+    paper's Table 2 ran with llava_vid's (VideoMME's "The best answer is:")."""
+    from lmms_eval.models import MODEL_REGISTRY_V2
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    for name in ("todre", "llava_vid"):
+        manifest = ModelManifest(model_id=name, simple_class_path="lmms_todre.ToDRE")
+        MODEL_REGISTRY_V2.register_manifest(manifest, overwrite=True)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["table2"]:
+            return table2(argv[1:])
+        if LMMsModel is object:
+            raise UsageError("this needs lmms-eval: pip install -r requirements-lmms.txt")
+        sys.path.insert(0, str(Path(__file__).parent))  # lmms-eval imports the model as lmms_todre.ToDRE
+        register()
+        from lmms_eval.__main__ import cli_evaluate
+
+        sys.argv = [sys.argv[0], *argv]
+        cli_evaluate()
+        return 0
+    except (UsageError, CheckpointError, MediaError, InputError, ContextError) as e:
+        cli.print_error(str(e))
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    cli.run(main, CTRL_C_HANDLED)

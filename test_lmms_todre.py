@@ -1,0 +1,264 @@
+"""lmms_todre.py: the `todre` model inside the real lmms-eval, offline. Tiny POPE, MME and Video-MME
+copies in lmms-lab's column layout, run by lmms-eval's own command line on a tiny checkpoint; the
+answers it logs are generate.py's, the pruning configurations reach the model, video follows the
+paper's sampling, and the paper's Table 2 Averages come back from result files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import lmms_eval
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import lmms_todre
+import media
+import model
+import todre
+from conftest import HERE, SHORT, make_hub_copies, make_llava_eval, write_video
+
+TASKS = Path(lmms_eval.__file__).parent / "tasks"
+
+
+def as_hf_parquet(source: Path, target: Path) -> Path:
+    """lmms-lab's parquet with the Hub's `datasets` metadata, so that `image` loads as a picture."""
+    rows = pq.read_table(source).to_pylist()
+    datasets.Dataset.from_list(rows).cast_column("image", datasets.Image()).to_parquet(str(target))
+    return target
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    """Task files that take lmms-eval's own POPE, MME and Video-MME tasks and point them at local
+    parquet files (its documented way to run a task on local data), and the videos where
+    Video-MME looks for them ($HF_HOME/videomme/data/<videoID>.mp4)."""
+    root = tmp_path_factory.mktemp("lmms")
+    hub = make_hub_copies(make_llava_eval(root / "data"), root / "hub")
+    folder = root / "tasks"
+    folder.mkdir()
+    for name, source in (("pope", "lmms-lab_POPE"), ("mme", "lmms-lab_MME")):
+        parquet = as_hf_parquet(hub / source / "data" / "test-00000-of-00001.parquet", root / f"{name}.parquet")
+        (folder / f"{name}_tiny.yaml").write_text(
+            f"include: {TASKS / name / f'{name}.yaml'}\ntask: {name}_tiny\ndataset_path: parquet\n"
+            f"dataset_kwargs:\n  data_files:\n    test: {parquet}\n"
+        )
+    videos = root / "hf_home" / "videomme" / "data"
+    videos.mkdir(parents=True)
+    rows = []
+    for i, (frames, fps) in enumerate(((8, 2), (45, 3))):
+        write_video(videos / f"clip{i}.mp4", frames, fps)
+        rows.append(
+            {
+                "videoID": f"clip{i}",
+                "question_id": f"{i}-1",
+                "question": "What colour is the video?",
+                "options": ["A. red", "B. green", "C. blue", "D. grey"],
+                "answer": "A",
+                "duration": "short",
+                "domain": "Knowledge",
+                "sub_category": "Humanity & History",
+                "task_type": "Counting Problem",
+                "url": "",
+                "video_id": str(i),
+            }
+        )
+    datasets.Dataset.from_list(rows).to_parquet(str(root / "videomme.parquet"))
+    (folder / "videomme_tiny.yaml").write_text(
+        f"include: {TASKS / 'videomme' / 'videomme.yaml'}\ntask: videomme_tiny\ndataset_path: parquet\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {root / 'videomme.parquet'}\n  video: True\n"
+        "  cache_dir: videomme\n"
+    )
+    return root
+
+
+def run_lmms_eval(ckpt, tasks: Path, out: Path, config: str, task_names: str, model_name: str = "todre"):
+    argv = [
+        sys.executable,
+        str(HERE / "lmms_todre.py"),
+        "--model",
+        model_name,
+        "--model_args",
+        f"pretrained={ckpt.directory},config={config},device=cpu,dtype=float32",
+        "--tasks",
+        task_names,
+        "--include_path",
+        str(tasks / "tasks"),
+        "--batch_size",
+        "1",
+        "--log_samples",
+        "--output_path",
+        str(out),
+    ]
+    env = {**os.environ, "HF_HOME": str(tasks / "hf_home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(next(out.rglob("*_results.json")).read_text())
+    samples = {
+        path.name.split("_samples_")[1].removesuffix(".jsonl"): [json.loads(x) for x in path.read_text().splitlines()]
+        for path in out.rglob("*_samples_*.jsonl")
+    }
+    return results, samples
+
+
+def test_lmms_eval_runs_todre_and_logs_generate_pys_answers(mha, tasks, tmp_path, capsys):
+    results, samples = run_lmms_eval(mha, tasks, tmp_path / "out", "todre-0.10", "pope_tiny,mme_tiny")
+    assert {"pope_tiny", "mme_tiny"} <= set(results["results"])
+    assert "pope_f1_score,none" in results["results"]["pope_tiny"]
+    assert len(samples["pope_tiny"]) == 9 and len(samples["mme_tiny"]) == 6
+    rows = pq.read_table(tasks / "pope.parquet").to_pylist()  # lmms-eval's doc_id is the row number
+    settings = todre.parse_config("todre-0.10")
+    for sample in samples["pope_tiny"]:
+        row = rows[sample["doc_id"]]
+        image = media.open_image_bytes(row["image"]["bytes"], "row")
+        question = row["question"].strip() + SHORT
+        # what evaluate.py stores for this image and question (generate.py's pipeline, answer stripped)
+        reply = model.ask(mha.model, mha.tokenizer, question, mha.model.encode_image(image), settings, 128)
+        logged = sample["filtered_resps"]
+        logged = logged[0] if isinstance(logged, list) else logged
+        assert logged == reply.text.strip()
+    capsys.readouterr()
+
+
+def test_the_configuration_reaches_the_model(mha, tasks):
+    """In-process, through lmms-eval's own model construction: full keeps every visual token, the
+    budgets keep what they say."""
+
+    class Request:
+        def __init__(self, image):
+            self.args = (
+                "Is it red?" + SHORT,
+                {"max_new_tokens": 3, "until": ["\n\n"]},
+                lambda doc: [image],
+                0,
+                "t",
+                "s",
+            )
+
+    image = media.open_image(str(next((tasks / "data").rglob("COCO_val2014_000000000000.jpg"))))
+    kept = {}
+    for config in ("full", "todre-0.10", "keep-64"):
+        lmm = lmms_todre.ToDRE.create_from_arg_string(f"pretrained={mha.directory},config={config},dtype=float32")
+        lmm.task_dict = {"t": {"s": {0: {}}}}
+        (answer,) = lmm.generate_until([Request(image)])
+        kept[config] = lmm.visual_tokens[-1]["visual_tokens"]
+        visual = mha.model.encode_image(image)
+        ids = model.prompt_ids(mha.tokenizer, "Is it red?" + SHORT, kept[config])
+        selected = visual.tokens[mha.model.select(visual, todre.parse_config(config))]
+        expected = model.generate(mha.model, ids, selected, todre.parse_config(config), 3)
+        assert answer == mha.tokenizer.decode(expected.token_ids).strip()
+    assert kept["full"] == len(image_visual_tokens(mha, image)) and kept["keep-64"] == 64
+    assert kept["todre-0.10"] == round(0.1 * (kept["full"] - newlines(mha, image)))
+
+
+def image_visual_tokens(ckpt, image):
+    return ckpt.model.encode_image(image).tokens
+
+
+def newlines(ckpt, image):
+    from anyres import NEWLINE
+
+    return int((ckpt.model.encode_image(image).sources == NEWLINE).sum())
+
+
+def test_video_tasks_follow_the_papers_frame_sampling(mha, tasks, tmp_path):
+    """Video-MME through lmms-eval with --model llava_vid (its prompt, as the paper ran): each
+    video read at one frame a second, pooled to 144 tokens a frame with grid newlines."""
+    results, samples = run_lmms_eval(mha, tasks, tmp_path / "out", "full", "videomme_tiny", model_name="llava_vid")
+    assert "videomme_perception_score,none" in results["results"]["videomme_tiny"]
+    assert len(samples["videomme_tiny"]) == 2
+    lmm = lmms_todre.ToDRE.create_from_arg_string(f"pretrained={mha.directory},config=full,dtype=float32")
+    lmm.task_dict = {"t": {"s": {0: {}}}}
+    for i, expected_frames in ((0, [0, 2, 4, 6]), (1, list(range(0, 45, 3)))):
+        path = str(tasks / "hf_home" / "videomme" / "data" / f"clip{i}.mp4")
+
+        class Request:
+            args = ("Which?", {"max_new_tokens": 1}, lambda doc, path=path: [path], 0, "t", "s")
+
+        assert media.open_video(path, 20).indices == expected_frames  # 1 fps, every round(fps)-th frame
+        ids, embeds = lmm.inputs("Which?", Request())
+        assert len(embeds) == len(expected_frames) * (144 + 12)  # 12 x 12 pooled, a newline per row
+
+
+def test_loglikelihood_is_the_continuations_log_probability(mha):
+    """Against transformers' own model on the same prompt ids: the sum of the continuation's token
+    log-probabilities, and whether greedy decoding gives it."""
+
+    class Request:
+        args = ("Is it red?", "yes", lambda doc: [], 0, "t", "s")
+
+    lmm = lmms_todre.ToDRE.create_from_arg_string(f"pretrained={mha.directory},config=full,dtype=float32")
+    lmm.task_dict = {"t": {"s": {0: {}}}}
+    ((logprob, greedy),) = lmm.loglikelihood([Request()])
+    ids = model.prompt_ids(mha.tokenizer, "Is it red?")
+    cont = torch.tensor(mha.tokenizer.encode("yes", add_special_tokens=False).ids)
+    full = torch.cat([ids, cont])
+    with torch.inference_mode():
+        logits = mha.hf(input_ids=full[None]).logits[0, len(ids) - 1 : -1].log_softmax(-1)
+    assert logprob == pytest.approx(float(logits.gather(-1, cont[:, None]).sum()), abs=1e-4)
+    assert greedy == bool((logits.argmax(-1) == cont).all())
+
+
+def test_table2_reproduces_the_papers_averages_from_lmms_eval_results(tmp_path, capsys):
+    paper = {  # Table 2 of the paper: VideoMME, EgoSchema, MLVU, LongVideoBench
+        "full": (33.3, 35.7, 20.1, 42.5),
+        "todre-0.25": (33.5, 41.4, 20.3, 43.5),
+        "todre-0.10": (33.4, 40.6, 20.0, 42.3),
+    }
+    argv = ["table2"]
+    for config, cells in paper.items():
+        folder = tmp_path / config / "model"
+        folder.mkdir(parents=True)
+        results = {
+            task: {f"{metric},none": value, f"{metric}_stderr,none": "N/A"}
+            for (task, (_, metric)), value in zip(lmms_todre.TABLE2.items(), cells, strict=True)
+        }
+        (folder / "20250101_000000_results.json").write_text(json.dumps({"results": results}))
+        argv.append(f"{config}={tmp_path / config}")
+    assert lmms_todre.main([*argv, "--out", str(tmp_path / "table2")]) == 0
+    table = json.loads((tmp_path / "table2" / "table.json").read_text())
+    averages = {row["config"]: round(row["average"], 1) for row in table["rows"]}
+    assert averages == {"full": 100.0, "todre-0.25": 105.0, "todre-0.10": 103.3}  # as the paper prints them
+    assert table["columns"] == ["VideoMME", "Egoschema", "MLVU", "LongVideoBench"]
+    assert "| todre-0.25 | 33.500 | 41.400 | 20.300 | 43.500 | 105.0% |" in capsys.readouterr().out
+
+
+def test_without_lmms_eval_or_with_bad_arguments_it_is_one_line(mha, monkeypatch, capsys):
+    monkeypatch.setattr(lmms_todre, "LMMsModel", object)
+    assert lmms_todre.main(["--model", "todre"]) == 2
+    assert capsys.readouterr().err == "error: this needs lmms-eval: pip install -r requirements-lmms.txt\n"
+    monkeypatch.undo()
+    assert lmms_todre.main(["table2", "full"]) == 2 and "CONFIG=RESULTS pairs" in capsys.readouterr().err
+    with pytest.raises(lmms_todre.UsageError, match="unknown configuration 'todre-64'|write todre-keep-64"):
+        lmms_todre.ToDRE(pretrained=str(mha.directory), config="todre-64")
+
+
+def test_several_images_get_a_placeholder_each_and_are_pruned_each_on_its_own(mha):
+    images = [media.open_image_bytes(_png(seed), "img") for seed in (1, 2)]
+
+    class Request:
+        args = ("Same?", {"max_new_tokens": 2}, lambda doc: images, 0, "t", "s")
+
+    lmm = lmms_todre.ToDRE.create_from_arg_string(f"pretrained={mha.directory},config=keep-64,dtype=float32")
+    lmm.task_dict = {"t": {"s": {0: {}}}}
+    ids, embeds = lmm.inputs("Same?", Request())
+    is_visual = (ids == mha.model.config.image_token_index).int()
+    runs = int((is_visual[1:] - is_visual[:-1] == 1).sum())
+    assert len(embeds) == 128 and int(is_visual.sum()) == 128 and runs == 2  # 64 + 64, two placeholder runs
+    text = mha.tokenizer.conversation("Same?", images=2)
+    assert "<image> <image>\nSame?" in text  # as lmms-eval's llava writes several images
+    (answer,) = lmm.generate_until([Request()])
+    assert isinstance(answer, str)
+
+
+def _png(seed: int) -> bytes:
+    import io
+
+    from conftest import noise_image
+
+    buffer = io.BytesIO()
+    noise_image(90, 70, seed=seed).save(buffer, format="PNG")
+    return buffer.getvalue()
