@@ -29,7 +29,12 @@ MAX_JSON_BYTES = 2**31  # a question or answer file larger than this is not one
 
 
 class DataError(Exception):
-    """A benchmark file that cannot be used; the message names the file (and line) and what to do."""
+    """A benchmark file that cannot be used; the message names the file (and line) and what to do,
+    `flag` the program's option that does it (the program adds it to the message)."""
+
+    def __init__(self, message: str, flag: str | None = None):
+        super().__init__(message)
+        self.flag = flag
 
 
 @dataclass
@@ -151,11 +156,12 @@ def download(repo: str, patterns: list[str]) -> Path:
     try:
         return Path(snapshot_download(repo_id=repo, repo_type="dataset", allow_patterns=patterns))
     except RepositoryNotFoundError:
-        raise DataError(f"{repo} is not on the Hugging Face Hub any more: pass --data DIR") from None
+        raise DataError(f"{repo} is not on the Hugging Face Hub any more: use a local copy", "--data DIR") from None
     except (LocalEntryNotFoundError, OSError) as e:
         raise DataError(
             f"cannot download {repo} from the Hugging Face Hub ({type(e).__name__}); "
-            "if you are offline, pass a local copy with --data DIR"
+            "if you are offline, use a local copy",
+            "--data DIR",
         ) from None
 
 
@@ -166,7 +172,7 @@ def parquet_rows(repo: str, folder: Path, pattern: str, columns=None):
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(
-            f"reading {repo} needs pyarrow: pip install pyarrow (or pass the original layout with --data DIR)"
+            f"reading {repo} needs pyarrow: pip install pyarrow (or use a local copy)", "--data DIR"
         ) from None
     files = sorted(folder.glob(pattern))
     if not files:
@@ -276,7 +282,10 @@ class POPE(Benchmark):
         labels_dir = first_existing(root / "coco") or root
         questions_file = root / "llava_pope_test.jsonl"
         if images is None:
-            raise DataError("POPE needs its COCO val2014 images: --images DIR (or a val2014/ folder in --data)")
+            raise DataError(
+                "POPE needs its COCO val2014 images: their folder, or a val2014/ folder beside its files",
+                "--images DIR",
+            )
         if questions_file.is_file():
             return self.load_llava(questions_file, labels_dir, images)
         return self.load_original(labels_dir, images)
@@ -834,7 +843,7 @@ class VizWiz(VQA):
 
     def load_hub(self, split: str) -> list[Question]:
         if split != "val":
-            raise DataError("VizWiz's test split has no answers on the Hub: pass LLaVA's vizwiz/ folder with --data")
+            raise DataError("VizWiz's test split has no answers on the Hub: use LLaVA's vizwiz/ folder", "--data DIR")
         repo, pattern = self.hub
         questions = []
         for where, path, group, row, r in parquet_rows(repo, download(repo, [pattern]), pattern):
@@ -888,7 +897,7 @@ class VQAv2(VQA):
 
     def load_hub(self, split: str) -> list[Question]:
         if split != "val":
-            raise DataError("VQAv2's test-dev split has no answers on the Hub: pass LLaVA's vqav2/ folder with --data")
+            raise DataError("VQAv2's test-dev split has no answers on the Hub: use LLaVA's vqav2/ folder", "--data DIR")
         repo, pattern = self.hub
         questions = []
         for where, path, group, row, r in parquet_rows(repo, download(repo, [pattern]), pattern):
@@ -930,7 +939,7 @@ class JSONLines(Benchmark):
 
     def load(self, data, images, split):
         if data is None or not data.is_file():
-            raise DataError(f"--data {data} must be a .jsonl file of questions")
+            raise DataError(f"{data} must be a .jsonl file of questions", "--data FILE")
         questions = []
         for number, r in json_lines(data):
             where = f"{data}:{number}"

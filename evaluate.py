@@ -631,8 +631,9 @@ def main(argv=None) -> int:
         return 2
     except (UsageError, DataError, MediaError, CheckpointError, InputError) as e:
         rank = os.environ.get("RANK", "0")
+        flag = f" ({e.flag})" if getattr(e, "flag", None) else ""  # the data layer says what, we say which option
         if rank == "0" or not isinstance(e, UsageError):  # every rank sees the same bad command line: one says it
-            cli.print_error(f"{'' if rank == '0' else f'rank {rank}: '}{e}")
+            cli.print_error(f"{'' if rank == '0' else f'rank {rank}: '}{e}{flag}")
         return 2
     except OSError as e:  # the output folder: full disk, permissions
         cli.print_error(f"cannot write the results: {os_error_text(e)}")

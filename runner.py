@@ -159,8 +159,9 @@ def check_fingerprint(folder: Path, expected: dict, write: bool) -> None:
                 f"{k}: {describe(old)} -> {describe(new)}" for k, old, new in differences(found, expected)[:4]
             )
             raise DataError(
-                f"{folder} holds answers made with other settings ({shown}): "
-                "use another --out, or --overwrite to start over"
+                f"{folder} holds answers made with other settings ({shown}): use another output folder, or "
+                "start these answers over",
+                "--out DIR, or --overwrite",
             )
     elif write:
         folder.mkdir(parents=True, exist_ok=True)
@@ -375,7 +376,9 @@ def todo_groups(questions: list[Question], predictions: dict[str, Predictions], 
                 if stored is not None and stored["question"] != q.text:
                     raise DataError(
                         f"{p.folder}: question {q.question_id!r} ({q.category}) was answered for another text "
-                        f"({stored['question'][:40]!r}); these are other questions: use another --out or --overwrite"
+                        f"({stored['question'][:40]!r}); these are other questions: use another output folder, or "
+                        "start these answers over",
+                        "--out DIR, or --overwrite",
                     )
         if i % world == rank and any(q.key not in p.done for q in group for p in predictions.values()):
             mine.append(group)

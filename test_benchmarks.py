@@ -163,7 +163,7 @@ def test_hub_without_pyarrow_or_offline_is_one_clear_error(hub, monkeypatch):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(DataError, match="if you are offline, pass a local copy with --data DIR"):
+    with pytest.raises(DataError, match="if you are offline, use a local copy"):
         questions("gqa", None)
 
 

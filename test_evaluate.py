@@ -372,7 +372,7 @@ def test_a_changed_setting_is_refused_naming_it_and_overwrite_starts_over(mha, t
         and err.count("\n") == 1
         and "holds answers made with other settings (settings.tau: 0.03 -> 0.2)" in err
     )
-    assert "--overwrite to start over" in err
+    assert err.endswith("use another output folder, or start these answers over (--out DIR, or --overwrite)\n")
     code, stdout, err = run(capsys, mha, *argv, "--out", str(out), max_new_tokens="5")
     assert code == 2 and "max_new_tokens: 4 -> 5" in err
     assert run(capsys, mha, *argv, "--figure2", "--configs", "full", "--out", str(out))[0] == 0  # another config
