@@ -295,7 +295,7 @@ def run_reuse(args) -> dict:
     from pathlib import Path
 
     from benchmarks import Question
-    from runner import Answerer, Job, Predictions
+    from runner import Answerer, Job, Predictions, image_groups
 
     device = torch.device(args.device)
     model = build_model(model_config(args.preset), device, getattr(torch, args.dtype), seed=0)
@@ -321,12 +321,9 @@ def run_reuse(args) -> dict:
                 {name: settings}, {name: predictions}, args.new_tokens, clock=lambda: cli.now(device), reuse=reuse
             )
             answerer = Answerer(model, SyntheticTokenizer(), job)
-            groups = {}
-            for q in subset:
-                groups.setdefault(q.image, []).append(q)
             print(f"{name}: {len(subset)} questions, {mode} ...", file=sys.stderr)
             start = cli.now(device)
-            for group in groups.values():
+            for group in image_groups(subset):  # as evaluate.py answers: one group per image
                 answerer.group(group)
             row[f"{mode}_s_per_question"] = (cli.now(device) - start) / len(subset)
             answers[mode] = {(r["question_id"]): r["answer"] for r in predictions.records}

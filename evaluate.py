@@ -33,7 +33,17 @@ import torch
 
 import tables
 import todre
-from benchmarks import BENCHMARKS, TABLES, Benchmark, DataError, Question, limit, load_questions, subfolder
+from benchmarks import (
+    BENCHMARKS,
+    TABLES,
+    Benchmark,
+    DataError,
+    Question,
+    json_lines,
+    limit,
+    load_questions,
+    subfolder,
+)
 from checkpoint import DEFAULT_MODEL, CheckpointError, resolve_checkpoint
 from cli import UsageError
 from media import MediaError, os_error_text
@@ -142,6 +152,7 @@ def check_args(args) -> None:
     if args.figure2 and "full" not in args.configs:
         raise UsageError("--figure2 measures the full configuration: add full to --configs")
     args.settings = {name: settings_for(name, args) for name in args.configs}
+    args.out = Path(args.out or f"eval-{args.benchmark.replace(',', '-')}")
     for path, flag in ((args.data, "--data"), (args.images, "--images"), (args.score, "--score")):
         if path is not None and not Path(path).exists():
             raise UsageError(f"{flag} {path} does not exist")
@@ -239,8 +250,7 @@ class Shard:
 
 def output_folder(args, benchmark: str) -> Path:
     """OUT for one benchmark, OUT/<benchmark> for several."""
-    out = Path(args.out or f"eval-{args.benchmark.replace(',', '-')}")
-    return out if len(args.benchmarks) == 1 else out / benchmark
+    return args.out if len(args.benchmarks) == 1 else args.out / benchmark
 
 
 def prepare_output(folder: Path, configs: list[str], overwrite: bool) -> None:
@@ -364,7 +374,7 @@ def answer_all(model, tokenizer, questions: list[Question], job: Job, shard: Sha
         for group in groups:
             answerer.group(group)
             bar.update(len(group))
-    return shard.gather(skipped + answerer.skipped) if shard.world_size > 1 else skipped + answerer.skipped
+    return shard.gather(skipped + answerer.skipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,6 +454,7 @@ def score(args, bench, questions, stored: dict[str, list[dict]], skipped, folder
     """results.json, answers.jsonl and the submission files from the stored answers (by
     configuration) to this run's questions."""
     rows, data = {}, Path(args.data) if args.data else None
+    split = (args.split or bench.default_split(data)) if bench.splits else None
     for config, answers in stored.items():
         records = scored_records(bench, questions, answers, args.parser)
         metrics = bench.metrics(records) if records else {}
@@ -452,7 +463,6 @@ def score(args, bench, questions, stored: dict[str, list[dict]], skipped, folder
         write_text(
             folder / config / "answers.jsonl", "".join(json_line(llava_answer(bench, r, model_id)) for r in records)
         )
-        split = (args.split or bench.default_split(data)) if bench.splits else None
         for name, content in bench.submission(records, subfolder(data, bench.folder) if data else None, split).items():
             write_json(folder / config / name, content)
         if args.figure2 and config == "full" and model is not None:
@@ -463,7 +473,7 @@ def score(args, bench, questions, stored: dict[str, list[dict]], skipped, folder
     result = {
         "benchmark": bench.name,
         "column": bench.column,
-        "split": (args.split or bench.default_split(data)) if bench.splits else None,
+        "split": split,
         "model": args.model,
         "world_size": world_size,
         "parser": args.parser,
@@ -494,16 +504,13 @@ def write_tables(args, results: list[dict]) -> dict:
             scores.setdefault(config, {})[r["column"]] = row["score"]
             seconds[config] = seconds.get(config, 0.0) + row["seconds_alone"]
     table = tables.build(scores, columns, seconds)
-    out = Path(args.out or f"eval-{args.benchmark.replace(',', '-')}")
-    write_json(out / "table.json", table)
-    write_text(out / "table.md", tables.markdown(table) + "\n")
+    write_json(args.out / "table.json", table)
+    write_text(args.out / "table.md", tables.markdown(table) + "\n")
     return table
 
 
 def score_file(args) -> list[dict]:
     """--score: a LLaVA-format answers file scored against the benchmark's data, no model."""
-    from benchmarks import json_lines
-
     bench = BENCHMARKS[args.benchmarks[0]]
     questions = questions_for(args, bench)
     waiting = {}
@@ -529,7 +536,7 @@ def score_file(args) -> list[dict]:
                 "prompt": "",
             }
         )
-    folder = Path(args.out or f"eval-{bench.name}")
+    folder = args.out
     prepare_output(folder, [], False)
     args.figure2 = False
     result = score(args, bench, questions, {path.stem: records}, [], folder, None, 1)
@@ -624,7 +631,7 @@ def main(argv=None) -> int:
         if results is not None:  # rank 0, or the only process
             print("\n\n".join(report(r) for r in results))
             if len(results) > 1:
-                print("\n" + (Path(args.out or f"eval-{args.benchmark.replace(',', '-')}") / "table.md").read_text())
+                print("\n" + (args.out / "table.md").read_text())
         return 0
     except ContextError as e:  # tied to its question by the runner; the flags to change are ours
         cli.print_error(f"{e} (--max-new-tokens; --skip-bad skips such questions)")

@@ -13,6 +13,7 @@ image (ids 29871, 13 for "\n" in Llama-2 vocabularies). `encode` splits the same
 the tokenizer.json's own setting; transformers 5 with `legacy: false` would drop that `▁`.
 """
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,11 +88,11 @@ MAX_REPEAT = 1 << 16  # str/list * n
 MAX_POWER_BITS = 256  # a ** b results
 
 
-def render_template(template: str, messages: list, special_tokens: dict, source: str = "the chat template") -> str:
-    """A chat template rendered as transformers' apply_chat_template(add_generation_prompt=True)
-    renders it: jinja2's sandbox, trim_blocks and lstrip_blocks, the loop-controls extension, a
-    no-op {% generation %} block, raise_exception and an unescaped tojson; bounded (above), and
-    every way it can fail a PromptError naming `source`."""
+@functools.cache
+def bounded_environment():
+    """jinja2's immutable sandbox as transformers' apply_chat_template sets it up (trim_blocks,
+    lstrip_blocks, loop controls, a no-op {% generation %} block, raise_exception, an unescaped
+    tojson), with the bounds above. Built once: compiling templates is the costly part."""
     try:
         import jinja2
         from jinja2.ext import Extension
@@ -112,6 +113,7 @@ def render_template(template: str, messages: list, special_tokens: dict, source:
 
     class Bounded(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset({"*", "**"})
+        loop_steps = 0  # range() items in the rendering under way; render_template resets it
 
         def call_binop(self, context, operator, left, right):
             if operator == "*" and any(isinstance(x, (str, list, tuple)) for x in (left, right)):
@@ -123,26 +125,39 @@ def render_template(template: str, messages: list, special_tokens: dict, source:
                     raise jinja2.exceptions.SecurityError(f"computes {left} ** {right}")
             return super().call_binop(context, operator, left, right)
 
-    steps = [0]
+    environment = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
 
     def bounded_range(*args):
         for value in range(*args):
-            steps[0] += 1
-            if steps[0] > MAX_LOOP_STEPS:
+            environment.loop_steps += 1
+            if environment.loop_steps > MAX_LOOP_STEPS:
                 raise jinja2.exceptions.SecurityError(f"loops more than {MAX_LOOP_STEPS} times")
             yield value
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
-    environment = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
     environment.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
     environment.globals.update(raise_exception=raise_exception, range=bounded_range)
+    return environment
+
+
+@functools.lru_cache(maxsize=16)
+def compiled(template: str):
+    """A template compiled once, rendered for every prompt."""
+    return bounded_environment().from_string(template)
+
+
+def render_template(template: str, messages: list, special_tokens: dict, source: str = "the chat template") -> str:
+    """A chat template rendered as transformers' apply_chat_template(add_generation_prompt=True)
+    renders it (bounded_environment), and every way it can fail a PromptError naming `source`."""
+    environment = bounded_environment()
+    import jinja2
+
     try:
         chunks, size = [], 0
-        stream = environment.from_string(template).generate(
-            messages=messages, add_generation_prompt=True, **special_tokens
-        )
+        environment.loop_steps = 0
+        stream = compiled(template).generate(messages=messages, add_generation_prompt=True, **special_tokens)
         for chunk in stream:
             size += len(chunk)
             if size > MAX_RENDERED_CHARS:
@@ -154,11 +169,10 @@ def render_template(template: str, messages: list, special_tokens: dict, source:
 
 
 def load_format(directory: Path, text_model_type: str, vocab: dict) -> PromptFormat:
-    """The checkpoint's conversation format: its chat template (chat_template.json, then
+    """The checkpoint's conversation format: its chat template (chat_template.jinja, .json, then
     tokenizer_config.json) classified by the markers its text holds (it is rendered only when a
-    prompt is made), or, without one, the family its
-    tokenizer and text model say (ChatML and Llama 3 by their special tokens, Mistral by its
-    model type, else Vicuna)."""
+    prompt is made), or, without one, the family its tokenizer and text model say (ChatML and
+    Llama 3 by their special tokens, Mistral by its model type, else Vicuna)."""
     tokenizer_config = read_json_object(directory / "tokenizer_config.json")
     template, source = None, None
     for path, key in (

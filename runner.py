@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import todre
-from benchmarks import DataError, EmbeddedImages, Question, parse_json
+from benchmarks import DataError, EmbeddedImages, Question, parse_json, read_json, read_text
 from media import MediaError, open_image, open_image_bytes
 from model import ContextError, Llava, ask
 
@@ -72,8 +72,6 @@ class Predictions:
     def read(path: Path, repair: bool) -> list[dict]:
         """A predictions file's records, each checked; a damaged line other than a cut-off last one
         is a DataError naming it."""
-        from benchmarks import read_text
-
         text = read_text(path)
         lines = text.split("\n")
         records = []
@@ -151,8 +149,6 @@ def check_fingerprint(folder: Path, expected: dict, write: bool) -> None:
     """Refuse to add answers made another way to a folder; record the fingerprint of a new one."""
     path = folder / "fingerprint.json"
     if path.exists():
-        from benchmarks import read_json
-
         found = read_json(path)
         if found != expected:
             shown = ", ".join(
