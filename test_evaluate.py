@@ -52,6 +52,11 @@ def make_pope(root: Path, questions: int = 4) -> tuple[Path, Path]:
     return data, images
 
 
+def pope(data: Path, images: Path) -> list[str]:
+    """The command line's POPE part for make_pope's folders."""
+    return ["--benchmark", "pope", "--data", str(data), "--images", str(images)]
+
+
 def run(capsys, ckpt, *argv, max_new_tokens="4", dtype="float32"):
     flags = ["--model", str(ckpt.directory), "--device", "cpu", "--dtype", dtype, "--max-new-tokens", max_new_tokens]
     code = evaluate.main([*argv, *flags])
@@ -283,7 +288,7 @@ def test_each_image_is_encoded_once_and_answers_equal_encoding_every_time(mha, t
             return _real(self, *a, **k)
 
         monkeypatch.setattr(model.Llava, method, counted)
-    argv = ["--benchmark", "pope", "--data", str(data), "--images", str(images), "--configs", "full,todre-0.10,keep-64"]
+    argv = [*pope(data, images), "--configs", "full,todre-0.10,keep-64"]
     assert run(capsys, mha, *argv, "--out", str(tmp_path / "reuse"))[0] == 0
     assert calls == {"encode": 3, "select": 9}  # 3 images; Stage 1 once per (image, configuration)
     calls.update(encode=0, select=0)
@@ -307,7 +312,7 @@ def test_each_image_is_encoded_once_and_answers_equal_encoding_every_time(mha, t
 
 def test_an_interrupted_run_resumes_to_the_same_results(mha, tmp_path, capsys, monkeypatch):
     data, images = make_pope(tmp_path)
-    argv = ["--benchmark", "pope", "--data", str(data), "--images", str(images), "--configs", "full,todre-0.10"]
+    argv = [*pope(data, images), "--configs", "full,todre-0.10"]
     assert run(capsys, mha, *argv, "--out", str(tmp_path / "once"))[0] == 0
     once = comparable(json.loads((tmp_path / "once" / "results.json").read_text()))
 
@@ -333,7 +338,7 @@ def test_an_interrupted_run_resumes_to_the_same_results(mha, tmp_path, capsys, m
 
 def test_a_complete_last_record_without_its_newline_is_kept_and_not_glued(mha, tmp_path, capsys):
     data, images = make_pope(tmp_path)
-    argv = ["--benchmark", "pope", "--data", str(data), "--images", str(images), "--configs", "full"]
+    argv = [*pope(data, images), "--configs", "full"]
     out = tmp_path / "out"
     assert run(capsys, mha, *argv, "--limit", "1", "--out", str(out))[0] == 0
     path = out / "full" / "predictions.jsonl"
@@ -352,7 +357,7 @@ def test_a_complete_last_record_without_its_newline_is_kept_and_not_glued(mha, t
 )
 def test_a_damaged_predictions_file_is_one_line_naming_it(mha, tmp_path, capsys, line, message):
     data, images = make_pope(tmp_path)
-    argv = ["--benchmark", "pope", "--data", str(data), "--images", str(images), "--configs", "full", "--limit", "1"]
+    argv = [*pope(data, images), "--configs", "full", "--limit", "1"]
     out = tmp_path / "out"
     assert run(capsys, mha, *argv, "--out", str(out))[0] == 0
     path = out / "full" / "predictions.jsonl"
@@ -363,7 +368,7 @@ def test_a_damaged_predictions_file_is_one_line_naming_it(mha, tmp_path, capsys,
 
 def test_a_changed_setting_is_refused_naming_it_and_overwrite_starts_over(mha, tmp_path, capsys):
     data, images = make_pope(tmp_path)
-    argv = ["--benchmark", "pope", "--data", str(data), "--images", str(images), "--configs", "todre-0.10"]
+    argv = [*pope(data, images), "--configs", "todre-0.10"]
     out = tmp_path / "out"
     assert run(capsys, mha, *argv, "--limit", "1", "--out", str(out))[0] == 0
     code, stdout, err = run(capsys, mha, *argv, "--tau", "0.2", "--out", str(out))
@@ -400,12 +405,7 @@ def test_a_second_run_into_the_same_folder_is_refused_naming_the_first(mha, tmp_
     code, stdout, err = run(
         capsys,
         mha,
-        "--benchmark",
-        "pope",
-        "--data",
-        str(data),
-        "--images",
-        str(images),
+        *pope(data, images),
         "--configs",
         "full",
         "--out",
@@ -422,12 +422,7 @@ def test_the_output_folder_is_checked_before_the_model_loads(mha, tmp_path, caps
     code, stdout, err = run(
         capsys,
         mha,
-        "--benchmark",
-        "pope",
-        "--data",
-        str(data),
-        "--images",
-        str(images),
+        *pope(data, images),
         "--out",
         str(tmp_path / "file" / "out"),
     )
@@ -445,12 +440,7 @@ def test_pope_end_to_end_in_its_original_layout(mha, tmp_path, capsys):
     code, stdout, err = run(
         capsys,
         mha,
-        "--benchmark",
-        "pope",
-        "--data",
-        str(data),
-        "--images",
-        str(images),
+        *pope(data, images),
         "--configs",
         "full,todre-0.10,keep-64",
         "--out",
@@ -471,7 +461,7 @@ def test_pope_end_to_end_in_its_original_layout(mha, tmp_path, capsys):
 
 def test_lmms_eval_parser_and_empty_answers_are_counted(mha, tmp_path, capsys, monkeypatch):
     data, images = make_pope(tmp_path)
-    argv = ["--benchmark", "pope", "--data", str(data), "--images", str(images), "--configs", "full"]
+    argv = [*pope(data, images), "--configs", "full"]
     monkeypatch.setattr(model.Llava, "decode", lambda self, *a, **k: iter(()))  # the model says nothing
     code, stdout, err = run(capsys, mha, *argv, "--out", str(tmp_path / "a"))
     row = json.loads((tmp_path / "a" / "results.json").read_text())["configs"]["full"]
@@ -499,7 +489,7 @@ def test_hub_parquet_scores_identically_to_the_local_layout(mha, llava_eval, tmp
 def test_bad_data_is_one_line_naming_file_and_line_or_a_counted_skip(mha, tmp_path, capsys):
     data, images = make_pope(tmp_path)
     (images / "COCO_val2014_000000000001.jpg").unlink()
-    argv = ["--benchmark", "pope", "--data", str(data), "--images", str(images), "--configs", "full"]
+    argv = [*pope(data, images), "--configs", "full"]
     code, out, err = run(capsys, mha, *argv, "--out", str(tmp_path / "a"))
     assert code == 2 and out == "" and err.count("\n") == 1
     assert re.match(rf"error: {data}/coco_pope_\w+.json:2: image not found: ", err)
@@ -583,7 +573,7 @@ def test_bad_command_lines_are_one_error_line(tmp_path, capsys, argv, message):
 def test_torchrun_variables_that_are_not_a_job_are_one_line(mha, tmp_path, capsys, monkeypatch):
     data, images = make_pope(tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "two")
-    code, out, err = run(capsys, mha, "--benchmark", "pope", "--data", str(data), "--images", str(images))
+    code, out, err = run(capsys, mha, *pope(data, images))
     assert code == 2 and "WORLD_SIZE, RANK and LOCAL_RANK must be whole numbers" in err
 
 
@@ -636,7 +626,7 @@ def union(folder: Path) -> dict:
 
 def test_two_torchrun_processes_give_the_single_process_result(mha, tmp_path, capsys):
     data, images = make_pope(tmp_path)
-    argv = ["--benchmark", "pope", "--data", str(data), "--images", str(images), "--configs", "full,todre-0.10"]
+    argv = [*pope(data, images), "--configs", "full,todre-0.10"]
     assert run(capsys, mha, *argv, "--out", str(tmp_path / "one"))[0] == 0
     code, out, err = torchrun(mha, 2, *argv, "--out", str(tmp_path / "two"))
     assert code == 0, err
@@ -675,12 +665,7 @@ def rank_pid(marker: str, rank: int) -> int | None:
 def test_a_rank_killed_mid_run_loses_only_its_question_in_flight(mha, tmp_path, capsys):
     data, images = make_pope(tmp_path, questions=10)
     argv = [
-        "--benchmark",
-        "pope",
-        "--data",
-        str(data),
-        "--images",
-        str(images),
+        *pope(data, images),
         "--configs",
         "full,todre-0.10",
         "--out",
