@@ -194,7 +194,7 @@ def run_hf(model, args, image, device):
     """transformers' LlavaNext on our exact weights: HF preprocessing, vision + packing, prefill, decode."""
     import transformers as tf
 
-    import reference
+    from evaluation import reference
 
     cfg, dtype = model.config, model.dtype
     p = PRESETS[args.preset]
@@ -294,8 +294,8 @@ def run_reuse(args) -> dict:
     import tempfile
     from pathlib import Path
 
-    from benchmarks import Question
-    from runner import Answerer, Job, Predictions, image_groups
+    from evaluation.benchmarks import Question
+    from evaluation.runner import Answerer, Job, Predictions, image_groups
 
     device = torch.device(args.device)
     model = build_model(model_config(args.preset), device, getattr(torch, args.dtype), seed=0)

@@ -27,8 +27,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 import generate
 import model
 import prompt
-import reference
 import todre
+from evaluation import reference
 from llama import KVCache
 
 HERE = Path(__file__).parent
@@ -787,7 +787,7 @@ def make_hub_copies(ev: Path, hub: Path) -> Path:
     def blob(path: Path) -> dict:
         return {"bytes": path.read_bytes(), "path": path.name}
 
-    from benchmarks import BENCHMARKS
+    from evaluation.benchmarks import BENCHMARKS
 
     pope = BENCHMARKS["pope"].load(ev, None, None)
     write_parquet(

@@ -31,9 +31,11 @@ from pathlib import Path
 
 import torch
 
-import tables
 import todre
-from benchmarks import (
+from checkpoint import DEFAULT_MODEL, CheckpointError, resolve_checkpoint
+from cli import UsageError
+from evaluation import tables
+from evaluation.benchmarks import (
     BENCHMARKS,
     TABLES,
     Benchmark,
@@ -44,11 +46,7 @@ from benchmarks import (
     load_questions,
     subfolder,
 )
-from checkpoint import DEFAULT_MODEL, CheckpointError, resolve_checkpoint
-from cli import UsageError
-from media import MediaError, os_error_text
-from model import ContextError, InputError, load
-from runner import (
+from evaluation.runner import (
     Answerer,
     FolderLock,
     Job,
@@ -59,7 +57,9 @@ from runner import (
     todo_groups,
     write_json,
 )
-from scoring import ratio
+from evaluation.scoring import ratio
+from media import MediaError, os_error_text
+from model import ContextError, InputError, load
 
 # ---------------------------------------------------------------------------------------------
 # Flags

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-import tables
 import todre
 from checkpoint import DEFAULT_MODEL, CheckpointError
 from cli import UsageError
+from evaluation import tables
 from media import MediaError, open_image_bytes, open_video
 from model import ContextError, InputError, generate, load, prompt_ids
 from prompt import PromptFormat

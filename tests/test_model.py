@@ -9,7 +9,6 @@ from PIL import Image
 
 import anyres
 import model
-import reference
 import todre
 from conftest import (
     FRAME_SIZES,
@@ -25,6 +24,7 @@ from conftest import (
     hf_packed_features,
     noise_image,
 )
+from evaluation import reference
 
 
 @pytest.mark.parametrize("size", [(672, 672), (517, 301), (600, 1000), (20, 20), (30, 900)])

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import scoring
+from evaluation import scoring
 from media import os_error_text, read_file
 
 # LLaVA's instruction suffixes, as its question files carry them (LLaVA docs/Evaluation.md, eval.zip).

@@ -16,7 +16,6 @@ import anyres
 import checkpoint
 import model
 import picture
-import reference
 import todre
 from conftest import (
     PINPOINTS,
@@ -28,6 +27,7 @@ from conftest import (
     one_line_error,
     resave,
 )
+from evaluation import reference
 
 LAYOUTS = {
     "transformers5": lambda k: k,

@@ -5,7 +5,7 @@ calculation.py, VLMEvalKit's can_infer and circular evaluation), worked by hand 
 
 import pytest
 
-import scoring
+from evaluation import scoring
 
 # ---------------------------------------------------------------------------------------------
 # Parsers, one case per branch

@@ -19,11 +19,9 @@ import bench
 import evaluate
 import generate
 import model
-import runner
-import scoring
-import tables
 import todre
 from conftest import HERE, SHORT, fake_hub, make_hub_copies, make_llava_eval, noise_image
+from evaluation import runner, scoring, tables
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +139,7 @@ def test_table1_writes_every_benchmarks_results_and_the_papers_table(table1, mha
 
 
 def test_every_answer_is_rescored_from_its_text_by_the_benchmarks_own_reader(table1, llava_eval):
-    from benchmarks import BENCHMARKS, load_questions
+    from evaluation.benchmarks import BENCHMARKS, load_questions
 
     for name in ("mme", "sqa", "gqa", "pope", "mmbench"):
         bench_ = BENCHMARKS[name]

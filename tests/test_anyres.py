@@ -6,12 +6,12 @@ import torch
 
 import anyres
 import picture
-import reference
 from conftest import (
     FRAME_SIZES,
     PINPOINTS,
     noise_image,
 )
+from evaluation import reference
 
 
 def test_geometry_matches_hf_helpers_on_a_dense_grid_of_sizes(mha):

@@ -2,7 +2,7 @@
 
 import pytest
 
-import tables
+from evaluation import tables
 
 TABLE1 = ["MME", "ScienceQA", "GQA", "POPE", "MMBench", "MMBench-CN", "VizWiz", "VQAv2"]
 # Table 1 of the paper: (row, cells, printed Average), each model size against its own vanilla row.

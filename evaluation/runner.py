@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import todre
-from benchmarks import DataError, EmbeddedImages, Question, parse_json, read_json, read_text
+from evaluation.benchmarks import DataError, EmbeddedImages, Question, parse_json, read_json, read_text
 from media import MediaError, open_image, open_image_bytes
 from model import ContextError, Llava, ask
 

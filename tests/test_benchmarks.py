@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import benchmarks
-from benchmarks import BENCHMARKS, DataError, load_questions
 from conftest import LETTER, SHORT, fake_hub, make_hub_copies, make_llava_eval
+from evaluation import benchmarks
+from evaluation.benchmarks import BENCHMARKS, DataError, load_questions
 
 
 @pytest.fixture(scope="module")
