@@ -25,6 +25,7 @@ import anyres
 import cli
 import todre
 from clip import CLIPVisionConfig
+from evaluation import configs, flops
 from llama import LlamaConfig
 from model import Llava, LlavaConfig, generate
 
@@ -83,7 +84,7 @@ def model_config(preset: str) -> LlavaConfig:
 def settings_for(name: str, evict_layer: int) -> todre.Settings:
     """A configuration name (todre.parse_config's grammar), with Stage 2 forced after evict_layer
     wherever it is on: random weights never bring the ratios below tau."""
-    settings = todre.parse_config(name)
+    settings = configs.parse_config(name)
     return replace(settings, evict_layer=evict_layer) if settings.tau > 0 else settings
 
 
@@ -117,21 +118,6 @@ def synthetic_prompt_ids(num_visual: int, device) -> torch.Tensor:
         [torch.tensor([1]), text[:PREFIX_TOKENS], torch.full((num_visual,), IMAGE_TOKEN), text[PREFIX_TOKENS:]]
     )
     return ids.to(device)
-
-
-def exact_prefill_flops(cfg: LlamaConfig, n: int, visual: int, evict_layer: int | None) -> float:
-    """What a Llama layer really computes, for comparison with eq. 1: q/k/v/o projections (GQA-sized
-    k and v), the three SwiGLU matrices (eq. 1 counts two), and causal attention (each query sees
-    its prefix, n(n+1)/2 pairs, where eq. 1 counts n^2). 2 FLOPs per multiply-add."""
-    d, m, T = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    kv = cfg.num_key_value_heads * cfg.head_dim
-
-    def layer(n):
-        return 2 * (n * d * (2 * d + 2 * kv) + 3 * n * d * m + n * (n + 1) * d)
-
-    if evict_layer is None:
-        return T * layer(n)
-    return (evict_layer + 1) * layer(n) + (T - evict_layer - 1) * layer(n - visual)
 
 
 def time_probes(model, ids, visual_embeds, settings, device) -> dict:
@@ -175,8 +161,8 @@ def run_ours(model, name, args, image, device):
             )
         )
     info = generation.info
-    prefill_flops, decode_flops = todre.paper_flops(cfg.text, len(ids), len(kept), info.evict_layer, args.new_tokens)
-    exact = exact_prefill_flops(cfg.text, len(ids), len(kept), info.evict_layer)
+    prefill_flops, decode_flops = flops.paper_flops(cfg.text, len(ids), len(kept), info.evict_layer, args.new_tokens)
+    exact = flops.exact_prefill_flops(cfg.text, len(ids), len(kept), info.evict_layer)
     row = dict(
         visual_tokens=len(kept),
         kv_cache_mb=generation.kv_cache_bytes / 2**20,
@@ -234,8 +220,8 @@ def run_hf(model, args, image, device):
             )
         )
     kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    prefill_flops, decode_flops = todre.paper_flops(cfg.text, len(ids), len(packed), None, args.new_tokens)
-    exact = exact_prefill_flops(cfg.text, len(ids), len(packed), None)
+    prefill_flops, decode_flops = flops.paper_flops(cfg.text, len(ids), len(packed), None, args.new_tokens)
+    exact = flops.exact_prefill_flops(cfg.text, len(ids), len(packed), None)
     return times[args.warmup :], dict(
         visual_tokens=len(packed),
         kv_cache_mb=kv_bytes / 2**20,
@@ -359,7 +345,7 @@ def print_reuse(result: dict) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
-        epilog=todre.CONFIG_NAMES,
+        epilog=configs.CONFIG_NAMES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", default="tiny", choices=list(PRESETS))
@@ -481,7 +467,7 @@ def main(argv=None) -> int:
     names = expand([n for n in args.configs.split(",") if n], variants)
     for name in set(names) - {"hf-full"}:
         try:
-            todre.parse_config(name)
+            configs.parse_config(name)
         except ValueError as e:
             print(f"error: {str(e).splitlines()[0]} (see --help for the names)", file=sys.stderr)
             return 2

@@ -34,7 +34,7 @@ import torch
 import todre
 from checkpoint import DEFAULT_MODEL, CheckpointError, resolve_checkpoint
 from cli import UsageError
-from evaluation import tables
+from evaluation import configs, tables
 from evaluation.benchmarks import (
     BENCHMARKS,
     TABLES,
@@ -76,7 +76,7 @@ def parse_args(argv):
 def flags() -> cli.Parser:
     p = cli.Parser(
         description=__doc__.split("\n")[0],
-        epilog=todre.CONFIG_NAMES,
+        epilog=configs.CONFIG_NAMES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     names = ", ".join(BENCHMARKS)
@@ -175,7 +175,7 @@ def settings_for(name: str, args) -> todre.Settings:
     """A configuration name (todre.parse_config, as bench.py) with --tau and --newlines applied
     where the configuration uses that stage."""
     try:
-        settings = todre.parse_config(name)
+        settings = configs.parse_config(name)
     except ValueError as e:
         raise UsageError(str(e).splitlines()[0] + " (see --help for the names)") from None
     if args.tau is not None and settings.tau > 0:
@@ -253,14 +253,14 @@ def output_folder(args, benchmark: str) -> Path:
     return args.out if len(args.benchmarks) == 1 else args.out / benchmark
 
 
-def prepare_output(folder: Path, configs: list[str], overwrite: bool) -> None:
+def prepare_output(folder: Path, names: list[str], overwrite: bool) -> None:
     """Made writable now, before minutes of model loading; --overwrite empties the configurations."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
-        for name in configs if overwrite else []:
+        for name in names if overwrite else []:
             if (folder / name).is_dir():
                 shutil.rmtree(folder / name)
     except OSError as e:

@@ -26,7 +26,7 @@ import todre
 from checkpoint import DEFAULT_MODEL, CheckpointError
 from cli import UsageError, check_not_empty, check_number
 from media import MediaError, open_image, open_video, os_error_text
-from model import ContextError, InputError, Reply, ask, load
+from model import ContextError, InputError, Reply, ask, check_video_budget, load
 
 
 class OutputError(Exception):
@@ -258,7 +258,7 @@ def run(args) -> None:
     start = cli.now(device)
     visual = None
     if clip is not None:
-        model.check_video_budget(len(media), args.video_newlines, settings, args.max_new_tokens)
+        check_video_budget(model, len(media), args.video_newlines, settings, args.max_new_tokens)
         visual = model.encode_video(media, args.video_newlines)
     elif media is not None:
         visual = model.encode_image(media, pad_to_square=args.pad_to_square)

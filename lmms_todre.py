@@ -24,12 +24,11 @@ from pathlib import Path
 
 import torch
 
-import todre
 from checkpoint import DEFAULT_MODEL, CheckpointError
 from cli import UsageError
-from evaluation import tables
+from evaluation import configs, tables
 from media import MediaError, open_image_bytes, open_video
-from model import ContextError, InputError, generate, load, prompt_ids
+from model import ContextError, InputError, check_video_budget, generate, load, prompt_ids
 from prompt import PromptFormat
 
 try:
@@ -74,7 +73,7 @@ class ToDRE(LMMsModel):
         if int(batch_size) != 1:
             raise UsageError("--model todre answers one request at a time: --batch_size 1")
         try:
-            self.settings = todre.parse_config(config)
+            self.settings = configs.parse_config(config)
         except ValueError as e:
             raise UsageError(str(e).splitlines()[0]) from None
         self._rank, self._world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -121,7 +120,7 @@ class ToDRE(LMMsModel):
             return prompt_ids(self.tokenizer, question).to(self.device), None
         if video:  # this project's frame sampling and pooling: 1 fps, at most max_frames, 2x2 pooled
             frames = open_video(found[0], self.max_frames).frames
-            self.model.check_video_budget(len(frames), self.video_newlines, self.settings, 1)
+            check_video_budget(self.model, len(frames), self.video_newlines, self.settings, 1)
             visuals = [self.model.encode_video(frames, self.video_newlines)]
         else:
             images = [v if hasattr(v, "size") else open_image_bytes(v, "an image of the request") for v in found]

@@ -237,22 +237,6 @@ class Llava(nn.Module):
         tokens = anyres.pack(torch.cat(pooled), sources, self.image_newline)
         return VisualTokens(tokens, sources, torch.cat(attention), None, framings)
 
-    def check_video_budget(self, frames: int, newlines, settings: todre.Settings, max_new_tokens: int) -> None:
-        """ContextError before any frame is encoded if the visual tokens that would reach the LLM
-        (after Stage 1) and the answer's room cannot fit the context, however short the question."""
-        packed, candidates = self.video_tokens(frames, newlines)
-        kept = packed
-        if settings.stage1:
-            kept = todre.token_budget(candidates, settings.retain, settings.keep_tokens)
-            kept += (packed - candidates) if settings.newlines == "keep" else 0
-        limit = self.config.text.max_position_embeddings
-        if kept + max_new_tokens > limit:
-            raise ContextError(
-                f"{frames} frames make {kept} visual tokens for the LLM, which with {max_new_tokens} new tokens "
-                f"exceeds the model's {limit}-token context: take fewer frames, allow fewer new tokens, or prune more",
-                True,
-            )
-
     def video_tokens(self, frames: int, newlines: str | None = None) -> tuple[int, int]:
         """(packed tokens, Stage 1 candidates) that `frames` video frames make, known before encoding."""
         cfg = self.config
@@ -329,63 +313,22 @@ class Llava(nn.Module):
         Figure 2) as well, without changing what Stage 2 decides.
         """
         lm = self.language_model
-        self.check_prefill(input_ids, visual_embeds, settings, kv_cache)
+        check_prefill(self, input_ids, visual_embeds, settings, kv_cache)
         x = self.embed(input_ids, visual_embeds)
         positions = torch.arange(len(input_ids), device=input_ids.device)
         cos, sin = lm.rope(positions, x.dtype)
-        is_visual = self.is_visual(input_ids)
-        visual_pos = positions[is_visual]
-        # Eq. 7's sets: S = the tokens before the image, V = the image, T = the text after it.
-        text_pos = positions[positions > visual_pos.max()] if len(visual_pos) else positions[:0]
-        stage2 = len(visual_pos) > 0 and (settings.tau > 0 or settings.evict_layer is not None)
-        probes = settings.layers_to_probe(len(lm.layers)) if stage2 else []
-        measured = set(range(len(lm.layers))) if every_layer_ratios and len(visual_pos) else set(probes)
-        info = PrefillInfo()
+        visual, text = todre.token_sets(self.is_visual(input_ids))  # eq. 7's V and T
+        stage2 = todre.Stage2(settings, len(lm.layers), visual, text, every_layer=every_layer_ratios)
 
         for i, layer in enumerate(lm.layers):
             x, q = layer(x, cos, sin, kv_cache, i)
-            if info.evict_layer is not None:
-                continue  # the visual tokens are gone: nothing left to measure or evict
-            if i in measured:
-                keys, _ = kv_cache.get(i)
-                info.ratios[i] = todre.cross_modal_ratios(q[0], keys[0], visual_pos, text_pos)  # eq. 7
-            if not stage2:
-                continue
-            if i == settings.evict_layer or (i in probes and todre.should_evict(info.ratios[i], settings.tau)):
-                # Visual tokens leave the residual stream and this layer's cache; later layers never
-                # see them. The rest keep their original positions (paper §4.2).
-                keep = ~is_visual
+            keep = stage2.after_layer(i, q[0], kv_cache.get(i)[0][0])
+            if keep is not None:
+                # The visual tokens leave the residual stream and this layer's cache; later layers
+                # never see them. The rest keep their original positions (paper §4.2).
                 x, cos, sin, positions = x[:, keep], cos[keep], sin[keep], positions[keep]
-                kv_cache.keep(i, positions)
-                info.evict_layer = i
-        info.positions = positions
-        return lm.logits(x if all_logits else x[:, -1:]), info
-
-    def check_prefill(self, input_ids, visual_embeds, settings: todre.Settings, kv_cache: KVCache) -> None:
-        """InputError unless the arguments are what prefill takes (the Python API's entry point)."""
-        if not (isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1 and not input_ids.is_floating_point()):
-            raise InputError(f"input_ids must be a 1-D tensor of token ids, got {describe(input_ids)}")
-        if len(input_ids) == 0:
-            raise InputError("input_ids is empty")
-        d = self.config.text.hidden_size
-        if visual_embeds is not None and not (
-            isinstance(visual_embeds, torch.Tensor) and visual_embeds.dim() == 2 and visual_embeds.shape[1] == d
-        ):
-            raise InputError(f"visual_embeds must be a (tokens, {d}) tensor, got {describe(visual_embeds)}")
-        if not isinstance(settings, todre.Settings):
-            raise InputError(f"settings must be a todre.Settings, got {type(settings).__name__}")
-        layers = len(self.language_model.layers)
-        asked = [
-            *settings.layers_to_probe(layers),
-            *([settings.evict_layer] if settings.evict_layer is not None else []),
-        ]
-        if any(layer >= layers for layer in asked):
-            raise InputError(f"Stage 2 layers {asked} must be below {layers}, the model's number of layers")
-        if any(kv_cache.lengths):
-            raise InputError(
-                f"the KV cache already holds {max(kv_cache.lengths)} tokens of another prompt: "
-                "prefill a fresh one (model.new_kv_cache)"
-            )
+                kv_cache.keep(i, keep)
+        return lm.logits(x if all_logits else x[:, -1:]), PrefillInfo(stage2.ratios, stage2.evict_layer, positions)
 
     def decode_step(self, token: int, position: int, kv_cache: KVCache) -> torch.Tensor:
         """One generated token at `position` -> next-token logits (vocab,)."""
@@ -412,38 +355,6 @@ class Llava(nn.Module):
             yield token
             if step < max_new_tokens - 1:
                 logits = self.decode_step(token, position + step, kv_cache)
-
-    def check_generation(self, input_ids, visual_embeds, max_new_tokens, temperature) -> None:
-        """InputError unless the request is one this model can generate for."""
-        if not (todre.is_count(max_new_tokens) and max_new_tokens >= 1):
-            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-            raise InputError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        max_len, window = self.config.text.max_position_embeddings, self.config.text.sliding_window
-        total = len(input_ids) + max_new_tokens
-        visual = "" if visual_embeds is None else f", {len(visual_embeds)} of them visual"
-        if window and total > window:
-            raise ContextError(
-                f"the prompt ({len(input_ids)} tokens{visual}) plus {max_new_tokens} new tokens exceeds the "
-                f"{window}-token sliding window of this Mistral model, which this implementation does not apply: "
-                "allow fewer new tokens, or prune more",
-                visual_embeds is not None,
-            )
-        if total > max_len:
-            advice = "shorten the prompt or allow fewer new tokens"
-            if visual_embeds is not None:
-                advice = "allow fewer new tokens, or prune more"
-            raise ContextError(
-                f"the prompt ({len(input_ids)} tokens{visual}) plus {max_new_tokens} new tokens exceeds the "
-                f"model's {max_len}-token context: {advice}",
-                visual_embeds is not None,
-            )
-
-
-def describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
 
 
 def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> int:
@@ -488,7 +399,7 @@ def generate(
     """Prefill (with Stage 2) then decode, on a fresh KV cache: input_ids (n,) holding one
     placeholder id per row of visual_embeds (m, d). on_token(ids so far) is called after each new
     token (streaming). `clock` should wait for the device (the programs pass cli.now)."""
-    model.check_generation(input_ids, visual_embeds, max_new_tokens, temperature)
+    check_generation(model, input_ids, visual_embeds, max_new_tokens, temperature)
     start = clock()
     kv_cache = model.new_kv_cache(max_new_tokens)
     logits, info = model.prefill(input_ids, visual_embeds, settings, kv_cache, every_layer_ratios=every_layer_ratios)
@@ -595,3 +506,85 @@ def load(model_id: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtyp
     model.load_state_dict(state, assign=True)
     model.stop_ids = stop_ids(directory, cfg, tokenizer)
     return model.eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks: what the Python API's entry points accept (the story above assumes them)
+# ---------------------------------------------------------------------------------------------
+
+
+def check_video_budget(model: "Llava", frames: int, newlines, settings: todre.Settings, max_new_tokens: int) -> None:
+    """ContextError before any frame is encoded if the visual tokens that would reach the LLM
+    (after Stage 1) and the answer's room cannot fit the context, however short the question."""
+    packed, candidates = model.video_tokens(frames, newlines)
+    kept = packed
+    if settings.stage1:
+        kept = todre.token_budget(candidates, settings.retain, settings.keep_tokens)
+        kept += (packed - candidates) if settings.newlines == "keep" else 0
+    limit = model.config.text.max_position_embeddings
+    if kept + max_new_tokens > limit:
+        raise ContextError(
+            f"{frames} frames make {kept} visual tokens for the LLM, which with {max_new_tokens} new tokens "
+            f"exceeds the model's {limit}-token context: take fewer frames, allow fewer new tokens, or prune more",
+            True,
+        )
+
+
+def check_prefill(model: "Llava", input_ids, visual_embeds, settings: todre.Settings, kv_cache: KVCache) -> None:
+    """InputError unless the arguments are what prefill takes (the Python API's entry point)."""
+    if not (isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1 and not input_ids.is_floating_point()):
+        raise InputError(f"input_ids must be a 1-D tensor of token ids, got {describe(input_ids)}")
+    if len(input_ids) == 0:
+        raise InputError("input_ids is empty")
+    d = model.config.text.hidden_size
+    if visual_embeds is not None and not (
+        isinstance(visual_embeds, torch.Tensor) and visual_embeds.dim() == 2 and visual_embeds.shape[1] == d
+    ):
+        raise InputError(f"visual_embeds must be a (tokens, {d}) tensor, got {describe(visual_embeds)}")
+    if not isinstance(settings, todre.Settings):
+        raise InputError(f"settings must be a todre.Settings, got {type(settings).__name__}")
+    layers = len(model.language_model.layers)
+    asked = [
+        *settings.layers_to_probe(layers),
+        *([settings.evict_layer] if settings.evict_layer is not None else []),
+    ]
+    if any(layer >= layers for layer in asked):
+        raise InputError(f"Stage 2 layers {asked} must be below {layers}, the model's number of layers")
+    if any(kv_cache.lengths):
+        raise InputError(
+            f"the KV cache already holds {max(kv_cache.lengths)} tokens of another prompt: "
+            "prefill a fresh one (model.new_kv_cache)"
+        )
+
+
+def check_generation(model: "Llava", input_ids, visual_embeds, max_new_tokens, temperature) -> None:
+    """InputError unless the request is one this model can generate for."""
+    if not (todre.is_count(max_new_tokens) and max_new_tokens >= 1):
+        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise InputError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    max_len, window = model.config.text.max_position_embeddings, model.config.text.sliding_window
+    total = len(input_ids) + max_new_tokens
+    visual = "" if visual_embeds is None else f", {len(visual_embeds)} of them visual"
+    if window and total > window:
+        raise ContextError(
+            f"the prompt ({len(input_ids)} tokens{visual}) plus {max_new_tokens} new tokens exceeds the "
+            f"{window}-token sliding window of this Mistral model, which this implementation does not apply: "
+            "allow fewer new tokens, or prune more",
+            visual_embeds is not None,
+        )
+    if total > max_len:
+        advice = "shorten the prompt or allow fewer new tokens"
+        if visual_embeds is not None:
+            advice = "allow fewer new tokens, or prune more"
+        raise ContextError(
+            f"the prompt ({len(input_ids)} tokens{visual}) plus {max_new_tokens} new tokens exceeds the "
+            f"model's {max_len}-token context: {advice}",
+            visual_embeds is not None,
+        )
+
+
+def describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__

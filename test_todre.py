@@ -49,45 +49,6 @@ def test_settings_variants_and_overrides():
             todre.Settings(**bad)
 
 
-@pytest.mark.parametrize(
-    "name, expected",
-    [
-        ("full", todre.NO_PRUNING),
-        ("stage2", todre.Settings(retain=1.0)),
-        ("stage1-0.25", todre.Settings(retain=0.25, tau=0.0)),
-        ("todre-0.10", todre.Settings(retain=0.10)),
-        ("todre-0.10-v2", todre.Settings(retain=0.10, select="maxsum", tau=0.10, probe_fractions=todre.V2_PROBES)),
-        ("cls-0.10", todre.Settings(retain=0.10, select="cls", tau=0.0)),
-        ("cls-global-0.25", todre.Settings(retain=0.25, select="cls-global", tau=0.0)),
-        ("keep-64", todre.Settings(retain=1.0, keep_tokens=64)),
-        ("stage1-keep-192", todre.Settings(retain=1.0, keep_tokens=192, tau=0.0)),
-        (
-            "cls-keep-128-v2",
-            todre.Settings(retain=1.0, keep_tokens=128, select="cls", tau=0.0, probe_fractions=todre.V2_PROBES),
-        ),
-    ],
-)
-def test_configuration_names_parse_to_settings(name, expected):
-    assert todre.parse_config(name) == expected
-
-
-@pytest.mark.parametrize(
-    "name, message",
-    [
-        ("bogus", "unknown configuration 'bogus'"),
-        ("todre-64", "write todre-keep-64"),
-        ("todre-1.5", "retain is a fraction"),
-        ("keep-x", "configuration 'keep-x'"),
-        ("stage1-nan", "retain is a fraction"),
-        ("full-v2", "unknown configuration"),
-    ],
-)
-def test_unknown_configuration_names_are_a_clear_error_listing_the_grammar(name, message):
-    with pytest.raises(ValueError, match=message) as error:
-        todre.parse_config(name)
-    assert "keep-N" in str(error.value)  # the message lists the names there are
-
-
 def test_select_pivot_in_all_three_cases():
     scores = torch.tensor([[0.1, 0.5, 0.2, 0.1], [0.9, 0.0, 0.0, 0.0], [0.0, 0.0, 0.95, 0.0]])
     assert todre.select_pivot(scores, anyres=True) == 1  # AnyRes: the thumbnail's best, even if a crop scores higher
@@ -306,3 +267,110 @@ def test_cross_modal_ratios_match_dense_attention(order):
         assert ours[1] == 0.0  # causal: an image before the text can never attend to it
     else:
         assert ours[1] > 0.01
+
+
+def test_token_sets_are_the_image_and_the_text_after_it():
+    is_visual = torch.tensor([0, 0, 1, 1, 1, 0, 0, 0], dtype=torch.bool)
+    visual, text = todre.token_sets(is_visual)
+    assert visual.tolist() == [2, 3, 4] and text.tolist() == [5, 6, 7]  # S = 0, 1 is neither
+    visual, text = todre.token_sets(torch.zeros(5, dtype=torch.bool))
+    assert visual.tolist() == [] and text.tolist() == []
+
+
+def random_layer_outputs(seed: int, layers: int, n: int):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, n, 8, generator=g), torch.randn(2, n, 8, generator=g)) for _ in range(layers)]
+
+
+def test_stage2_measures_the_probe_layers_and_fires_once_at_the_first_below_tau():
+    n, layers = 30, 8
+    visual, text = torch.arange(4, 20), torch.arange(20, n)
+    outputs = random_layer_outputs(0, layers, n)
+    expected = {i: ratios_dense(q, k, visual, text) for i, (q, k) in enumerate(outputs)}
+    tau = max(expected[4]) + 1e-6  # layer 3 (the first probe of 8 layers) may pass, layer 4 surely does
+    settings = todre.Settings(tau=tau)
+    stage2 = todre.Stage2(settings, layers, visual, text)
+    kept = [stage2.after_layer(i, q, k) for i, (q, k) in enumerate(outputs)]
+    first = 3 if max(expected[3]) < tau else 4
+    assert stage2.evict_layer == first and [i for i, keep in enumerate(kept) if keep is not None] == [first]
+    assert kept[first].tolist() == [*range(4), *range(20, n)]  # the positions of the sequence that stay
+    assert list(stage2.ratios) == [p for p in todre.probe_layers(layers) if p <= first]  # nothing after firing
+    for i, ratios in stage2.ratios.items():
+        assert ratios == pytest.approx(expected[i], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "settings, every_layer, fires, measured",
+    [
+        (todre.Settings(tau=0.0), False, None, []),  # Stage 2 off
+        (todre.Settings(tau=0.0, evict_layer=2), False, 2, []),  # forced, without measuring
+        (todre.Settings(tau=1e-9), False, None, [3, 4, 5, 6]),  # never below tau: measured, never fires
+        (todre.Settings(tau=1e-9), True, None, list(range(8))),  # Figure 2: every layer, same decision
+        (todre.Settings(tau=2.0), True, 3, [0, 1, 2, 3]),  # fires at the first probe; nothing measured after
+        (todre.variant("v2", tau=1e-9), False, None, [6]),  # v2 probes once, at 7L/8
+        (todre.Settings(tau=2.0, probe_layers=(1, 5)), False, 1, [1]),
+    ],
+)
+def test_stage2_decides_when_to_measure_and_fire(settings, every_layer, fires, measured):
+    n, layers = 24, 8
+    visual, text = torch.arange(2, 14), torch.arange(14, n)
+    stage2 = todre.Stage2(settings, layers, visual, text, every_layer=every_layer)
+    for i, (q, k) in enumerate(random_layer_outputs(1, layers, n)):
+        stage2.after_layer(i, q, k)
+    assert stage2.evict_layer == fires and sorted(stage2.ratios) == measured
+
+
+def test_stage2_never_fires_without_visual_tokens():
+    stage2 = todre.Stage2(todre.Settings(tau=2.0, evict_layer=0), 4, torch.arange(0), torch.arange(0))
+    for i, (q, k) in enumerate(random_layer_outputs(2, 4, 10)):
+        assert stage2.after_layer(i, q, k) is None
+    assert stage2.evict_layer is None and stage2.ratios == {}
+
+
+def test_stage2_copied_into_a_host_loop_equals_masking_the_visual_keys():
+    """The README's host loop, on a toy attention-only decoder: dropping what Stage 2 says from x and
+    from the evicting layer's cache, then decoding at position n, equals running the whole sequence
+    with the visual keys masked for every later layer (and for the evicting layer's decoding)."""
+    g = torch.Generator().manual_seed(3)
+    layers, heads, head_dim, d, n = 4, 2, 8, 16, 18
+    weights = [[torch.randn(d, heads * head_dim, generator=g) / d**0.5 for _ in range(3)] for _ in range(layers)]
+    visual, text = torch.arange(3, 11), torch.arange(11, n)
+    x0 = torch.randn(n + 1, d, generator=g)  # the prompt, then one decoded token at position n
+
+    def project(x, w):  # (t, d) -> (heads, t, head_dim)
+        return (x @ w).unflatten(1, (heads, head_dim)).transpose(0, 1)
+
+    def attend(q, k, v, mask):  # mask (t_q, t_k): True where a query may read a key
+        scores = (q @ k.transpose(1, 2)) / head_dim**0.5
+        return (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v).transpose(0, 1).flatten(1)
+
+    # The host, with Stage 2 forced after layer 1; positions are implicit in the causal order.
+    stage2 = todre.Stage2(todre.Settings(tau=0.0, evict_layer=1), layers, visual, text)
+    x, cache, kept = x0[:n], [], torch.arange(n)
+    for i, (wq, wk, wv) in enumerate(weights):
+        q, k, v = project(x, wq), project(x, wk), project(x, wv)
+        x = x + attend(q, k, v, torch.ones(len(x), len(x), dtype=torch.bool).tril())
+        cache.append((k, v))
+        keep = stage2.after_layer(i, q, k)
+        if keep is not None:
+            x, kept = x[keep], kept[keep]
+            cache[i] = (k[:, keep], v[:, keep])
+    h = x0[n:]  # decoding the next token reads every layer's cache
+    for i, (wq, wk, wv) in enumerate(weights):
+        k, v = torch.cat([cache[i][0], project(h, wk)], 1), torch.cat([cache[i][1], project(h, wv)], 1)
+        h = h + attend(project(h, wq), k, v, torch.ones(1, k.shape[1], dtype=torch.bool))
+
+    # Brute force: the whole sequence, the visual keys masked from layer 2 on, and for the decoded
+    # token from layer 1 on (the evicting layer's cache lost them too).
+    is_visual = torch.zeros(n + 1, dtype=torch.bool)
+    is_visual[visual] = True
+    y = x0.clone()
+    for i, (wq, wk, wv) in enumerate(weights):
+        mask = torch.ones(n + 1, n + 1, dtype=torch.bool).tril()
+        if i >= 2:
+            mask &= ~is_visual[None, :]
+        if i >= 1:
+            mask[n] &= ~is_visual
+        y = y + attend(project(y, wq), project(y, wk), project(y, wv), mask)
+    assert kept.tolist() == [*range(3), *range(11, n)]
+    assert torch.allclose(x, y[:n][kept], atol=1e-5) and torch.allclose(h, y[n:], atol=1e-5)

@@ -244,31 +244,68 @@ def cross_modal_ratios(
     return ratio(text, visual), ratio(visual, text)
 
 
-def paper_flops(text_config, n: int, visual: int, evict_layer: int | None, new_tokens: int) -> tuple[float, float]:
-    """Paper eq. 1-2: (prefill, decode) FLOPs of a decoder for a prompt of n tokens, `visual` of
-    them visual, generating new_tokens. text_config: anything with num_hidden_layers, hidden_size
-    and intermediate_size (T, d, m). With Stage 2, layers before and after the eviction count with
-    their own length: the evicting layer's prefill still sees the visual tokens, its decoding not."""
-    d, m, T, L = text_config.hidden_size, text_config.intermediate_size, text_config.num_hidden_layers, new_tokens
-
-    def prefill(n):
-        return 4 * n * d**2 + 2 * n**2 * d + 2 * n * d * m
-
-    def decode(n):
-        return 4 * L * d**2 + 2 * L * d * m + d * L * (2 * n + L - 1)
-
-    if evict_layer is None:
-        return T * prefill(n), T * decode(n)
-    before, after = evict_layer + 1, T - evict_layer - 1
-    return (
-        before * prefill(n) + after * prefill(n - visual),
-        evict_layer * decode(n) + (T - evict_layer) * decode(n - visual),
-    )
-
-
 def should_evict(ratios: tuple[float, float], tau: float) -> bool:
     """Paper §4.2: the visual tokens go once both a_tv and a_vt (eq. 7) have fallen below tau."""
     return all(ratio < tau for ratio in ratios)
+
+
+def token_sets(is_visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 7's token sets from a (n,) bool mask of the visual positions: (V, T) as LongTensor
+    positions. V is the image (or video); T is the text after it; the tokens before the image (S:
+    the system prompt and the start of the question) are neither, and count only as keys."""
+    positions = torch.arange(len(is_visual), device=is_visual.device)
+    visual = positions[is_visual]
+    text = positions[positions > visual.max()] if len(visual) else positions[:0]
+    return visual, text
+
+
+class Stage2:
+    """ToDRE Stage 2 (paper §4.2) for one prefill, as a unit a host's layer loop calls:
+
+        stage2 = Stage2(settings, num_layers, visual, text)   # visual, text: token_sets(...)
+        for i, layer in enumerate(layers):
+            ...                                       # run layer i; keep its post-RoPE q and its keys
+            keep = stage2.after_layer(i, q, k)        # q (heads, n, head_dim), k (kv_heads, n, head_dim)
+            if keep is not None:                      # LongTensor: indices of the current sequence that stay
+                ...                                   # drop the others from x and from layer i's KV cache
+
+    It measures eq. 7 at the probe layers of `settings` (every layer with every_layer=True, the
+    paper's Figure 2, without changing what it decides), and fires at most once: at the first probe
+    layer where both ratios are below tau, or after settings.evict_layer whatever the ratios. After
+    firing it returns None and measures nothing. It never fires without visual tokens, nor with
+    tau 0 and no evict_layer. What the host must do when it fires:
+    - remove the visual tokens from the residual stream before layer i + 1, and from layer i's KV
+      cache too (decoding reads that cache: the evicting layer's prefill saw the image, its decoding
+      does not); layers after i never see them;
+    - keep every remaining token's original position (the RoPE angles are not recomputed);
+    - continue decoding at position n, the prompt's length before the eviction.
+    """
+
+    def __init__(
+        self, settings: "Settings", num_layers: int, visual: torch.Tensor, text: torch.Tensor, every_layer: bool = False
+    ):
+        self.settings, self.visual, self.text = settings, visual, text
+        active = len(visual) > 0 and (settings.tau > 0 or settings.evict_layer is not None)
+        self.probes = set(settings.layers_to_probe(num_layers)) if active else set()
+        self.evict_at = settings.evict_layer if active else None
+        self.measured = set(range(num_layers)) if every_layer and len(visual) else set(self.probes)
+        self.ratios: dict[int, tuple[float, float]] = {}  # layer -> (a_tv, a_vt), eq. 7
+        self.evict_layer: int | None = None  # the layer after which the visual tokens left
+
+    def after_layer(self, i: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+        """Called after layer i with its queries and keys over the current sequence; returns the
+        indices of that sequence to keep when the visual tokens leave now, else None."""
+        if self.evict_layer is not None:
+            return None  # fired already: nothing left to measure or evict
+        if i in self.measured:
+            self.ratios[i] = cross_modal_ratios(q, k, self.visual, self.text)
+        fire = i == self.evict_at or (i in self.probes and should_evict(self.ratios[i], self.settings.tau))
+        if not fire:
+            return None
+        self.evict_layer = i
+        is_visual = torch.zeros(q.shape[1], dtype=torch.bool, device=q.device)
+        is_visual[self.visual] = True
+        return (~is_visual).nonzero()[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,48 +369,3 @@ def variant(name: str, **overrides) -> Settings:
     if "probe_layers" in overrides and overrides["probe_layers"] is not None:
         overrides["probe_layers"] = tuple(overrides["probe_layers"])
     return replace(VARIANTS[name], **{key: value for key, value in overrides.items() if value is not None})
-
-
-CONFIG_NAMES = """configuration names:
-  full                  no pruning
-  stage2                Stage 2 only (all visual tokens enter the LLM)
-  stage1-R, todre-R     Stage 1 only, or both stages, keeping a fraction R of the patch tokens (todre-0.10)
-  cls-R, cls-global-R   the [CLS] top-k baseline (FasterVLM per crop, or one global top-k), Stage 1 only
-  METHOD-keep-N         any of the above keeping N tokens instead of a fraction (stage1-keep-64)
-  keep-N                the same as todre-keep-N
-  ...-v2                with the paper's v2 settings (max-sum selection, one probe at 7L/8, tau 0.10)"""
-
-
-def parse_config(name: str) -> Settings:
-    """A configuration name (todre-0.10, stage1-0.25, keep-64, cls-0.10, todre-0.10-v2, ...) -> Settings.
-
-    One grammar for every tool that compares configurations (bench.py, evaluate.py); CONFIG_NAMES
-    lists it. Raises ValueError for a name outside it.
-    """
-    if name == "full":
-        return NO_PRUNING
-    base, version = (name[:-3], "v2") if name.endswith("-v2") else (name, "v1")
-    if base == "stage2":
-        return variant(version, retain=1.0)
-    if base.startswith("keep-"):
-        base = "todre-" + base
-    for method, overrides in (
-        ("cls-global", dict(select="cls-global", tau=0.0)),
-        ("cls", dict(select="cls", tau=0.0)),
-        ("stage1", dict(tau=0.0)),
-        ("todre", {}),
-    ):
-        if base.startswith(method + "-"):
-            budget = base[len(method) + 1 :]
-            if budget.isdigit():
-                raise ValueError(
-                    f"configuration {name!r}: the budget is a fraction such as 0.10; "
-                    f"for {budget} tokens write {method}-keep-{budget}\n{CONFIG_NAMES}"
-                )
-            try:
-                if budget.startswith("keep-"):
-                    return variant(version, retain=1.0, keep_tokens=int(budget[5:]), **overrides)
-                return variant(version, retain=float(budget), **overrides)
-            except ValueError as e:
-                raise ValueError(f"configuration {name!r}: {e}\n{CONFIG_NAMES}") from None
-    raise ValueError(f"unknown configuration {name!r}\n{CONFIG_NAMES}")

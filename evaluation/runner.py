@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import todre
+from evaluation import flops
 from evaluation.benchmarks import DataError, EmbeddedImages, Question, parse_json, read_json, read_text
 from media import MediaError, open_image, open_image_bytes
 from model import ContextError, Llava, ask
@@ -333,7 +334,7 @@ class Answerer:
         own = reply.prefill_s + reply.decode_s
         shared = (encode_s / answers + select_s / asked) if job.reuse else encode_s + select_s
         visual_tokens = 0 if reply.kept is None else len(reply.kept)
-        prefill_flops, _ = todre.paper_flops(
+        prefill_flops, _ = flops.paper_flops(
             self.model.config.text, len(reply.prompt_ids), visual_tokens, reply.info.evict_layer, 0
         )
         record = {

@@ -21,7 +21,7 @@ import generate
 import model
 import todre
 from conftest import HERE, SHORT, fake_hub, make_hub_copies, make_llava_eval, noise_image
-from evaluation import runner, scoring, tables
+from evaluation import configs, runner, scoring, tables
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_configuration_names_parse_to_the_same_settings_as_bench(tmp_path):
     args = evaluate.parse_args(["--benchmark", "pope", "--data", str(tmp_path)])
     for name in ("full", "stage2", "stage1-0.25", "todre-0.10", "todre-0.10-v2", "cls-0.10", "keep-64"):
         settings = evaluate.settings_for(name, args)
-        assert settings == todre.parse_config(name)
+        assert settings == configs.parse_config(name)
         expected = replace(settings, evict_layer=7) if settings.tau > 0 else settings
         assert bench.settings_for(name, 7) == expected  # bench forces Stage 2 on random weights, nothing else
     tuned = evaluate.parse_args(["--benchmark", "pope", "--data", str(tmp_path), "--tau", "0.05", "--newlines", "keep"])

@@ -18,8 +18,8 @@ import torch
 import lmms_todre
 import media
 import model
-import todre
 from conftest import HERE, SHORT, make_hub_copies, make_llava_eval, write_video
+from evaluation import configs
 
 TASKS = Path(lmms_eval.__file__).parent / "tasks"
 
@@ -110,7 +110,7 @@ def test_lmms_eval_runs_todre_and_logs_generate_pys_answers(mha, tasks, tmp_path
     assert "pope_f1_score,none" in results["results"]["pope_tiny"]
     assert len(samples["pope_tiny"]) == 9 and len(samples["mme_tiny"]) == 6
     rows = pq.read_table(tasks / "pope.parquet").to_pylist()  # lmms-eval's doc_id is the row number
-    settings = todre.parse_config("todre-0.10")
+    settings = configs.parse_config("todre-0.10")
     for sample in samples["pope_tiny"]:
         row = rows[sample["doc_id"]]
         image = media.open_image_bytes(row["image"]["bytes"], "row")
@@ -147,8 +147,8 @@ def test_the_configuration_reaches_the_model(mha, tasks):
         kept[config] = lmm.visual_tokens[-1]["visual_tokens"]
         visual = mha.model.encode_image(image)
         ids = model.prompt_ids(mha.tokenizer, "Is it red?" + SHORT, kept[config])
-        selected = visual.tokens[mha.model.select(visual, todre.parse_config(config))]
-        expected = model.generate(mha.model, ids, selected, todre.parse_config(config), 3)
+        selected = visual.tokens[mha.model.select(visual, configs.parse_config(config))]
+        expected = model.generate(mha.model, ids, selected, configs.parse_config(config), 3)
         assert answer == mha.tokenizer.decode(expected.token_ids).strip()
     assert kept["full"] == len(image_visual_tokens(mha, image)) and kept["keep-64"] == 64
     assert kept["todre-0.10"] == round(0.1 * (kept["full"] - newlines(mha, image)))

@@ -118,9 +118,9 @@ def test_mistral_sliding_window_is_checked_not_silently_ignored(families):
     mistral = families("mistral")
     assert mistral.model.config.text.sliding_window == mistral.hf.config.text_config.sliding_window == 4096
     ids = mistral.prompt(None)
-    mistral.model.check_generation(ids, None, 100, 0.0)
+    model.check_generation(mistral.model, ids, None, 100, 0.0)
     with pytest.raises(model.InputError, match="sliding window of this Mistral model"):
-        mistral.model.check_generation(ids, None, 4096 - len(ids) + 1, 0.0)
+        model.check_generation(mistral.model, ids, None, 4096 - len(ids) + 1, 0.0)
 
 
 def test_stage1_picks_the_reference_tokens_and_equals_the_model_on_that_subset(ckpt):
