@@ -6,7 +6,6 @@ A checkpoint that cannot be used is a `CheckpointError` naming the file and the 
 Weights are only ever read from safetensors: never pickles, never code from the checkpoint.
 """
 
-import json
 import math
 import types
 from dataclasses import fields
@@ -15,10 +14,11 @@ from pathlib import Path
 import torch
 
 import anyres
+import files
 import prompt
 from clip import ACTIVATIONS, CLIPVisionConfig, layers_to_run
+from files import FileProblem, os_error_text, read_file
 from llama import LlamaConfig
-from media import os_error_text, read_file
 from todre import is_count
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
@@ -206,15 +206,11 @@ MAX_CONFIG_BYTES = 64 << 20  # config, tokenizer and template files are kilobyte
 def read_json(path: Path) -> dict:
     """A JSON object from `path`, or a CheckpointError saying what is wrong with the file."""
     try:
-        value = json.loads(read_file(path, MAX_CONFIG_BYTES))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: is {path.parent} a LLaVA checkpoint directory?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
-    except (RecursionError, ValueError) as e:  # not a regular file, too large, too deep, a huge number
-        raise CheckpointError(f"cannot read {path}: {str(e)[:120]}") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {os_error_text(e)}") from None
+        value = files.read_json(path, MAX_CONFIG_BYTES)
+    except FileProblem as e:
+        if e.missing:
+            raise CheckpointError(f"{path} is missing: is {path.parent} a LLaVA checkpoint directory?") from None
+        raise CheckpointError(str(e)) from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path} must hold a JSON object, not a {type(value).__name__}")
     return value

@@ -16,6 +16,10 @@ class UsageError(Exception):
     """A bad flag or input file; printed as one line, exit code 2."""
 
 
+class OutputError(Exception):
+    """The program's output (the answer, a picture, results) could not be written; one line, exit code 1."""
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
         raise UsageError(f"{message} (see --help)")
@@ -30,6 +34,17 @@ def check_number(flag: str, value, low, high, low_open: bool = False) -> None:
         bounds = f"{'(' if low_open else '['}{low}, {'inf)' if high == math.inf else f'{high}]'}"
         kind = "a finite number" if isinstance(value, float) else "an integer"
         raise UsageError(f"{flag} must be {kind} in {bounds}, got {value}")
+
+
+def layer_list(flag: str, text: str) -> list[int]:
+    """Comma-separated layer numbers (0 or more), as --probe-layers takes them."""
+    try:
+        layers = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} must be comma-separated layer numbers, got {text!r}") from None
+    if min(layers) < 0:
+        raise UsageError(f"{flag} must be 0 or more")
+    return layers
 
 
 def check_not_empty(args, *names: str) -> None:
@@ -124,6 +139,41 @@ def run(main, handled: bool) -> None:
     if handled:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
     sys.exit(code)
+
+
+def exit_code(work, user_errors: tuple, explain=str) -> int:
+    """Run work() and turn what it raises into the programs' exit codes: 0 when it returns; a user
+    error (UsageError or one of `user_errors`: bad flags, files, checkpoints, data) as one `error:`
+    line from explain(e) (None: say nothing) and 2; an OutputError as one line and 1; a reader that
+    went away (`| head`) quietly as 141, like any Unix filter; Ctrl-C quietly as 130."""
+    try:
+        work()
+        return 0
+    except OutputError as e:
+        silence_stdout()
+        print_error(str(e))
+        return 1
+    except (UsageError, *user_errors) as e:
+        message = explain(e)
+        if message is not None:
+            print_error(message)
+        return 2
+    except BrokenPipeError:
+        silence_stdout()
+        return 141
+    except KeyboardInterrupt:
+        return 130
+
+
+def silence_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so the interpreter's last flush of a dead stdout
+    (closed pipe, full disk) cannot print a second error at exit."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, AttributeError, ValueError):
+        pass
 
 
 def print_error(message: str) -> None:

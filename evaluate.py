@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+import files
 import todre
 from checkpoint import DEFAULT_MODEL, CheckpointError, resolve_checkpoint
 from cli import UsageError
@@ -58,7 +59,8 @@ from evaluation.runner import (
     write_json,
 )
 from evaluation.scoring import ratio
-from media import MediaError, os_error_text
+from files import os_error_text
+from media import MediaError
 from model import ContextError, InputError, load
 
 # ---------------------------------------------------------------------------------------------
@@ -257,14 +259,13 @@ def prepare_output(folder: Path, names: list[str], overwrite: bool) -> None:
     """Made writable now, before minutes of model loading; --overwrite empties the configurations."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        files.check_can_write(folder / "results.json")
         for name in names if overwrite else []:
             if (folder / name).is_dir():
                 shutil.rmtree(folder / name)
-    except OSError as e:
-        raise DataError(f"cannot write the output folder {folder}: {os_error_text(e)}") from None
+    except (OSError, files.FileProblem) as e:
+        text = os_error_text(e) if isinstance(e, OSError) else str(e)
+        raise DataError(f"cannot write the output folder {folder}: {text}") from None
 
 
 def questions_for(args, bench: Benchmark) -> list[Question]:
@@ -490,9 +491,7 @@ def json_line(value) -> str:
 
 def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    files.write_atomic(path, text)
 
 
 def write_tables(args, results: list[dict]) -> dict:
@@ -625,28 +624,31 @@ def report(result: dict) -> str:
 def main(argv=None) -> int:
     """User and data errors as one stderr line and exit code 2, Ctrl-C as a quiet 130 (the
     answers written so far stay; the same command continues)."""
-    try:
+
+    def work():
         args = parse_args(argv)
-        results = score_file(args) if args.score else evaluate(args)
+        try:
+            results = score_file(args) if args.score else evaluate(args)
+        except OSError as e:  # the output folder: full disk, permissions
+            raise cli.OutputError(f"cannot write the results: {os_error_text(e)}") from None
         if results is not None:  # rank 0, or the only process
             print("\n\n".join(report(r) for r in results))
             if len(results) > 1:
                 print("\n" + (args.out / "table.md").read_text())
-        return 0
-    except ContextError as e:  # tied to its question by the runner; the flags to change are ours
-        cli.print_error(f"{e} (--max-new-tokens; --skip-bad skips such questions)")
-        return 2
-    except (UsageError, DataError, MediaError, CheckpointError, InputError) as e:
-        rank = os.environ.get("RANK", "0")
-        flag = f" ({e.flag})" if getattr(e, "flag", None) else ""  # the data layer says what, we say which option
-        if rank == "0" or not isinstance(e, UsageError):  # every rank sees the same bad command line: one says it
-            cli.print_error(f"{'' if rank == '0' else f'rank {rank}: '}{e}{flag}")
-        return 2
-    except OSError as e:  # the output folder: full disk, permissions
-        cli.print_error(f"cannot write the results: {os_error_text(e)}")
-        return 1
-    except KeyboardInterrupt:
-        return 130
+
+    return cli.exit_code(work, (DataError, MediaError, CheckpointError, InputError), explain)
+
+
+def explain(e: Exception) -> str | None:
+    """The error line: the library says what is wrong, this adds the option to change. Every rank
+    sees the same bad command line, so only rank 0 says so; data errors name their rank."""
+    if isinstance(e, ContextError):  # tied to its question by the runner
+        return f"{e} (--max-new-tokens; --skip-bad skips such questions)"
+    rank = os.environ.get("RANK", "0")
+    if rank != "0" and isinstance(e, UsageError):
+        return None
+    flag = f" ({e.flag})" if getattr(e, "flag", None) else ""
+    return f"{'' if rank == '0' else f'rank {rank}: '}{e}{flag}"
 
 
 if __name__ == "__main__":

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
+import files
 from checkpoint import DEFAULT_MODEL, CheckpointError
 from cli import UsageError
 from evaluation import configs, tables
 from media import MediaError, open_image_bytes, open_video
-from model import ContextError, InputError, check_video_budget, generate, load, prompt_ids
+from model import InputError, check_video_budget, generate, load, prompt_ids
 from prompt import PromptFormat
 
 try:
@@ -231,9 +232,10 @@ def table2(argv: list[str]) -> int:
         scores[config] = {column: score_of(results, task, metric) for task, (column, metric) in TABLE2.items()}
     table = tables.build(scores, [column for column, _ in TABLE2.values()])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.json").write_text(json.dumps(table, indent=1))
-    (out / "table.md").write_text(tables.markdown(table, {c: 3 for c, _ in TABLE2.values()}) + "\n")
-    print(tables.markdown(table, {c: 3 for c, _ in TABLE2.values()}))
+    markdown = tables.markdown(table, {c: 3 for c, _ in TABLE2.values()})
+    files.write_json(out / "table.json", table)
+    files.write_atomic(out / "table.md", markdown + "\n")
+    print(markdown)
     return 0
 
 
@@ -251,7 +253,8 @@ def register() -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
+
+    def work():
         if argv[:1] == ["table2"]:
             return table2(argv[1:])
         if LMMsModel is object:
@@ -262,12 +265,8 @@ def main(argv=None) -> int:
 
         sys.argv = [sys.argv[0], *argv]
         cli_evaluate()
-        return 0
-    except (UsageError, CheckpointError, MediaError, InputError, ContextError) as e:
-        cli.print_error(str(e))
-        return 2
-    except KeyboardInterrupt:
-        return 130
+
+    return cli.exit_code(work, (CheckpointError, MediaError, InputError))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ does (the setting of the paper's video table), and only the sampled frames are e
 Video files need PyAV (`pip install av`); frame directories and GIF/WebP do not.
 """
 
-import errno
 import io
 import math
 import os
@@ -21,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from files import os_error_text
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 WAIT_FOR_WRITER_S = 5.0  # how long a FIFO may stay without a writer before that is an error
 MAX_STREAM_BYTES = 2**30  # an image read from a pipe larger than this is not an image
@@ -32,33 +33,6 @@ class MediaError(Exception):
 
 class NotAnImage(MediaError):
     """A file Pillow does not recognise as an image (it may still be a video)."""
-
-
-def os_error_text(e: OSError) -> str:
-    """What an OSError on a path means, in words (the errno names say little to most people)."""
-    return {
-        errno.ENAMETOOLONG: "a name in the path is longer than the file system allows (255 bytes)",
-        errno.ELOOP: "the path is a loop of symbolic links",
-        errno.EACCES: "permission denied",
-        errno.EPERM: "permission denied",
-        errno.ENOTDIR: "a part of the path is not a directory",
-        errno.ENOENT: "no such file or directory",
-        errno.ENOSPC: "no space left on the device",
-        errno.EROFS: "the file system is read-only",
-    }.get(e.errno, e.strerror or str(e))
-
-
-def read_file(path, limit: int) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes. Anything else is a ValueError saying
-    what it is, before a byte is read: a FIFO would hang, /dev/zero would fill the memory. OSError
-    (missing, permissions) is the caller's to word."""
-    info = os.stat(path)
-    if not stat.S_ISREG(info.st_mode):
-        raise ValueError(f"{path} is not a regular file")
-    if info.st_size > limit:
-        raise ValueError(f"{path} is larger than {limit >> 20} MiB")
-    with open(path, "rb") as f:
-        return f.read(limit + 1)
 
 
 # ---------------------------------------------------------------------------------------------

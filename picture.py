@@ -5,14 +5,13 @@ are drawn at full brightness on a dimmed copy of the image: for AnyRes the thumb
 high-resolution crops side by side, for video one tile per frame.
 """
 
+import io
 import math
-import os
-import tempfile
-from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
+import files
 from anyres import NEWLINE, Framing, Layout, resized_size, to_rgb
 from model import VisualTokens
 
@@ -127,17 +126,8 @@ def draw_selection(media, visual: VisualTokens, kept: torch.Tensor, select: str)
 
 
 def save_png(picture: Image.Image, path: str) -> None:
-    """Write atomically: a complete file appears, or none (also on Ctrl-C or a full disk). The file
-    gets the usual mode of a new file (0666 less the umask), not the 0600 of a temporary file.
-    An OSError (full disk, permissions) is the caller's to report."""
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=Path(path).parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            picture.save(f, format="PNG")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write atomically (files.write_atomic): a complete file appears, or none. An OSError (full
+    disk, permissions) is the caller's to report."""
+    encoded = io.BytesIO()
+    picture.save(encoded, format="PNG")
+    files.write_atomic(path, encoded.getvalue())

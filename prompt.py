@@ -18,7 +18,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from media import read_file
+import files
+from files import FileProblem, read_file
 
 # LLaVA's Vicuna v1 system prompt: conv_vicuna_v1 in LLaVA's conversation.py, which every evaluation
 # script passes (--conv-mode vicuna_v1) and LLaVA-1.5/NeXT were trained with. (Its conv_llava_v1 says
@@ -238,13 +239,12 @@ def read_optional(path: Path) -> bytes:
 def read_json_object(path: Path) -> dict:
     """A JSON object, or {} for a missing file or one that holds no object (these files are
     optional); a file that cannot be parsed is a PromptError naming it."""
-    data = read_optional(path)
-    if not data:
-        return {}
     try:
-        value = json.loads(data)
-    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, nesting too deep, a number too long
-        raise PromptError(f"{path} is not valid JSON ({str(e)[:120]})") from None
+        value = files.read_json(path, MAX_TEMPLATE_BYTES)
+    except FileProblem as e:
+        if e.missing:
+            return {}
+        raise PromptError(str(e)) from None
     return value if isinstance(value, dict) else {}
 
 
@@ -326,6 +326,16 @@ class PromptTokenizer:
         """Whether the token is one of SentencePiece's byte-fallback tokens (<0x41>)."""
         piece = self.tokenizer.id_to_token(token_id) or ""
         return len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
+
+    def settled_text(self, ids: list[int]) -> str | None:
+        """The text of `ids` once more tokens can no longer change it, else None (for streaming): a
+        run of byte tokens (SentencePiece's byte fallback) decodes as a whole, so it waits for the
+        token after it, and a multi-byte character cut off at the end (byte-level tokenizers)
+        waits for the rest."""
+        if not ids or self.is_byte(ids[-1]):
+            return None
+        text = self.decode(ids)
+        return None if text.endswith("\ufffd") else text
 
     def encode(self, text: str, add_special_tokens: bool = True):
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)

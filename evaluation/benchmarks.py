@@ -11,14 +11,14 @@ read with its path in the error message: a `DataError` names the file and the li
 import base64
 import binascii
 import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import files
 from evaluation import scoring
-from media import os_error_text, read_file
+from files import FileProblem
 
 # LLaVA's instruction suffixes, as its question files carry them (LLaVA docs/Evaluation.md, eval.zip).
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
@@ -75,13 +75,9 @@ def read_text(path: Path) -> str:
     """A UTF-8 text file (a BOM is dropped), refusing anything that is not a regular file: a FIFO
     would hang, /dev/zero would fill the memory."""
     try:
-        return read_file(path, MAX_JSON_BYTES).decode("utf-8").removeprefix("\ufeff")
-    except ValueError as e:
-        if not isinstance(e, UnicodeDecodeError):
-            raise DataError(str(e)) from None
-        raise DataError(f"cannot read {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {os_error_text(e)}") from None
+        return files.read_text(path, MAX_JSON_BYTES)
+    except FileProblem as e:
+        raise DataError(str(e)) from None
 
 
 def lines(path: Path) -> list[str]:
@@ -90,13 +86,11 @@ def lines(path: Path) -> list[str]:
 
 
 def parse_json(text: str, where: str):
-    """json.loads with every way it can fail (bad syntax, deep nesting, huge numbers) as a DataError."""
+    """files.parse_json, its failures as DataErrors."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-    except (RecursionError, ValueError) as e:
-        raise DataError(f"{where}: JSON this reader refuses ({type(e).__name__}: {str(e)[:80]})") from None
+        return files.parse_json(text, where)
+    except FileProblem as e:
+        raise DataError(str(e)) from None
 
 
 def read_json(path: Path):

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+import files
 import todre
 from evaluation import flops
 from evaluation.benchmarks import DataError, EmbeddedImages, Question, parse_json, read_json, read_text
@@ -207,16 +207,9 @@ class FolderLock:
 
 
 def write_json(path: Path, value) -> None:
-    """Written whole or not at all: a temporary file of this process renamed over it."""
+    """files.write_json into a folder made if needed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=1, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    files.write_json(path, value)
 
 
 # ---------------------------------------------------------------------------------------------

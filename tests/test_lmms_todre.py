@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import datasets
-import lmms_eval
-import pyarrow.parquet as pq
 import pytest
+
+INSTALL = "needs lmms-eval: pip install -r requirements-lmms.txt"
+lmms_eval = pytest.importorskip("lmms_eval", reason=INSTALL)
+datasets = pytest.importorskip("datasets", reason=INSTALL)
+
+import pyarrow.parquet as pq
 import torch
 
 import lmms_todre
