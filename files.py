@@ -11,6 +11,7 @@ import json
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -62,6 +63,43 @@ def read_text(path, limit: int) -> str:
         raise FileProblem(str(e)) from None
     except OSError as e:
         raise FileProblem(f"cannot read {path}: {os_error_text(e)}") from None
+
+
+def read_pipe(path: str, limit: int, wait_s: float) -> bytes:
+    """All bytes of a FIFO or pipe (`<(cat x.png)`, `/dev/stdin` fed by a pipe), without ever
+    blocking on a FIFO that nobody writes to.
+
+    Opened non-blocking, an empty FIFO reads as end-of-file while no writer has it open, and as
+    "try again" while a writer does (POSIX read()). So a writer that is there is waited for as
+    long as it takes; one that never comes is a FileProblem after wait_s seconds, and so is more than `limit` bytes.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise FileProblem(f"cannot open {path}: {os_error_text(e)}") from None
+    chunks, size = [], 0
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except BlockingIOError:  # a writer is there, nothing written yet: wait for it
+                os.set_blocking(fd, True)
+                continue
+            if chunk:
+                os.set_blocking(fd, True)  # from now on end-of-file means the writer is done
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    raise FileProblem(f"{path} streams more than {limit >> 20} MiB")
+            elif chunks or os.get_blocking(fd):
+                return b"".join(chunks)
+            elif time.monotonic() > deadline:
+                raise FileProblem(f"nothing is writing to {path} (a FIFO with no writer for {wait_s:.0f} s)")
+            else:
+                time.sleep(0.05)
+    finally:
+        os.close(fd)
 
 
 def parse_json(text: str, where: str):

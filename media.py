@@ -11,7 +11,6 @@ import io
 import math
 import os
 import stat
-import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from files import os_error_text
+from files import FileProblem, os_error_text, read_pipe
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 WAIT_FOR_WRITER_S = 5.0  # how long a FIFO may stay without a writer before that is an error
@@ -40,6 +39,25 @@ class NotAnImage(MediaError):
 # ---------------------------------------------------------------------------------------------
 
 
+def open_image(path: str, transparency: str = "stored") -> Image.Image:
+    """A decoded image, upright (EXIF orientation applied, as transformers' load_image does), or a
+    MediaError saying what is wrong with the file. Transparent pixels keep their stored colour, as
+    LLaVA read its training and evaluation images (`transparency="white"`: composited onto white,
+    as transformers' processors do)."""
+    return decoded(open_lazily(path), path, transparency)
+
+
+def open_image_bytes(data: bytes, name: str, transparency: str = "stored") -> Image.Image:
+    """open_image for an image held in memory (a dataset's embedded image); `name` for messages."""
+    return decoded(open_source(io.BytesIO(data), name), name, transparency)
+
+
+def decoded(image: Image.Image, name: str, transparency: str) -> Image.Image:
+    load_pixels(image, name)
+    image = to_8_bit(ImageOps.exif_transpose(image))
+    return on_white(image) if transparency == "white" else image
+
+
 def check_path(path: str, what: str) -> os.stat_result:
     """os.stat(path), or a MediaError that says in words what is wrong with the path."""
     if path == "":
@@ -50,46 +68,6 @@ def check_path(path: str, what: str) -> os.stat_result:
         raise MediaError(f"{what} not found: {path}") from None
     except OSError as e:
         raise MediaError(f"cannot open {what} {path}: {os_error_text(e)}") from None
-
-
-def read_pipe(path: str) -> bytes:
-    """All bytes of a FIFO or pipe (`<(cat x.png)`, `/dev/stdin` fed by a pipe), without ever
-    blocking on a FIFO that nobody writes to.
-
-    Opened non-blocking, an empty FIFO reads as end-of-file while no writer has it open, and as
-    "try again" while a writer does (POSIX read()). So a writer that is there is waited for as
-    long as it takes; one that never comes is an error after WAIT_FOR_WRITER_S seconds.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as e:
-        raise MediaError(f"cannot open image {path}: {os_error_text(e)}") from None
-    chunks, size = [], 0
-    deadline = time.monotonic() + WAIT_FOR_WRITER_S
-    try:
-        while True:
-            try:
-                chunk = os.read(fd, 1 << 20)
-            except BlockingIOError:  # a writer is there, nothing written yet: wait for it
-                os.set_blocking(fd, True)
-                continue
-            if chunk:
-                os.set_blocking(fd, True)  # from now on end-of-file means the writer is done
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > MAX_STREAM_BYTES:
-                    raise MediaError(f"{path} streams more than {MAX_STREAM_BYTES >> 30} GiB: not an image")
-            elif chunks or os.get_blocking(fd):
-                return b"".join(chunks)
-            elif time.monotonic() > deadline:
-                raise MediaError(
-                    f"nothing is writing to {path} (a FIFO with no writer for "
-                    f"{WAIT_FOR_WRITER_S:.0f} s): start the writer, or pass the image file itself"
-                )
-            else:
-                time.sleep(0.05)
-    finally:
-        os.close(fd)
 
 
 @contextmanager
@@ -110,13 +88,22 @@ def open_lazily(path: str) -> Image.Image:
     if stat.S_ISDIR(mode):
         raise MediaError(f"{path} is a directory, not an image")
     if stat.S_ISFIFO(mode):
-        source = io.BytesIO(read_pipe(path))
+        source = io.BytesIO(read_fifo(path))
     elif stat.S_ISREG(mode):
         source = path
     else:
         kind = "a terminal" if stat.S_ISCHR(mode) and os.path.realpath(path).startswith("/dev/pts") else "a device"
         raise MediaError(f"{path} is {kind}, not an image file")
     return open_source(source, path)
+
+
+def read_fifo(path: str) -> bytes:
+    """An image streamed through a FIFO or pipe (`<(cat x.png)`, `/dev/stdin`), read whole."""
+    try:
+        return read_pipe(path, MAX_STREAM_BYTES, WAIT_FOR_WRITER_S)
+    except FileProblem as e:
+        hint = ": start the writer, or pass the image file itself" if "nothing is writing" in str(e) else ""
+        raise MediaError(f"{e}{hint}") from None
 
 
 def open_source(source, name: str) -> Image.Image:
@@ -162,25 +149,6 @@ def on_white(image: Image.Image) -> Image.Image:
         return image
     rgba = image.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-
-
-def open_image(path: str, transparency: str = "stored") -> Image.Image:
-    """A decoded image, upright (EXIF orientation applied, as transformers' load_image does), or a
-    MediaError saying what is wrong with the file. Transparent pixels keep their stored colour, as
-    LLaVA read its training and evaluation images (`transparency="white"`: composited onto white,
-    as transformers' processors do)."""
-    return decoded(open_lazily(path), path, transparency)
-
-
-def open_image_bytes(data: bytes, name: str, transparency: str = "stored") -> Image.Image:
-    """open_image for an image held in memory (a dataset's embedded image); `name` for messages."""
-    return decoded(open_source(io.BytesIO(data), name), name, transparency)
-
-
-def decoded(image: Image.Image, name: str, transparency: str) -> Image.Image:
-    load_pixels(image, name)
-    image = to_8_bit(ImageOps.exif_transpose(image))
-    return on_white(image) if transparency == "white" else image
 
 
 # ---------------------------------------------------------------------------------------------
