@@ -126,12 +126,11 @@ def time_probes(model, ids, visual_embeds, settings, device) -> dict:
     lm = model.language_model
     kv_cache = model.new_kv_cache(1)
     model.prefill(ids, visual_embeds, replace(settings, tau=0.0, evict_layer=None), kv_cache)  # keys of every layer
-    is_visual = ids == IMAGE_TOKEN
-    positions = torch.arange(len(ids), device=device)
-    visual_pos, text_pos = positions[is_visual], positions[positions > positions[is_visual].max()]
+    visual_pos, text_pos = todre.token_sets(ids == IMAGE_TOKEN)
     layers = todre.probe_layers(len(lm.layers), settings.probe_fractions)
     attention = lm.layers[0].self_attn
     queries = torch.randn(attention.heads, len(ids), attention.head_dim, device=device, dtype=model.dtype)
+    todre.cross_modal_ratios(queries, kv_cache.get(layers[0])[0][0], visual_pos, text_pos)  # warm-up: first-use costs
     start = cli.now(device)
     for layer in layers:
         keys, _ = kv_cache.get(layer)
