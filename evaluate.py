@@ -102,6 +102,11 @@ def flags() -> cli.Parser:
     p.add_argument("--out", help="output folder (default: eval-<benchmark>)")
     p.add_argument("--overwrite", action="store_true", help="discard the answers already in --out and start over")
     p.add_argument(
+        "--adopt",
+        action="store_true",
+        help="take answers in --out that have no fingerprint.json (an older release's) as made by this run's settings",
+    )
+    p.add_argument(
         "--score",
         metavar="ANSWERS",
         help="score an answers file in LLaVA's format (question_id, text) instead of running a model",
@@ -255,14 +260,11 @@ def output_folder(args, benchmark: str) -> Path:
     return args.out if len(args.benchmarks) == 1 else args.out / benchmark
 
 
-def prepare_output(folder: Path, names: list[str], overwrite: bool) -> None:
-    """Made writable now, before minutes of model loading; --overwrite empties the configurations."""
+def prepare_output(folder: Path) -> None:
+    """Made and found writable now, before minutes of model loading."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         files.check_can_write(folder / "results.json")
-        for name in names if overwrite else []:
-            if (folder / name).is_dir():
-                shutil.rmtree(folder / name)
     except (OSError, files.FileProblem) as e:
         text = os_error_text(e) if isinstance(e, OSError) else str(e)
         raise DataError(f"cannot write the output folder {folder}: {text}") from None
@@ -284,8 +286,12 @@ def evaluate(args) -> list[dict] | None:
     try:
         if shard.rank == 0:
             for name in args.benchmarks:
-                prepare_output(output_folder(args, name), args.configs, args.overwrite)
-                locks.append(FolderLock(output_folder(args, name)))
+                folder = output_folder(args, name)
+                prepare_output(folder)
+                locks.append(FolderLock(folder))  # first: --overwrite must not delete a running evaluation's answers
+                for config in args.configs if args.overwrite else []:
+                    if (folder / config).is_dir():
+                        shutil.rmtree(folder / config)
         shard.barrier()  # nothing is written before rank 0 holds the folders
         device = shard.device(args.device)
         directory = resolve_checkpoint(args.model)
@@ -299,7 +305,9 @@ def evaluate(args) -> list[dict] | None:
             shard.barrier()  # every rank's answers are on disk
             if shard.rank == 0:
                 merged = {config: Predictions(folder / config).records for config in args.configs}
-                results.append(score(args, bench, questions[name], merged, skipped, folder, model, shard.world_size))
+                results.append(
+                    score(args, bench, questions[name], merged, skipped, folder, model, args.model, shard.world_size)
+                )
         if shard.rank != 0:
             return None
         write_tables(args, results)
@@ -310,20 +318,27 @@ def evaluate(args) -> list[dict] | None:
         shard.finish()
 
 
+def run_split(args, bench: Benchmark) -> str | None:
+    """The split this run answers: --split, or the benchmark's default for the data given."""
+    if not bench.splits:
+        return None
+    return args.split or bench.default_split(Path(args.data) if args.data else None)
+
+
 def make_job(args, bench, folder, model, tokenizer, identity, device, shard) -> Job:
     max_new_tokens = args.max_new_tokens or bench.max_new_tokens
     predictions = {}
     for config, settings in args.settings.items():
         run = {
             "benchmark": bench.name,
-            "split": args.split if bench.splits else None,
+            "split": run_split(args, bench),
             "prompt": bench.describe_prompt(),
             "max_new_tokens": max_new_tokens,
             "pad_to_square": args.pad_to_square,
             "figure2": args.figure2 and config == "full",
         }
         expected = fingerprint(identity, model, tokenizer, settings, **run)
-        check_fingerprint_everywhere(folder / config, expected, shard)
+        check_fingerprint_everywhere(folder / config, expected, shard, args.adopt)
         predictions[config] = Predictions(folder / config, shard.rank, shard.world_size)
 
     def reset_peak():
@@ -345,8 +360,8 @@ def make_job(args, bench, folder, model, tokenizer, identity, device, shard) -> 
     )
 
 
-def check_fingerprint_everywhere(folder: Path, expected: dict, shard: Shard) -> None:
-    check_fingerprint(folder, expected, write=shard.rank == 0)
+def check_fingerprint_everywhere(folder: Path, expected: dict, shard: Shard, adopt: bool) -> None:
+    check_fingerprint(folder, expected, write=shard.rank == 0, adopt=adopt)
     shard.barrier()
 
 
@@ -363,7 +378,10 @@ def answer_all(model, tokenizer, questions: list[Question], job: Job, shard: Sha
         first = next(q for q in questions if q.image in missing)
         if not job.skip_bad:
             more = f" (and {len(missing) - 1} more images; --skip-bad skips them)" if len(missing) > 1 else ""
-            raise DataError(f"{first.source}: {missing[first.image]}: {first.image}{more}")
+            folder = Path(first.image).parent
+            if not folder.is_dir():  # the whole folder is missing: say where the images go
+                more += f"; the folder {folder} does not exist"
+            raise DataError(f"{first.source}: {missing[first.image]}: {first.image}{more}", "--images DIR")
         skipped = [
             {"question": q.source, "reason": f"{missing[q.image]}: {q.image}"} for q in questions if q.image in missing
         ]
@@ -384,16 +402,22 @@ def answer_all(model, tokenizer, questions: list[Question], job: Job, shard: Sha
 
 
 def scored_records(bench: Benchmark, questions: list[Question], records: list[dict], parser: str) -> list[dict]:
-    """Each stored answer joined to its question (labels come from the data, never from the
-    stored record) and read by the benchmark's parser, in the benchmark's question order."""
-    by_key = {q.key: q for q in questions}
-    order = {q.key: i for i, q in enumerate(questions)}
+    """Every question of the run with its stored answer, in the benchmark's order, read by the
+    benchmark's parser; labels come from the data, never from the stored record. A question
+    without an answer gets the empty answer, marked `missing`, which every scorer counts wrong
+    (as LLaVA's scripts count a question their answer file lacks)."""
+    answered = {(r["category"], r["question_id"]): r for r in records}
     out = []
-    for r in sorted(
-        (r for r in records if (r["category"], r["question_id"]) in by_key),
-        key=lambda r: order[(r["category"], r["question_id"])],
-    ):
-        q = by_key[(r["category"], r["question_id"])]
+    for q in questions:
+        r = answered.get(q.key)
+        if r is None:
+            r = {
+                "question_id": q.question_id,
+                "category": q.category,
+                "question": q.text,
+                "answer": "",
+                "missing": True,
+            }
         out.append(
             {
                 **r,
@@ -410,29 +434,47 @@ def scored_records(bench: Benchmark, questions: list[Question], records: list[di
     return out
 
 
-def summary(records: list[dict], metrics: dict, questions: int) -> dict:
-    n = len(records)
-    seconds = sum(r.get("seconds", 0.0) for r in records)
-    alone = sum(r.get("seconds_alone", r.get("seconds", 0.0)) for r in records)
+def summary(records: list[dict], metrics: dict, incomplete: str | None) -> dict:
+    """One configuration's row of results.json: the score over every question (missing answers
+    counted wrong), how many were answered, and what the answered ones cost. Time fields are None
+    where nothing was timed (--score)."""
+    answered = [r for r in records if not r.get("missing")]
+    n = len(answered)
+    timed = any("seconds" in r for r in answered)
+    seconds = sum(r.get("seconds", 0.0) for r in answered) if timed else None
+    alone = sum(r.get("seconds_alone", r.get("seconds", 0.0)) for r in answered) if timed else None
     return {
         "samples": n,
-        "missing": questions - n,
+        "total": len(records),
+        "missing": len(records) - n,
+        "partial": n < len(records),  # the score counts the missing answers wrong
+        "incomplete": incomplete,  # why there is no score although answers are there
         "score": metrics.get("column"),
-        "samples_per_s": ratio(n, seconds),  # this run's time per answer, per process
-        "samples_per_s_alone": ratio(n, alone),  # answered one at a time: the paper's throughput
+        "samples_per_s": ratio(n, seconds) if timed else None,  # this run's time per answer, per process
+        "samples_per_s_alone": ratio(n, alone) if timed else None,  # one at a time: the paper's throughput
         "seconds": seconds,
         "seconds_alone": alone,
-        "mean_new_tokens": ratio(sum(r.get("new_tokens", 0) for r in records), n),
-        "mean_visual_tokens": ratio(sum(r.get("visual_tokens", 0) for r in records), n),
+        "mean_new_tokens": ratio(sum(r.get("new_tokens", 0) for r in answered), n),
+        "mean_visual_tokens": ratio(sum(r.get("visual_tokens", 0) for r in answered), n),
         "evict_layer_histogram": dict(
-            Counter("none" if r.get("evict_layer") is None else str(r["evict_layer"]) for r in records)
+            Counter("none" if r.get("evict_layer") is None else str(r["evict_layer"]) for r in answered)
         ),
-        "mean_prefill_tflops": ratio(sum(r.get("prefill_tflops", 0.0) for r in records), n),
-        "peak_memory_mb": max((r.get("peak_memory_mb", 0.0) for r in records), default=0.0),
-        "unparseable": sum(r["pred"] in ("other", "FAILED", None) for r in records),
-        "empty_answers": sum(not r["answer"].strip() for r in records),
+        "mean_prefill_tflops": ratio(sum(r.get("prefill_tflops", 0.0) for r in answered), n),
+        "peak_memory_mb": max((r.get("peak_memory_mb", 0.0) for r in answered), default=0.0),
+        "unparseable": sum(r["pred"] in ("other", "FAILED", None) for r in answered),
+        "empty_answers": sum(not r["answer"].strip() for r in answered),
         "metrics": metrics,
     }
+
+
+def incomplete(bench: Benchmark, records: list[dict]) -> str | None:
+    """Why a benchmark whose metric is defined on complete data only (POPE: the mean over its three
+    categories) gets no score: how many answers each category lacks."""
+    missing = Counter(r["category"] for r in records if r.get("missing"))
+    if not bench.complete_only or not missing:
+        return None
+    counts = ", ".join(f"{category} {n}" for category, n in sorted(missing.items()))
+    return f"{sum(missing.values())} of {len(records)} answers missing ({counts}): {bench.name}'s score needs them all"
 
 
 def relative(metrics, full):
@@ -451,20 +493,22 @@ def llava_answer(bench: Benchmark, record: dict, model_id: str) -> dict:
     return {**bench.llava_answer(record), "answer_id": answer_id, "model_id": model_id, "metadata": {}}
 
 
-def score(args, bench, questions, stored: dict[str, list[dict]], skipped, folder: Path, model, world_size: int) -> dict:
+def score(args, bench, questions, stored: dict[str, list[dict]], skipped, folder: Path, model, model_name, world_size):
     """results.json, answers.jsonl and the submission files from the stored answers (by
-    configuration) to this run's questions."""
+    configuration) to this run's questions. model_name: the model that answered (None: unknown)."""
     rows, data = {}, Path(args.data) if args.data else None
-    split = (args.split or bench.default_split(data)) if bench.splits else None
+    split = run_split(args, bench)
     for config, answers in stored.items():
         records = scored_records(bench, questions, answers, args.parser)
-        metrics = bench.metrics(records) if records else {}
-        rows[config] = summary(records, metrics, len(questions))
-        model_id = f"{Path(args.model).name}-{config}"
+        why_not = incomplete(bench, records)
+        metrics = bench.metrics(records) if answers and not why_not else {}
+        rows[config] = summary(records, metrics, why_not)
+        answered = [r for r in records if not r.get("missing")]
+        model_id = f"{Path(model_name).name}-{config}" if model_name else config
         write_text(
-            folder / config / "answers.jsonl", "".join(json_line(llava_answer(bench, r, model_id)) for r in records)
+            folder / config / "answers.jsonl", "".join(json_line(llava_answer(bench, r, model_id)) for r in answered)
         )
-        for name, content in bench.submission(records, subfolder(data, bench.folder) if data else None, split).items():
+        for name, content in bench.submission(answered, subfolder(data, bench.folder) if data else None, split).items():
             write_json(folder / config / name, content)
         if args.figure2 and config == "full" and model is not None:
             write_figure2(records, model, folder)
@@ -475,7 +519,7 @@ def score(args, bench, questions, stored: dict[str, list[dict]], skipped, folder
         "benchmark": bench.name,
         "column": bench.column,
         "split": split,
-        "model": args.model,
+        "model": model_name,
         "world_size": world_size,
         "parser": args.parser,
         "configs": rows,
@@ -497,25 +541,30 @@ def write_text(path: Path, text: str) -> None:
 def write_tables(args, results: list[dict]) -> dict:
     """OUT/table.md and table.json: the paper's layout over the benchmarks of this run."""
     columns = [r["column"] for r in results]
-    scores, seconds = {}, {}
+    scores, seconds, partial = {}, {}, {}
     for r in results:
         for config, row in r["configs"].items():
             scores.setdefault(config, {})[r["column"]] = row["score"]
-            seconds[config] = seconds.get(config, 0.0) + row["seconds_alone"]
-    table = tables.build(scores, columns, seconds)
+            if row["partial"]:
+                partial.setdefault(config, {})[r["column"]] = f"{row['samples']}/{row['total']}"
+            if row["seconds_alone"] is not None:
+                seconds[config] = seconds.get(config, 0.0) + row["seconds_alone"]
+    table = tables.build(scores, columns, seconds or None, partial)
     write_json(args.out / "table.json", table)
     write_text(args.out / "table.md", tables.markdown(table) + "\n")
     return table
 
 
 def score_file(args) -> list[dict]:
-    """--score: a LLaVA-format answers file scored against the benchmark's data, no model."""
+    """--score: a LLaVA-format answers file scored against the benchmark's data, no model. Each
+    answer is read as stored (whitespace included), as the reference scorers read it; the results
+    name the file's own model_id, and everything is written inside --out, never over the input."""
     bench = BENCHMARKS[args.benchmarks[0]]
     questions = questions_for(args, bench)
     waiting = {}
     for q in questions:
         waiting.setdefault(str(q.source_id), []).append(q)
-    records, path = [], Path(args.score)
+    records, model_ids, path = [], set(), Path(args.score)
     for number, line in json_lines(path):
         where = f"{path}:{number}"
         if "question_id" not in line or not isinstance(line.get("text"), str):
@@ -527,18 +576,20 @@ def score_file(args) -> list[dict]:
             )
         q = pending.pop(0)  # MME's two questions share an id: LLaVA writes them in file order
         records.append(
-            {
-                "question_id": q.question_id,
-                "category": q.category,
-                "question": q.text,
-                "answer": line["text"].strip(),
-                "prompt": "",
-            }
+            {"question_id": q.question_id, "category": q.category, "question": q.text, "answer": line["text"]}
         )
+        if isinstance(line.get("model_id"), str):
+            model_ids.add(line["model_id"])
+    config = path.stem  # the configuration the file holds, named after it
     folder = args.out
-    prepare_output(folder, [], False)
+    outputs = [folder / "results.json", folder / "table.json", folder / "table.md", folder / config / "answers.jsonl"]
+    outputs += [folder / config / name for name in bench.submission([], None, "test")]
+    if any(out.exists() and out.samefile(path) for out in outputs):
+        raise UsageError(f"--score {path} lies where the results go: give another --out")
+    prepare_output(folder)
     args.figure2 = False
-    result = score(args, bench, questions, {path.stem: records}, [], folder, None, 1)
+    model_name = model_ids.pop() if len(model_ids) == 1 else None
+    result = score(args, bench, questions, {config: records}, [], folder, None, model_name, 1)
     write_tables(args, [result])
     return [result]
 
@@ -594,29 +645,40 @@ def write_figure2(records: list[dict], model, out: Path) -> None:
 
 
 def report(result: dict) -> str:
-    """One benchmark's rows: its score (the paper's column), vs full, the cost, and warnings."""
+    """One benchmark's rows: its score (the paper's column; a partial one marked), vs full, what the
+    answers cost (where this run measured it), and warnings."""
+    timed = any(row["seconds"] is not None for row in result["configs"].values())
+    cost = ["new tokens", "samples/s", "samples/s alone", "prefill TFLOPs"] if timed else []
+    header = ["config", "answered", "visual tokens", result["column"], "vs full", *cost]
     lines = [
         f"{result['benchmark']}" + (f" ({result['split']})" if result["split"] else ""),
-        f"| config | samples | visual tokens | {result['column']} | vs full | new tokens | samples/s | "
-        "samples/s alone | prefill TFLOPs |",
-        "|---" * 9 + "|",
+        "| " + " | ".join(header) + " |",
+        "|---" * len(header) + "|",
     ]
     full = result["configs"].get("full", {}).get("score")
     for name, row in result["configs"].items():
         score = row["score"]
         vs = f"{100 * score / full:.1f}%" if score is not None and full else "-"
-        lines.append(
-            f"| {name} | {row['samples']} | {row['mean_visual_tokens']:.0f} | "
-            f"{'-' if score is None else f'{score:.2f}'} | {vs} | {row['mean_new_tokens']:.1f} | "
-            f"{row['samples_per_s']:.2f} | {row['samples_per_s_alone']:.2f} | {row['mean_prefill_tflops']:.3f} |"
-        )
+        shown = "-" if score is None else f"{score:.2f}" + (" (partial)" if row["partial"] else "")
+        cells = [name, f"{row['samples']}/{row['total']}", f"{row['mean_visual_tokens']:.0f}", shown, vs]
+        if timed:
+            cells += [
+                f"{row['mean_new_tokens']:.1f}",
+                f"{row['samples_per_s']:.2f}" if row["samples_per_s"] is not None else "-",
+                f"{row['samples_per_s_alone']:.2f}" if row["samples_per_s_alone"] is not None else "-",
+                f"{row['mean_prefill_tflops']:.3f}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
     for name, row in result["configs"].items():
+        if row["incomplete"]:
+            lines.append(f"{name}: no score: {row['incomplete']}")
+            continue
         notes = [f"{row[k]} {k.replace('_', ' ')}" for k in ("missing", "unparseable", "empty_answers") if row[k]]
         if notes:
             lines.append(f"{name}: " + ", ".join(notes) + " (counted wrong)")
     if result["skipped"]:
         lines.append(f"{len(result['skipped'])} question(s) skipped (listed in results.json)")
-    if any(row["score"] is None and row["samples"] for row in result["configs"].values()):
+    if any(row["score"] is None and row["samples"] and not row["incomplete"] for row in result["configs"].values()):
         lines.append("no reference answers in this split: upload each configuration's submission file to EvalAI")
     return "\n".join(lines)
 
@@ -630,7 +692,8 @@ def main(argv=None) -> int:
         try:
             results = score_file(args) if args.score else evaluate(args)
         except OSError as e:  # the output folder: full disk, permissions
-            raise cli.OutputError(f"cannot write the results: {os_error_text(e)}") from None
+            where = f" ({e.filename})" if e.filename else ""
+            raise cli.OutputError(f"cannot write the results: {os_error_text(e)}{where}") from None
         if results is not None:  # rank 0, or the only process
             print("\n\n".join(report(r) for r in results))
             if len(results) > 1:

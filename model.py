@@ -183,6 +183,8 @@ class Llava(nn.Module):
         first, as LLaVA's own evaluation did: 576 tokens.
         """
         cfg = self.config
+        if not isinstance(image, Image.Image):
+            raise InputError(f"encode_image takes a PIL image, got {describe(image)}: open files with media.open_image")
         if not cfg.anyres:
             size, crop = cfg.resize_shortest_edge, cfg.crop_size
             pixel_values, framing = anyres.preprocess_square(
@@ -217,6 +219,8 @@ class Llava(nn.Module):
         cfg = self.config
         if not frames:
             raise InputError("a video needs at least one frame")
+        if not all(isinstance(frame, Image.Image) for frame in frames):
+            raise InputError("encode_video takes a list of PIL images: open files with media.open_video")
         newlines = newlines or ("grid" if cfg.has_image_newline else "none")
         if newlines not in ("grid", "none"):
             raise InputError(f"video newlines must be 'grid' or 'none', got {newlines!r}")
@@ -255,6 +259,15 @@ class Llava(nn.Module):
         becomes of them; `settings.newlines` drops them all (default) or keeps them all in place
         (README, "Choices the paper leaves open"). k counts patch tokens only.
         """
+        if not isinstance(settings, todre.Settings):
+            hint = (
+                ": evaluation.configs.parse_config turns a configuration name into one"
+                if isinstance(settings, str)
+                else ""
+            )
+            raise InputError(f"settings must be a todre.Settings, got {describe(settings)}{hint}")
+        if not isinstance(visual, VisualTokens):
+            raise InputError(f"select takes the VisualTokens of encode_image or encode_video, got {describe(visual)}")
         all_tokens = torch.arange(len(visual.sources), device=visual.sources.device)
         if not settings.stage1:  # everything, newlines included
             return all_tokens

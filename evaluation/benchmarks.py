@@ -10,9 +10,12 @@ read with its path in the error message: a `DataError` names the file and the li
 
 import base64
 import binascii
+import csv
 import hashlib
+import io
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,6 +100,22 @@ def read_json(path: Path):
     return parse_json(read_text(path), str(path))
 
 
+def tsv_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """(line number, cells) for every row of a tab-separated file, read as pandas.read_table reads
+    it (LLaVA's model_vqa_mmbench does): a cell that starts with '"' is quoted and may hold tabs, line
+    breaks and doubled quotes ("" for one); elsewhere a quote is text; blank lines are skipped."""
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t", quotechar='"', doublequote=True)
+    rows, first_line = [], 1
+    try:
+        for cells in reader:
+            if cells:
+                rows.append((first_line, cells))
+            first_line = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"{path}:{first_line}: not a readable TSV row ({e})") from None
+    return rows
+
+
 def json_lines(path: Path):
     """(line number, JSON object) for every non-empty line of `path`."""
     for number, raw in enumerate(lines(path), start=1):
@@ -113,6 +132,19 @@ def require(record: dict, names, where: str) -> dict:
     if missing:
         raise DataError(f"{where}: missing field(s) {', '.join(missing)}")
     return record
+
+
+def is_whole_number(value) -> bool:
+    """An int, or a string of digits (JSON files write ids either way); not a bool, not null."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.isdigit())
+
+
+def answer_list(record: dict, where: str) -> list:
+    """A question's reference answers, which must be a list (VQA's 10 answers)."""
+    answers = record.get("answers")
+    if not isinstance(answers, list):
+        raise DataError(f"{where}: answers must be a list, got {type(answers).__name__}")
+    return answers
 
 
 def first_existing(*paths: Path) -> Path | None:
@@ -159,9 +191,10 @@ def download(repo: str, patterns: list[str]) -> Path:
         ) from None
 
 
-def parquet_rows(repo: str, folder: Path, pattern: str, columns=None):
+def parquet_rows(repo: str, folder: Path, pattern: str, columns=None, images: bool = True):
     """(where, file, row group, row, record) for every row of the parquet files matching `pattern`,
-    without their images (those are read one row group at a time while answering)."""
+    without their images (those are read one row group at a time while answering); `images`: the
+    files must have an image column (GQA keeps its questions and its images in separate files)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -174,14 +207,28 @@ def parquet_rows(repo: str, folder: Path, pattern: str, columns=None):
     for path in files:
         try:
             parquet = pq.ParquetFile(path)
+            if images and "image" not in parquet.schema_arrow.names:
+                raise DataError(f"{path} has no image column: not one of lmms-lab's copies of {repo}")
             names = [c for c in parquet.schema_arrow.names if c != "image" and (columns is None or c in columns)]
             for group in range(parquet.num_row_groups):
+                check_row_group_size(parquet, group, path)
                 for row, record in enumerate(parquet.read_row_group(group, columns=names).to_pylist()):
                     yield f"{path} (row group {group}, row {row})", str(path), group, row, record
         except (OSError, ValueError) as e:
             if isinstance(e, DataError):
                 raise
             raise DataError(f"{path} is not a readable parquet file ({e})") from None
+
+
+MAX_ROW_GROUP_BYTES = 4 << 30  # a row group of lmms-lab's copies holds a few hundred MB of images
+
+
+def check_row_group_size(parquet, group: int, path) -> None:
+    """A DataError before a row group is decompressed if its declared size is beyond any real
+    dataset's: a few KB of parquet can ask for gigabytes."""
+    size = parquet.metadata.row_group(group).total_byte_size
+    if size > MAX_ROW_GROUP_BYTES:
+        raise DataError(f"{path}: row group {group} decompresses to {size >> 20} MiB, more than this reader takes")
 
 
 class EmbeddedImages:
@@ -201,8 +248,10 @@ class EmbeddedImages:
 
         path, group, row = question.blob
         if self.key != (path, group):
+            parquet = pq.ParquetFile(path)
+            check_row_group_size(parquet, group, path)
             self.key = (path, group)
-            self.column = pq.ParquetFile(path).read_row_group(group, columns=["image"]).column("image")
+            self.column = parquet.read_row_group(group, columns=["image"]).column("image")
         image = self.column[row].as_py()
         data = image.get("bytes") if isinstance(image, dict) else image
         if not isinstance(data, bytes) or not data:
@@ -224,6 +273,7 @@ class Benchmark:
     max_new_tokens = 128
     folder = ""  # its folder under LLaVA's playground/data/eval/
     splits = ()  # for benchmarks with a test split (server-scored) and a val split (scored here)
+    complete_only = False  # whether its metric is defined on complete data only (no partial score)
 
     def load(self, data: Path | None, images: Path | None, split: str | None) -> list[Question]:
         raise NotImplementedError
@@ -265,6 +315,7 @@ class POPE(Benchmark):
     """POPE (LLaVA pope.sh): 8,910 yes/no questions on COCO val2014 in three categories; mean F1."""
 
     name, column, folder = "pope", "POPE", "pope"
+    complete_only = True  # eval_pope.py pairs answers with labels by position, per category: all or nothing
     categories = ("adversarial", "popular", "random")
     hub = ("lmms-lab/POPE", "data/*.parquet")
 
@@ -272,14 +323,9 @@ class POPE(Benchmark):
         if data is None:
             return self.load_hub()
         root = subfolder(data, self.folder)
-        images = images or first_existing(root / "val2014")
+        images = images or root / "val2014"  # checked when answering: scoring reads no image
         labels_dir = first_existing(root / "coco") or root
         questions_file = root / "llava_pope_test.jsonl"
-        if images is None:
-            raise DataError(
-                "POPE needs its COCO val2014 images: their folder, or a val2014/ folder beside its files",
-                "--images DIR",
-            )
         if questions_file.is_file():
             return self.load_llava(questions_file, labels_dir, images)
         return self.load_original(labels_dir, images)
@@ -376,6 +422,10 @@ class POPE(Benchmark):
         return scoring.pope_metrics(records)
 
 
+# MME's instruction, as LLaVA's llava_mme.jsonl removes it: after one space, or two in 7 questions.
+MME_INSTRUCTION = re.compile(r"\s*Please answer yes or no\.")
+
+
 class MME(Benchmark):
     """MME (LLaVA mme.sh): 2,374 yes/no questions, two per image, in 14 subtasks; perception score."""
 
@@ -398,6 +448,8 @@ class MME(Benchmark):
             folder = release / subtask
             separate = (folder / "questions_answers_YN").is_dir()  # artwork, celebrity, landmark, posters, scene
             image_dir = folder / "images" if separate else folder
+            if not image_dir.is_dir():
+                raise DataError(f"{image_dir} is missing: {subtask}'s images go there (MME's release layout)")
             by_stem = {}
             for f in sorted(image_dir.iterdir()):
                 if f.suffix.lower() in (".jpg", ".jpeg", ".png") and f.is_file():
@@ -418,7 +470,7 @@ class MME(Benchmark):
         """LLaVA's llava_mme.jsonl prompt: MME's " Please answer yes or no." replaced by the short-answer
         suffix; its question_id is the image's path in the release (two questions share it)."""
         source_id = image.relative_to(release).as_posix() if release else f"{subtask}/{image.name}"
-        text = question.strip().replace(" Please answer yes or no.", "") + SHORT_ANSWER
+        text = MME_INSTRUCTION.sub("", question).strip() + SHORT_ANSWER
         return Question(
             "",  # numbered by `number_pairs`
             subtask,
@@ -479,6 +531,8 @@ class ScienceQA(Benchmark):
         images = images or root / "images" / "test"
         problems_file = root / "problems.json"
         problems = read_json(problems_file) if problems_file.is_file() else {}
+        if not isinstance(problems, dict):
+            raise DataError(f"{problems_file}: expected ScienceQA's JSON object of problems by id")
         items = read_json(path)
         if not isinstance(items, list):
             raise DataError(f"{path}: expected a JSON list of questions")
@@ -616,7 +670,7 @@ class GQA(Benchmark):
             for _, path, group, row, r in parquet_rows(repo, folder, image_pattern, ["id"])
         }
         questions = []
-        for where, _, _, _, r in parquet_rows(repo, folder, pattern):
+        for where, _, _, _, r in parquet_rows(repo, folder, pattern, images=False):
             require(r, ("id", "imageId", "question", "answer"), where)
             if str(r["imageId"]) not in blobs:
                 raise DataError(f"{where}: image {r['imageId']} is not in {repo}'s testdev_balanced_images")
@@ -676,13 +730,13 @@ class MMBench(Benchmark):
         )
         if path is None:
             raise DataError(f"{data} has no {self.tsv}: download it into {data / self.folder}/ (see the README)")
-        rows = [line.split("\t") for line in lines(path) if line]
-        header = rows[0] if rows else []
+        rows = tsv_rows(path)
+        header = rows[0][1] if rows else []
         missing = {"index", "question", "A", "B", "answer", "image"} - set(header)
         if missing:
             raise DataError(f"{path}: not MMBench's TSV (no column(s) {', '.join(sorted(missing))})")
         questions = []
-        for number, cells in enumerate(rows[1:], start=2):
+        for number, cells in rows[1:]:
             where = f"{path}:{number}"
             if len(cells) != len(header):
                 raise DataError(f"{where}: {len(cells)} tab-separated cells where the header has {len(header)}")
@@ -824,7 +878,7 @@ class VizWiz(VQA):
         for n, item in enumerate(items):
             where = f"{path} (item {n})"
             require(item if isinstance(item, dict) else {}, ("image", "question", "answers"), where)
-            answers = [a.get("answer", "") if isinstance(a, dict) else str(a) for a in item["answers"]]
+            answers = [a.get("answer", "") if isinstance(a, dict) else str(a) for a in answer_list(item, where)]
             questions.append(self.val_question(str(item["image"]), item["question"], answers, where, images))
         return questions
 
@@ -843,7 +897,7 @@ class VizWiz(VQA):
         for where, path, group, row, r in parquet_rows(repo, download(repo, [pattern]), pattern):
             require(r, ("question", "answers"), where)
             name = str(r.get("question_id") or r.get("image_id") or f"{group}-{row}")
-            q = self.val_question(name, str(r["question"]), [str(a) for a in r["answers"]], where, None)
+            q = self.val_question(name, str(r["question"]), [str(a) for a in answer_list(r, where)], where, None)
             q.blob = (path, group, row)
             questions.append(q)
         return questions
@@ -883,6 +937,8 @@ class VQAv2(VQA):
         questions = []
         for n, (qid, image_id, question) in enumerate(items):
             where = f"{questions_file} (question {n})"
+            if not is_whole_number(image_id):
+                raise DataError(f"{where}: image_id must be a whole number, got {image_id!r}")
             image = in_folder(images, f"COCO_val2014_{int(image_id):012d}.jpg", where, confined=True)
             q = Question(str(qid), "default", f"{question}{SHORT_ANSWER}", image, where, source_id=qid)
             q.answers = [str(a) for a in answers.get(qid, [])]
@@ -896,8 +952,11 @@ class VQAv2(VQA):
         questions = []
         for where, path, group, row, r in parquet_rows(repo, download(repo, [pattern]), pattern):
             require(r, ("question_id", "question", "answers"), where)
-            answers = [str(a.get("answer", "")) if isinstance(a, dict) else str(a) for a in r["answers"]]
-            image = f"COCO_val2014_{int(r.get('image_id') or 0):012d}.jpg"
+            answers = [str(a.get("answer", "")) if isinstance(a, dict) else str(a) for a in answer_list(r, where)]
+            image_id = r.get("image_id") or 0
+            if not is_whole_number(image_id):
+                raise DataError(f"{where}: image_id must be a whole number, got {image_id!r}")
+            image = f"COCO_val2014_{int(image_id):012d}.jpg"
             questions.append(
                 Question(
                     str(r["question_id"]),
@@ -992,10 +1051,10 @@ def limit(questions: list[Question], n: int) -> list[Question]:
     copies; MME: n images with both their questions), in the benchmark's order."""
     kept, groups = [], {}
     for q in questions:
-        chosen = groups.setdefault(q.category, [])
+        chosen = groups.setdefault(q.category, set())
         group = q.group or q.question_id
         if group not in chosen and len(chosen) < n:
-            chosen.append(group)
+            chosen.add(group)
         if group in chosen:
             kept.append(q)
     return kept

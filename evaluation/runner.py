@@ -13,6 +13,7 @@ losing or mixing up an answer.
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -34,7 +35,10 @@ from model import ContextError, Llava, ask
 # ---------------------------------------------------------------------------------------------
 
 RANK_FILE = re.compile(r"predictions\.rank(\d+)\.jsonl")
-RECORD_FIELDS = {"question_id": str, "category": str, "answer": str, "prompt": str}
+RECORD_FIELDS = {"question_id": str, "category": str, "question": str, "answer": str, "prompt": str}
+# Numbers a record may hold, which results.json adds up (evict_layer may also be null: no eviction).
+NUMBER_FIELDS = ("visual_tokens", "evict_layer", "new_tokens", "seconds", "seconds_alone", "prefill_tflops")
+NUMBER_FIELDS += ("peak_memory_mb",)
 
 
 class Predictions:
@@ -91,7 +95,7 @@ class Predictions:
                 if repair:
                     keep = "".join(line + "\n" for line in lines[:-1] if line)
                     keep += json.dumps(record) + "\n" if record is not None else ""
-                    path.write_text(keep, encoding="utf-8")
+                    files.write_atomic(path, keep)  # a new file renamed over the old: a kill loses nothing
                 if record is None:
                     continue
             records.append(record)
@@ -113,6 +117,14 @@ def check_record(record, where: str) -> None:
     for name, kind in RECORD_FIELDS.items():
         if not isinstance(record.get(name), kind):
             raise DataError(f"{where}: a prediction needs {name} ({kind.__name__})")
+    for name in NUMBER_FIELDS:
+        value = record.get(name)
+        if name in record and not (value is None and name == "evict_layer") and not is_number(value):
+            raise DataError(f"{where}: {name} must be a number, got {value!r}")
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,16 +132,49 @@ def check_record(record, where: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+WEIGHT_SAMPLES, SAMPLE_BYTES = 16, 1 << 16  # what of each weight file the identity reads: 1 MiB
+
+
 def checkpoint_identity(directory: Path) -> dict:
-    """What identifies a checkpoint's weights and prompts: the hash of its config and tokenizer
-    files, and its weight files' names and sizes (hashing GBs of weights would take minutes)."""
+    """What identifies a checkpoint, cheaply: the sha256 of every file the loader reads besides the
+    weights (configs, processor and generation settings, tokenizer, chat templates), and per weight
+    file a sha256 of its safetensors header (every tensor's name, dtype, shape and offsets) and of
+    16 evenly spaced 64 KiB samples of its data. Reading all of 14 GB would take minutes; what this
+    cannot see is a change confined to bytes between the samples that keeps every shape."""
     digest = hashlib.sha256()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.json", "chat_template.jinja"):
-        path = directory / name
-        if path.is_file():
-            digest.update(name.encode() + b"\0" + path.read_bytes())
-    weights = sorted((p.name, p.stat().st_size) for p in directory.glob("*.safetensors"))
-    return {"files_sha256": digest.hexdigest(), "weights": [f"{n} ({s} bytes)" for n, s in weights]}
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and (path.suffix in (".json", ".jinja") or path.name.startswith("tokenizer.")):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    weights = {path.name: weight_identity(path) for path in sorted(directory.glob("*.safetensors"))}
+    return {"files_sha256": digest.hexdigest(), "weights": weights}
+
+
+def weight_identity(path: Path) -> str:
+    """sha256 of a safetensors file's size, header and sampled data (see checkpoint_identity)."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    digest.update(str(size).encode())
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+        digest.update(f.read(min(header, size)))
+        for i in range(WEIGHT_SAMPLES):
+            f.seek(8 + header + (size - 8 - header) * i // WEIGHT_SAMPLES)
+            digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def image_digest(question: Question, embedded: EmbeddedImages) -> str | None:
+    """sha256 of the bytes of a question's image (a file, or embedded in the data); None when it
+    has none or it cannot be read (answering then says why)."""
+    if question.image is None:
+        return None
+    try:
+        if question.blob is not None:
+            return hashlib.sha256(embedded.read(question)).hexdigest()
+        with open(question.image, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except (OSError, DataError):
+        return None
 
 
 def fingerprint(checkpoint: dict, model: Llava, tokenizer, settings: todre.Settings, **run) -> dict:
@@ -146,7 +191,7 @@ def fingerprint(checkpoint: dict, model: Llava, tokenizer, settings: todre.Setti
     }
 
 
-def check_fingerprint(folder: Path, expected: dict, write: bool) -> None:
+def check_fingerprint(folder: Path, expected: dict, write: bool, adopt: bool = False) -> None:
     """Refuse to add answers made another way to a folder; record the fingerprint of a new one."""
     path = folder / "fingerprint.json"
     if path.exists():
@@ -161,6 +206,12 @@ def check_fingerprint(folder: Path, expected: dict, write: bool) -> None:
                 "--out DIR, or --overwrite",
             )
     elif write:
+        if Predictions(folder).files() and not adopt:
+            raise DataError(
+                f"{folder} holds answers but no fingerprint.json (an older release's, or copied in): nothing says "
+                "how they were made; adopt them as this run's, or discard them",
+                "--adopt, or --overwrite",
+            )
         folder.mkdir(parents=True, exist_ok=True)
         write_json(path, expected)
 
@@ -277,6 +328,7 @@ class Answerer:
             return
         with_image = questions[0].image is not None
         image = self.open(questions[0]) if with_image else None
+        digest = image_digest(questions[0], self.embedded) if image is not None else None
         if with_image and image is None:
             self.skipped += [
                 {"question": q.source, "reason": "the image of " + questions[0].source} for q in questions[1:]
@@ -297,6 +349,7 @@ class Answerer:
                     kept, select_s = None, 0.0
                 try:
                     record = self.answer(q, name, settings, visual, kept, encode_s, select_s, answers, len(todo[name]))
+                    record["image_sha256"] = digest
                 except ContextError as e:  # this question does not fit: say which, or skip it (--skip-bad)
                     if not job.skip_bad:
                         raise ContextError(f"{q.source}: {e}", e.visual) from None
@@ -357,9 +410,11 @@ class Answerer:
 
 def todo_groups(questions: list[Question], predictions: dict[str, Predictions], rank: int, world: int) -> list:
     """This process's share: whole image groups, every world-th from the rank-th, of those that some
-    configuration still misses; a stored answer to a question asked differently is refused."""
-    mine = []
+    configuration still misses; a stored answer to a question asked differently, or about other
+    image bytes than the image now has, is refused."""
+    mine, embedded = [], EmbeddedImages()
     for i, group in enumerate(image_groups(questions)):
+        check_image_unchanged(group, predictions, embedded)
         for q in group:
             for p in predictions.values():
                 stored = p.done.get(q.key)
@@ -373,3 +428,20 @@ def todo_groups(questions: list[Question], predictions: dict[str, Predictions], 
         if i % world == rank and any(q.key not in p.done for q in group for p in predictions.values()):
             mine.append(group)
     return mine
+
+
+def check_image_unchanged(group: list[Question], predictions: dict[str, Predictions], embedded) -> None:
+    """A DataError if a stored answer about this group's image was made from other bytes (another
+    --images folder, a replaced file): its answers would be mixed with answers about other pixels."""
+    stored = [(p, p.done[q.key]) for q in group for p in predictions.values() if q.key in p.done]
+    recorded = {record.get("image_sha256") for _, record in stored} - {None}
+    if not recorded:
+        return
+    now = image_digest(group[0], embedded)
+    if now is not None and recorded != {now}:
+        folder, record = next((p.folder, r) for p, r in stored if r.get("image_sha256") not in (None, now))
+        raise DataError(
+            f"{folder}: question {record['question_id']!r} ({record['category']}) was answered about other image "
+            f"bytes than {group[0].image} holds now: use another output folder, or start these answers over",
+            "--out DIR, or --overwrite",
+        )

@@ -17,14 +17,18 @@ def average(row: dict, full: dict) -> float | None:
     return 100 * sum(ratios) / len(ratios) if ratios else None
 
 
-def build(scores: dict[str, dict], columns: list[str], seconds: dict[str, float] | None = None) -> dict:
+def build(
+    scores: dict[str, dict], columns: list[str], seconds: dict[str, float] | None = None, partial: dict | None = None
+) -> dict:
     """scores: {config: {column: score or None}} -> the table as JSON: its columns in order, and per
-    configuration its cells, its Average against the `full` configuration (when one was run) and
-    its total time in seconds (Table 4's "Total Time", when given)."""
+    configuration its cells, its Average against the `full` configuration (when one was run), its
+    total time in seconds (Table 4's "Total Time", when given), and the cells scored on part of the
+    questions (partial: {config: {column: "answered/total"}}, missing answers counted wrong)."""
     full = scores.get("full")
     rows = []
     for config, cells in scores.items():
         row = {"config": config, "cells": {c: cells.get(c) for c in columns}}
+        row["partial"] = (partial or {}).get(config, {})
         row["average"] = average(row["cells"], full) if full is not None else None
         if seconds is not None:
             row["total_seconds"] = seconds.get(config)
@@ -49,6 +53,10 @@ def markdown(table: dict, digits: dict[str, int] | None = None) -> str:
     out = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for r in table["rows"]:
         cells = ["-" if r["cells"][c] is None else f"{r['cells'][c]:.{digits.get(c, 1)}f}" for c in columns]
+        cells = [
+            f"{cell} ({r['partial'][c]} answered)" if c in r.get("partial", {}) else cell
+            for cell, c in zip(cells, columns, strict=True)
+        ]
         time = [minutes(r.get("total_seconds"))] if timed else []
         average = "-" if r["average"] is None else f"{r['average']:.1f}%"
         out.append("| " + " | ".join([r["config"], *time, *cells, average]) + " |")

@@ -298,3 +298,111 @@ def test_a_parquet_row_without_image_bytes_is_one_line_naming_it(tmp_path, monke
         DataError, match=r"test-00000-of-00001.parquet \(row group 0, row 0\): the image column holds no"
     ):
         benchmarks.EmbeddedImages().read(q)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real files nobody here wrote: the readings LLaVA's own code makes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mmbench_tsv_cells_equal_pandas_read_table_on_files_pandas_writes(tmp_path):
+    """MMBench's dev TSV is written by pandas: a cell holding a line break, a tab or a quote is
+    quoted, quotes doubled. LLaVA reads it with pandas.read_table; every cell must come out the same."""
+    import pandas
+
+    cells = [
+        "plain",
+        "a hint\nover two lines",
+        'she said "hi"',
+        "a\ttab",
+        '"quoted at the start" then more',
+        "trailing space ",
+        "",
+        "x\r\ny",
+        "nan",
+    ]
+    frame = pandas.DataFrame({"index": range(len(cells)), "hint": cells, "question": cells[::-1], "A": "a", "B": "b"})
+    frame.to_csv(tmp_path / "mmbench.tsv", sep="\t", index=False)
+    (tmp_path / "blank_lines.tsv").write_text('index\tq\n\n0\t"one\n\ntwo"\n\n1\tlast\n')
+    (tmp_path / "unquoted.tsv").write_text('index\tq\n0\ta "quote" inside\n1\t2 inch"\n')
+    for name in ("mmbench.tsv", "blank_lines.tsv", "unquoted.tsv"):
+        expected = pandas.read_table(tmp_path / name, keep_default_na=False, dtype=str)
+        rows = benchmarks.tsv_rows(tmp_path / name)
+        assert rows[0][1] == list(expected.columns)
+        assert [cells for _, cells in rows[1:]] == expected.values.tolist(), name
+    assert [number for number, _ in benchmarks.tsv_rows(tmp_path / "blank_lines.tsv")] == [1, 3, 7]  # where rows start
+
+
+def test_mmbench_reads_a_pandas_written_tsv_with_multi_line_hints_and_quotes(llava_eval, tmp_path):
+    import pandas
+
+    source = llava_eval / "mmbench" / "mmbench_dev_20230712.tsv"
+    frame = pandas.read_table(source, keep_default_na=False, dtype=str)
+    frame.loc[0, "hint"] = 'A hint\nover "two" lines.'
+    (tmp_path / "mmbench").mkdir()
+    frame.to_csv(tmp_path / "mmbench" / "mmbench_dev_20230712.tsv", sep="\t", index=False)
+    qs = questions("mmbench", tmp_path)
+    assert len(qs) == len(frame) and qs[0].text.startswith('A hint\nover "two" lines.\nWhich is it 0?')
+
+
+def test_mme_prompts_equal_llavas_whatever_the_spacing_before_the_instruction(tmp_path):
+    """7 MME questions have two spaces before "Please answer yes or no."; llava_mme.jsonl's text
+    has no space left before the short-answer suffix, as for the others."""
+    folder = tmp_path / "MME" / "count"
+    folder.mkdir(parents=True)
+    (folder / "1.jpg").write_bytes(b"")
+    (folder / "1.txt").write_text(
+        "Are there two dogs?  Please answer yes or no.\tYes\nAre there three dogs? Please answer yes or no.\tNo\n"
+    )
+    qs = questions("mme", tmp_path)
+    assert [q.text for q in qs] == ["Are there two dogs?" + SHORT, "Are there three dogs?" + SHORT]
+
+
+@pytest.mark.parametrize(
+    "name, edit, message",
+    [
+        ("vqav2", ("v2_OpenEnded_mscoco_val2014_questions.json", "image_id", "abc"), "image_id must be a whole number"),
+        ("vqav2", ("v2_OpenEnded_mscoco_val2014_questions.json", "image_id", None), "image_id must be a whole number"),
+        ("vizwiz", ("val.json", "answers", 7), "answers must be a list, got int"),
+    ],
+)
+def test_reference_files_with_wrong_field_types_are_one_line(llava_eval, tmp_path, name, edit, message):
+    import shutil
+
+    shutil.copytree(llava_eval / name, tmp_path / name)
+    file, field, value = edit
+    data = json.loads((tmp_path / name / file).read_text())
+    (data["questions"] if isinstance(data, dict) else data)[0][field] = value
+    (tmp_path / name / file).write_text(json.dumps(data))
+    with pytest.raises(DataError, match=message):
+        questions(name, tmp_path, split="val")
+
+
+def test_science_qa_problems_that_are_not_an_object_are_one_line(llava_eval, tmp_path):
+    import shutil
+
+    shutil.copytree(llava_eval / "scienceqa", tmp_path / "scienceqa")
+    (tmp_path / "scienceqa" / "problems.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="problems.json: expected ScienceQA's JSON object"):
+        questions("sqa", tmp_path)
+
+
+def test_a_parquet_without_an_image_column_or_too_large_is_one_line(tmp_path, monkeypatch):
+    from conftest import write_parquet
+
+    row = {"question_id": "1", "question": "Is there a dog?", "answer": "yes", "category": "random"}
+    write_parquet(tmp_path / "lmms-lab_POPE" / "data" / "test-00000-of-00001.parquet", [row])
+    fake_hub(monkeypatch, tmp_path)
+    with pytest.raises(DataError, match="has no image column"):
+        questions("pope", None)
+    write_parquet(tmp_path / "lmms-lab_POPE" / "data" / "test-00000-of-00001.parquet", [{**row, "image": None}])
+    monkeypatch.setattr(benchmarks, "MAX_ROW_GROUP_BYTES", 10)  # a row group declaring more than the reader takes
+    with pytest.raises(DataError, match=r"row group 0 decompresses to \d+ MiB, more than this reader takes"):
+        questions("pope", None)
+
+
+def test_limit_is_linear_in_the_questions(monkeypatch):
+    """--limit keeps a set of the groups it chose: membership checks do not grow with the groups."""
+    qs = [benchmarks.Question(str(i), "c", "q", None, "w", group=str(i // 2)) for i in range(40_000)]
+    kept = benchmarks.limit(qs, 15_000)
+    assert [q.question_id for q in kept] == [str(i) for i in range(30_000)]

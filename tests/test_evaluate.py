@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -253,7 +254,7 @@ def test_score_reads_an_answers_file_written_by_llavas_scripts(llava_eval, tmp_p
     metrics = json.loads((tmp_path / "out" / "results.json").read_text())["configs"]["llava"]["metrics"]
     # 11 right (B), 26 right ("The answer is A."), 5 "A." fails: overall 2/3, IMG 1/2
     assert code == 0 and metrics["accuracy"] == pytest.approx(2 / 3) and metrics["img_accuracy"] == 0.5
-    assert "| llava | 3 | 0 | 50.00 |" in out
+    assert "| llava | 3/3 | 0 | 50.00 |" in out
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question_id": "999", "text": "A"}) + "\n")
     code = evaluate.main(["--benchmark", "sqa", "--data", str(llava_eval), "--score", str(tmp_path / "bad.jsonl")])
     assert code == 2 and "bad.jsonl:1: question_id '999' is not a question of sqa" in capsys.readouterr().err
@@ -454,7 +455,7 @@ def test_pope_end_to_end_in_its_original_layout(mha, tmp_path, capsys):
         }  # ids repeat across categories
         assert set(row["metrics"]) == {"random", "popular", "adversarial", "mean_f1", "column"}
     assert rows["keep-64"]["mean_visual_tokens"] == 64 and rows["full"]["relative"]["mean_f1"] in (1.0, None)
-    assert "| config | samples | visual tokens | POPE | vs full |" in stdout
+    assert "| config | answered | visual tokens | POPE | vs full |" in stdout
 
 
 def test_lmms_eval_parser_and_empty_answers_are_counted(mha, tmp_path, capsys, monkeypatch):
@@ -760,3 +761,211 @@ def test_figure2_records_every_layer_and_equals_what_stats_reports(gqa, tmp_path
         code == 0 and (tmp_path / "bare" / "figure2.json").exists() and not (tmp_path / "bare" / "figure2.png").exists()
     )
     assert "figure2.png needs matplotlib: pip install matplotlib" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability, round 4: every question counted, --score honest, resume that sees contents
+# ---------------------------------------------------------------------------------------------
+
+
+def answers_file(path: Path, rows: list[tuple[str, str]], model_id: str = "llava-v1.5-13b") -> Path:
+    path.write_text("".join(json.dumps({"question_id": q, "text": t, "model_id": model_id}) + "\n" for q, t in rows))
+    return path
+
+
+def score_cli(capsys, name: str, data: Path, answers: Path, out: Path, *extra):
+    code = evaluate.main(["--benchmark", name, "--data", str(data), "--score", str(answers), "--out", str(out), *extra])
+    stdout, err = capsys.readouterr()
+    return code, stdout, err
+
+
+def test_score_reads_answers_as_stored_and_counts_missing_ones_wrong(llava_eval, tmp_path, capsys):
+    """eval_science_qa.py reads "A. " as A (its "X. " rule) and gives FAILED to a question without
+    an answer; the score is over every question, and marked partial when some are missing."""
+    answers = answers_file(tmp_path / "sqa.jsonl", [("11", "B. ")])  # 11's answer is B; 26 and 5 unanswered
+    code, stdout, err = score_cli(capsys, "sqa", llava_eval, answers, tmp_path / "out")
+    row = json.loads((tmp_path / "out" / "results.json").read_text())["configs"]["sqa"]
+    assert code == 0 and row["metrics"]["accuracy"] == pytest.approx(1 / 3) and row["metrics"]["img_accuracy"] == 0.5
+    assert row["samples"] == 1 and row["total"] == 3 and row["missing"] == 2 and row["partial"] is True
+    assert "| sqa | 1/3 | 0 | 50.00 (partial) |" in stdout and "2 missing" in stdout
+    table = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert table["rows"][0]["partial"] == {"ScienceQA": "1/3"} and "total_seconds" not in table["rows"][0]
+    assert "50.0 (1/3 answered)" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_pope_with_missing_answers_says_what_is_missing_instead_of_a_score(llava_eval, tmp_path, capsys):
+    answers = answers_file(tmp_path / "pope.jsonl", [("1", "Yes")])  # one right answer of 9
+    code, stdout, err = score_cli(capsys, "pope", llava_eval, answers, tmp_path / "out")
+    row = json.loads((tmp_path / "out" / "results.json").read_text())["configs"]["pope"]
+    assert code == 0 and row["score"] is None and row["metrics"] == {}
+    assert (
+        row["incomplete"] == "8 of 9 answers missing (adversarial 2, popular 3, random 3): pope's score needs them all"
+    )
+    assert "pope: no score: 8 of 9 answers missing" in stdout and "100.0" not in stdout
+    assert json.loads((tmp_path / "out" / "table.json").read_text())["rows"][0]["cells"]["POPE"] is None
+
+
+def test_score_needs_no_images_claims_the_files_model_and_no_time(llava_eval, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(llava_eval / "pope", tmp_path / "data" / "pope", ignore=shutil.ignore_patterns("val2014"))
+    lines = [json.loads(x) for x in (llava_eval / "pope" / "llava_pope_test.jsonl").read_text().splitlines()]
+    answers = answers_file(tmp_path / "answers.jsonl", [(str(x["question_id"]), "Yes") for x in lines])
+    old = os.umask(0o022)
+    try:
+        code, stdout, err = score_cli(capsys, "pope", tmp_path / "data", answers, tmp_path / "out")
+    finally:
+        os.umask(old)
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert code == 0, err
+    assert result["model"] == "llava-v1.5-13b" and result["configs"]["answers"]["seconds"] is None
+    assert "samples/s" not in stdout and "total time" not in (tmp_path / "out" / "table.md").read_text()
+    line = json.loads((tmp_path / "out" / "answers" / "answers.jsonl").read_text().splitlines()[0])
+    assert line["model_id"] == "llava-v1.5-13b-answers"
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_relative_to(tmp_path / "data")]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in written) == [
+        "answers.jsonl",
+        "out/answers/answers.jsonl",
+        "out/results.json",
+        "out/table.json",
+        "out/table.md",
+    ]  # inside --out only
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {"0o644"}  # the umask's mode
+
+
+def test_score_never_writes_its_own_input(llava_eval, tmp_path, capsys):
+    (tmp_path / "d" / "answers").mkdir(parents=True)
+    answers = answers_file(tmp_path / "d" / "answers" / "answers.jsonl", [("11", "B")])
+    before = answers.read_text()
+    code, stdout, err = score_cli(capsys, "sqa", llava_eval, answers, tmp_path / "d")
+    assert code == 2 and "lies where the results go: give another --out" in err and answers.read_text() == before
+
+
+def test_data_one_level_off_names_the_file_it_looked_for(llava_eval, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(llava_eval / "pope", tmp_path / "eval" / "pope")
+    code, stdout, err = score_cli(capsys, "pope", tmp_path, answers_file(tmp_path / "a.jsonl", []), tmp_path / "out")
+    assert code == 2 and "has none of coco_pope_adversarial.json" in err and str(tmp_path) in err
+
+
+def pope_run(capsys, mha, data, images, out, *extra):
+    return run(capsys, mha, *pope(data, images), "--configs", "full", "--limit", "1", "--out", str(out), *extra)
+
+
+def test_resume_refuses_other_weight_bytes_other_processor_files_and_other_images(mha, tmp_path, capsys):
+    import shutil
+
+    data, images = make_pope(tmp_path)
+    ckpt = SimpleNamespace(directory=tmp_path / "ckpt")
+    shutil.copytree(mha.directory, ckpt.directory)
+    out = tmp_path / "out"
+    assert pope_run(capsys, ckpt, data, images, out)[0] == 0
+    # the same file name and size, other weight bytes in the first sample
+    weights = ckpt.directory / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    header = int.from_bytes(raw[:8], "little")
+    raw[8 + header] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    code, stdout, err = pope_run(capsys, ckpt, data, images, out)
+    assert code == 2 and "checkpoint.weights" in err
+    shutil.copy(mha.directory / "model.safetensors", weights)
+    # a processor setting the loader reads
+    preprocessor = json.loads((ckpt.directory / "preprocessor_config.json").read_text())
+    (ckpt.directory / "preprocessor_config.json").write_text(json.dumps({**preprocessor, "do_resize": True}, indent=3))
+    code, stdout, err = pope_run(capsys, ckpt, data, images, out)
+    assert code == 2 and "checkpoint.files_sha256" in err
+    shutil.copy(mha.directory / "preprocessor_config.json", ckpt.directory / "preprocessor_config.json")
+    assert pope_run(capsys, ckpt, data, images, out)[0] == 0  # all as before: resumes
+    # other pixels under the same image names (another --images folder)
+    other = tmp_path / "other"
+    other.mkdir()
+    for i, path in enumerate(sorted(images.iterdir())):
+        noise_image(100, 100, seed=50 + i).save(other / path.name)
+    code, stdout, err = pope_run(capsys, ckpt, data, other, out)
+    assert code == 2 and "was answered about other image bytes" in err and "--overwrite" in err
+
+
+def test_answers_without_a_fingerprint_are_refused_until_adopted(mha, tmp_path, capsys):
+    data, images = make_pope(tmp_path)
+    out = tmp_path / "out"
+    assert pope_run(capsys, mha, data, images, out)[0] == 0
+    (out / "full" / "fingerprint.json").unlink()  # as an older release left them
+    code, stdout, err = pope_run(capsys, mha, data, images, out)
+    assert code == 2 and "holds answers but no fingerprint.json" in err and "(--adopt, or --overwrite)" in err
+    assert pope_run(capsys, mha, data, images, out, "--adopt")[0] == 0
+    assert (out / "full" / "fingerprint.json").exists() and len(predictions(out / "full")) == 3
+
+
+def test_overwrite_takes_the_lock_first_and_deletes_nothing_of_a_running_evaluation(mha, tmp_path, capsys):
+    data, images = make_pope(tmp_path)
+    out = tmp_path / "out"
+    assert pope_run(capsys, mha, data, images, out)[0] == 0
+    before = (out / "full" / "predictions.jsonl").read_text()
+    lock = runner.FolderLock(out)  # another run holds the folder
+    code, stdout, err = pope_run(capsys, mha, data, images, out, "--overwrite")
+    lock.release()
+    assert code == 2 and "is in use by another evaluate.py run" in err
+    assert (out / "full" / "predictions.jsonl").read_text() == before
+
+
+def test_the_repair_of_a_predictions_file_writes_a_new_file_over_it(mha, tmp_path, capsys):
+    data, images = make_pope(tmp_path)
+    out = tmp_path / "out"
+    assert pope_run(capsys, mha, data, images, out)[0] == 0
+    path = out / "full" / "predictions.jsonl"
+    path.write_text(path.read_text().rstrip("\n"))
+    inode = path.stat().st_ino
+    runner.Predictions(out / "full")  # reading it repairs the last line
+    assert path.stat().st_ino != inode and path.read_text().endswith("}\n") and len(predictions(out / "full")) == 3
+
+
+def test_the_split_recorded_is_the_split_used(mha, llava_eval, tmp_path, capsys):
+    argv = ["--benchmark", "vizwiz", "--data", str(llava_eval), "--configs", "full", "--limit", "1"]
+    out = tmp_path / "out"
+    assert run(capsys, mha, *argv, "--out", str(out))[0] == 0  # no --split: LLaVA's test file is there
+    assert json.loads((out / "full" / "fingerprint.json").read_text())["split"] == "test"
+    assert run(capsys, mha, *argv, "--split", "test", "--out", str(out))[0] == 0  # the same split: resumes
+    code, stdout, err = run(capsys, mha, *argv, "--split", "val", "--out", str(out))
+    assert code == 2 and 'split: "test" -> "val"' in err
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r: r.pop("question"), "a prediction needs question (str)"),
+        (lambda r: r.update(seconds="1.5"), "seconds must be a number, got '1.5'"),
+        (lambda r: r.update(visual_tokens=None), "visual_tokens must be a number, got None"),
+        (lambda r: r.update(new_tokens=True), "new_tokens must be a number, got True"),
+    ],
+)
+def test_prediction_records_with_wrong_field_types_are_one_line(mha, tmp_path, capsys, change, message):
+    data, images = make_pope(tmp_path)
+    out = tmp_path / "out"
+    assert pope_run(capsys, mha, data, images, out)[0] == 0
+    records = predictions(out / "full")
+    change(records[0])
+    (out / "full" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, stdout, err = pope_run(capsys, mha, data, images, out)
+    assert code == 2 and err.count("\n") == 1 and f"predictions.jsonl:1: {message}" in err
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "/dev/full"])
+def test_a_predictions_or_answers_file_linked_to_a_device_is_one_line(mha, llava_eval, tmp_path, capsys, target):
+    data, images = make_pope(tmp_path)
+    (tmp_path / "out" / "full").mkdir(parents=True)
+    (tmp_path / "out" / "full" / "predictions.jsonl").symlink_to(target)
+    code, stdout, err = pope_run(capsys, mha, data, images, tmp_path / "out", "--adopt")
+    assert code == 2 and err.count("\n") == 1 and "predictions.jsonl is not a regular file" in err
+    (tmp_path / "answers.jsonl").symlink_to(target)
+    code, stdout, err = score_cli(capsys, "sqa", llava_eval, tmp_path / "answers.jsonl", tmp_path / "scored")
+    assert code == 2 and err.count("\n") == 1 and "answers.jsonl is not a regular file" in err
+
+
+def test_an_mme_release_without_a_subtasks_images_folder_names_it(llava_eval, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(llava_eval / "MME", tmp_path / "MME")
+    shutil.rmtree(tmp_path / "MME" / "MME_Benchmark_release_version" / "artwork" / "images")
+    code, stdout, err = score_cli(capsys, "mme", tmp_path, answers_file(tmp_path / "a.jsonl", []), tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1 and "artwork/images is missing: artwork's images go there" in err

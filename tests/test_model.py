@@ -324,6 +324,17 @@ def test_python_api_validates_at_the_entry_point(mha):
         model.InputError, match="dtype must be one of float16, bfloat16, float32, float64, got 'float8'"
     ):
         model.load(str(mha.directory), "cpu", "float8")
+    with pytest.raises(
+        model.InputError, match="encode_image takes a PIL image, got str: open files with media.open_image"
+    ):
+        mha.model.encode_image("photo.jpg")
+    with pytest.raises(model.InputError, match="encode_video takes a list of PIL images"):
+        mha.model.encode_video(["a.png"])
+    visual = mha.model.encode_image(noise_image(40, 30))
+    with pytest.raises(model.InputError, match="settings must be a todre.Settings, got str: evaluation.configs"):
+        mha.model.select(visual, "todre-0.10")
+    with pytest.raises(model.InputError, match="select takes the VisualTokens of encode_image"):
+        mha.model.select(visual.tokens, todre.Settings())
 
 
 def test_a_kv_cache_is_used_once_and_never_written_past_its_room(mha):
@@ -442,7 +453,7 @@ def test_readme_use_it_from_python_runs_as_written(mha, tmp_path, monkeypatch, c
     checkpoint, and photo.jpg is a file in the working directory."""
     import huggingface_hub
 
-    load_model, load_todre_alone = readme_python_blocks("Use it from Python")
+    load_model, load_todre_alone, stage2_in_a_host = readme_python_blocks("Use it from Python")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, allow_patterns: str(mha.directory))
     monkeypatch.chdir(tmp_path)
     noise_image(517, 301, seed=50).save(tmp_path / "photo.jpg", quality=95)
@@ -456,8 +467,10 @@ def test_readme_use_it_from_python_runs_as_written(mha, tmp_path, monkeypatch, c
     generation = model.generate(loaded, ids, visual.tokens[kept], settings, max_new_tokens=64)
     expected = tokenizer.decode(generation.token_ids)
     assert expected.strip()
-    assert printed == f"{expected}\n{len(kept)} {generation.info.evict_layer} {generation.info.ratios}\n"
+    assert printed == f"{expected} {len(kept)} {generation.info.evict_layer} {generation.info.ratios}\n"
 
     namespace = {}
     exec(compile(load_todre_alone, "README.md", "exec"), namespace)
     assert namespace["pruned"].shape == (288, 4096)
+    exec(compile(stage2_in_a_host, "README.md", "exec"), namespace)
+    assert capsys.readouterr().out == "15 100 [15]\n"  # fired at the first probe: 200 visual tokens gone
