@@ -260,7 +260,7 @@ class SyntheticTokenizer:
     class format:  # noqa: N801 (a stand-in for prompt.PromptFormat)
         name, chat_template = "synthetic", None
 
-    def prompt_ids(self, question: str, num_visual: int | None = None, video: bool = False) -> list[int]:
+    def prompt_ids(self, question: str, num_visual: int | None = None, video: bool = False, inline=False) -> list[int]:
         ids = synthetic_prompt_ids(num_visual or 0, "cpu").tolist()
         return ids[:-1] + [3 + sum(map(ord, question)) % 31000, ids[-1]]
 

@@ -36,7 +36,7 @@ def run(args) -> None:
         raise UsageError("stdout is closed: the answer would have nowhere to go")
     settings = settings_from(args)
     device = cli.pick_device(args.device)
-    clip = open_video(args.video, args.max_frames) if args.video else None
+    clip = open_video(args.video, args.max_frames, args.transparency) if args.video else None
     media = open_image(args.image, args.transparency) if args.image else clip.frames if clip else None
     if sys.stderr.isatty():  # progress for people; a script reading stderr sees only errors and --stats
         print(f"loading {args.model} on {device} ...", file=sys.stderr)

@@ -16,7 +16,6 @@ import cli
 
 CTRL_C_HANDLED = cli.quiet_ctrl_c(__name__)  # before the slow imports (torch, lmms-eval)
 
-import json
 import math
 import os
 import sys
@@ -71,12 +70,26 @@ class ToDRE(LMMsModel):
         super().__init__()
         if unknown:
             raise UsageError(f"unknown model argument(s) {', '.join(sorted(unknown))} for --model todre")
-        if int(batch_size) != 1:
-            raise UsageError("--model todre answers one request at a time: --batch_size 1")
+        if str(batch_size) != "1":
+            raise UsageError(f"--model todre answers one request at a time: --batch_size 1, not {batch_size}")
         try:
-            self.settings = configs.parse_config(config)
+            self.settings = configs.parse_config(str(config))
         except ValueError as e:
-            raise UsageError(str(e).splitlines()[0]) from None
+            raise UsageError(f"model argument config: {str(e).splitlines()[0]}") from None
+        for name, value, choices in (
+            ("device", device, ("auto", "cuda", "mps", "cpu")),
+            ("dtype", dtype, ("auto", "float16", "bfloat16", "float32")),
+            ("video_newlines", video_newlines, (None, "grid", "none")),
+            ("conv", conv, (None, "vicuna", "mistral", "chatml", "llama3")),
+            ("pad_to_square", str(pad_to_square).lower(), ("true", "false", "1", "0", "yes", "no")),
+        ):
+            if value not in choices:
+                shown = ", ".join(str(c) for c in choices if c is not None)
+                raise UsageError(f"model argument {name} must be one of {shown}, got {value!r}")
+        if not str(max_frames).isdigit() or not 1 <= int(max_frames) <= 10_000:
+            raise UsageError(f"model argument max_frames must be a whole number from 1 to 10000, got {max_frames!r}")
+        if not isinstance(pretrained, str) or not pretrained:
+            raise UsageError(f"model argument pretrained must be a Hub id or a directory, got {pretrained!r}")
         self._rank, self._world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         self._device = cli.pick_device(device)
         if self._device.type == "cuda" and self._world_size > 1:  # one GPU per process, as lmms-eval launches
@@ -84,8 +97,6 @@ class ToDRE(LMMsModel):
             torch.cuda.set_device(self._device)
         self.model, self.tokenizer = load(pretrained, self._device, cli.pick_dtype(dtype, self._device))
         if conv is not None:
-            if conv not in ("vicuna", "mistral", "chatml", "llama3"):
-                raise UsageError(f"conv must be vicuna, mistral, chatml or llama3, got {conv!r}")
             self.tokenizer.format = PromptFormat(conv, None, self.tokenizer.format.special_tokens)
         self.max_frames, self.video_newlines = int(max_frames), video_newlines
         self.pad_to_square = str(pad_to_square).lower() in ("1", "true", "yes")
@@ -129,7 +140,14 @@ class ToDRE(LMMsModel):
         kept = [self.model.select(visual, self.settings) for visual in visuals]
         embeds = torch.cat([visual.tokens[k] for visual, k in zip(visuals, kept, strict=True)])
         counts = [len(k) for k in kept]
-        ids = prompt_ids(self.tokenizer, question, counts if len(counts) > 1 else counts[0], video)
+        placeholder = self.tokenizer.placeholder(video)[0]
+        inline = placeholder in question  # interleaved tasks put the images where they belong themselves
+        if inline and question.count(placeholder) != len(counts):
+            raise InputError(
+                f"the task's context holds {question.count(placeholder)} {placeholder} placeholders for "
+                f"{len(counts)} visual input(s)"
+            )
+        ids = prompt_ids(self.tokenizer, question, counts if len(counts) > 1 else counts[0], video, inline=inline)
         return ids.to(self.device), embeds
 
     def generate_until(self, requests) -> list[str]:
@@ -192,19 +210,32 @@ class ToDRE(LMMsModel):
 
 
 def read_results(path: Path) -> dict:
-    """lmms-eval's results JSON (`results` by task), from the file or the newest *_results.json in
-    an output folder (lmms-eval writes <folder>/<model>/<time>_results.json)."""
+    """lmms-eval's results by task, from one results file or from every *_results.json under an
+    output folder (lmms-eval writes <folder>/<model>/<time>_results.json, one per run): for each
+    task, the newest file that has it, so tasks run one at a time all count."""
     if path.is_dir():
         found = sorted(path.rglob("*results*.json"), key=lambda p: p.stat().st_mtime)
         if not found:
             raise UsageError(f"{path} holds no lmms-eval results file (*results*.json)")
-        path = found[-1]
+    elif path.is_file():
+        found = [path]
+    else:
+        raise UsageError(f"{path} does not exist")
+    merged = {}
+    for file in found:  # oldest first: a newer run of a task replaces an older one
+        merged.update(results_of(file))
+    return merged
+
+
+def results_of(path: Path) -> dict:
+    """The `results` object of one lmms-eval results file, each task's row an object."""
     try:
-        results = json.loads(path.read_text()).get("results")
-    except (OSError, ValueError, AttributeError) as e:
-        raise UsageError(f"cannot read {path} as lmms-eval results ({e})") from None
-    if not isinstance(results, dict):
-        raise UsageError(f"{path} has no 'results' object: not an lmms-eval results file")
+        value = files.read_json(path, 256 << 20)
+    except files.FileProblem as e:
+        raise UsageError(str(e)) from None
+    results = value.get("results") if isinstance(value, dict) else None
+    if not isinstance(results, dict) or not all(isinstance(row, dict) for row in results.values()):
+        raise UsageError(f"{path} has no 'results' object of tasks: not an lmms-eval results file")
     return results
 
 
@@ -212,11 +243,13 @@ def score_of(results: dict, task: str, metric: str) -> float | None:
     """A task's score as lmms-eval reports it ("<metric>,none"), None when the run lacks the task."""
     row = results.get(task) or {}
     value = row.get(f"{metric},none", row.get(metric))
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if is_number and math.isfinite(value) else None
 
 
 def table2(argv: list[str]) -> int:
-    """`table2 CONFIG=RESULTS ... [--out DIR]`: the paper's Table 2 as table.md and table.json."""
+    """`table2 CONFIG=RESULTS ... [--out DIR]`: the paper's Table 2 as table.md and table.json; a
+    task a configuration's results lack is "-" and named."""
     out = Path("table2")
     if "--out" in argv:
         i = argv.index("--out")
@@ -225,17 +258,26 @@ def table2(argv: list[str]) -> int:
         out, argv = Path(argv[i + 1]), argv[:i] + argv[i + 2 :]
     if not argv or any("=" not in a for a in argv):
         raise UsageError("table2 takes CONFIG=RESULTS pairs, e.g. full=logs/full todre-0.10=logs/todre-0.10")
-    scores = {}
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file: give a folder for table.md and table.json")
+    scores, missing = {}, {}
     for pair in argv:
         config, path = pair.split("=", 1)
         results = read_results(Path(path))
         scores[config] = {column: score_of(results, task, metric) for task, (column, metric) in TABLE2.items()}
+        missing[config] = [task for task, (column, _) in TABLE2.items() if scores[config][column] is None]
     table = tables.build(scores, [column for column, _ in TABLE2.values()])
-    out.mkdir(parents=True, exist_ok=True)
+    table["missing"] = {config: tasks for config, tasks in missing.items() if tasks}
     markdown = tables.markdown(table, {c: 3 for c, _ in TABLE2.values()})
-    files.write_json(out / "table.json", table)
-    files.write_atomic(out / "table.md", markdown + "\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        files.write_json(out / "table.json", table)
+        files.write_atomic(out / "table.md", markdown + "\n")
+    except OSError as e:
+        raise cli.OutputError(f"cannot write {out}: {files.os_error_text(e)}") from None
     print(markdown)
+    for config, tasks in table["missing"].items():
+        print(f"{config}: no result for {', '.join(tasks)} (its Average covers the other columns)", file=sys.stderr)
     return 0
 
 
@@ -251,6 +293,19 @@ def register() -> None:
         MODEL_REGISTRY_V2.register_manifest(manifest, overwrite=True)
 
 
+class Failed(BaseException):
+    """An error inside lmms-eval's run, carried past its `except Exception` (which prints a
+    traceback and exits 0) to `main`, which prints it as one line."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+class LmmsEvalError(Exception):
+    """lmms-eval stopped with an error of its own (a task it cannot load, a broken dataset)."""
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
 
@@ -261,12 +316,28 @@ def main(argv=None) -> int:
             raise UsageError("this needs lmms-eval: pip install -r requirements-lmms.txt")
         sys.path.insert(0, str(Path(__file__).parent))  # lmms-eval imports the model as lmms_todre.ToDRE
         register()
-        from lmms_eval.__main__ import cli_evaluate
+        import lmms_eval.__main__ as lmms_main
 
+        def run_single(args, evaluate_single=lmms_main.cli_evaluate_single):
+            try:
+                return evaluate_single(args)
+            except Exception as e:
+                raise Failed(e) from None
+
+        lmms_main.cli_evaluate_single = run_single
         sys.argv = [sys.argv[0], *argv]
-        cli_evaluate()
+        try:
+            lmms_main.cli_evaluate()
+        except Failed as failed:
+            error = failed.error
+            if isinstance(error, USER_ERRORS):
+                raise error from None
+            raise LmmsEvalError(f"lmms-eval stopped: {type(error).__name__}: {str(error)[:300]}") from None
 
-    return cli.exit_code(work, (CheckpointError, MediaError, InputError))
+    return cli.exit_code(work, (*USER_ERRORS, LmmsEvalError))
+
+
+USER_ERRORS = (UsageError, CheckpointError, MediaError, InputError, files.FileProblem)
 
 
 if __name__ == "__main__":

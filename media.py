@@ -184,9 +184,17 @@ def frame_indices(total_frames: int, fps: float | None, max_frames: int) -> list
     return sorted(set(indices))
 
 
-def open_video(path: str, max_frames: int) -> Clip:
+def open_video(path: str, max_frames: int, transparency: str = "stored") -> Clip:
     """The frames of a video file, a directory of frames or an animated GIF/WebP, sampled by
-    `frame_indices`. Only the sampled frames are decoded into pictures and kept."""
+    `frame_indices`. Only the sampled frames are decoded into pictures and kept. Transparent
+    pixels, as for images: their stored colour, or composited onto white ("white")."""
+    clip = read_video(path, max_frames)
+    if transparency == "white":
+        clip.frames = [on_white(frame) for frame in clip.frames]
+    return clip
+
+
+def read_video(path: str, max_frames: int) -> Clip:
     mode = check_path(path, "video").st_mode
     if stat.S_ISDIR(mode):
         return open_frame_directory(path, max_frames)
@@ -213,6 +221,12 @@ def open_animation(path: str, max_frames: int) -> Clip:
     """A GIF/WebP/APNG (or any single image): its frames' durations give it a frame rate."""
     animation = open_lazily(path)
     total = getattr(animation, "n_frames", 1)
+    work = animation.width * animation.height * total  # every frame is decoded onto the whole canvas
+    if work > MAX_ANIMATION_PIXELS:
+        raise MediaError(
+            f"{path} is a {animation.width}x{animation.height} animation of {total} frames: decoding it would write "
+            f"{work / 1e9:.1f} billion pixels, more than this reader does ({MAX_ANIMATION_PIXELS / 1e9:.1f} billion)"
+        )
     fps = None
     if total > 1:  # the mean of every frame's duration: frames may differ (a pause, a slow start)
         durations = []
@@ -235,6 +249,7 @@ def open_animation(path: str, max_frames: int) -> Clip:
     return Clip(frames, indices, total, fps)
 
 
+MAX_ANIMATION_PIXELS = 2**32  # canvas x frames: a 1080p animation of 2,000 frames; a GIF's canvas can be huge
 SEEK_AFTER_FRAMES = 3000  # a longer video is read by seeking to each sampled frame, not by decoding them all
 
 
@@ -259,18 +274,29 @@ def walk_frames(container, stream, indices: list[int], fps, path: str) -> list[I
     return frames
 
 
-def seek_frames(container, stream, indices: list[int], fps: float, path: str) -> list[Image.Image]:
-    """The frames numbered `indices` of a constant-rate video, each reached by seeking to the
-    keyframe before it and decoding from there; a frame's number is its time x fps. A frame
-    without a timestamp sends the whole reading back to walk_frames."""
-    start, frames = stream.start_time or 0, []
+def frame_times(container, stream) -> list[int]:
+    """Every frame's presentation timestamp in presentation order, from the packets alone (no
+    decoding): the i-th is the frame a decoder reading in order numbers i, at a constant frame
+    rate or not."""
+    return sorted(packet.pts for packet in container.demux(stream) if packet.size and packet.pts is not None)
+
+
+def seek_frames(container, stream, indices: list[int], path: str) -> list[Image.Image]:
+    """The frames numbered `indices`, each reached by seeking to the keyframe before its
+    presentation time and decoding from there. A stream whose packets or frames lack timestamps
+    sends the whole reading back to walk_frames."""
+    times = frame_times(container, stream)
+    if len(times) <= max(indices):
+        container.seek(0)
+        return walk_frames(container, stream, indices, None, path)
+    frames = []
     for index in indices:
-        container.seek(start + int(index / fps / stream.time_base), stream=stream, backward=True)
+        container.seek(times[index], stream=stream, backward=True)
         for frame in container.decode(stream):
             if frame.pts is None:
-                container.seek(start, stream=stream, backward=True)
-                return walk_frames(container, stream, indices, fps, path)
-            if round((frame.pts - start) * stream.time_base * fps) >= index:
+                container.seek(0)
+                return walk_frames(container, stream, indices, None, path)
+            if frame.pts >= times[index]:
                 frames.append(frame_picture(frame, path))
                 break
     return frames
@@ -298,8 +324,10 @@ def open_video_file(path: str, max_frames: int) -> Clip:
         indices = frame_indices(total, fps, max_frames)
         with av.open(path) as container:
             stream = container.streams.video[0]
-            seekable = total > SEEK_AFTER_FRAMES and fps and stream.time_base
-            frames = (seek_frames if seekable else walk_frames)(container, stream, indices, fps, path)
+            if total > SEEK_AFTER_FRAMES and stream.time_base:
+                frames = seek_frames(container, stream, indices, path)
+            else:
+                frames = walk_frames(container, stream, indices, fps, path)
     except MediaError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as e:

@@ -474,13 +474,17 @@ def ask(
 
 
 def prompt_ids(
-    tokenizer: prompt.PromptTokenizer, question: str, num_visual: int | list[int] | None = None, video: bool = False
+    tokenizer: prompt.PromptTokenizer,
+    question: str,
+    num_visual: int | list[int] | None = None,
+    video: bool = False,
+    inline: bool = False,
 ) -> torch.Tensor:
     """The checkpoint's prompt for `question`, in its own conversation format, with num_visual
     placeholder ids where the image (or video) goes (a list: one count per image, for several);
-    None: a text-only prompt (prompt.py)."""
+    None: a text-only prompt; inline: at the placeholders the question holds (prompt.py)."""
     try:
-        return torch.tensor(tokenizer.prompt_ids(question, num_visual, video))
+        return torch.tensor(tokenizer.prompt_ids(question, num_visual, video, inline))
     except prompt.PromptError as e:
         raise InputError(str(e)) from None
 

@@ -15,6 +15,7 @@ the tokenizer.json's own setting; transformers 5 with `legacy: false` would drop
 
 import functools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,7 +85,7 @@ class PromptFormat:
 # template needs is tiny next to these, and a hostile one ('x' * 10**10, 7 ** 10**10, nested loops
 # over huge ranges) fails in a moment instead of hanging or eating the memory.
 MAX_RENDERED_CHARS = 1 << 20
-MAX_LOOP_STEPS = 100_000  # range() items over one rendering
+MAX_LOOP_STEPS = 100_000  # for-loop and range() steps over one rendering
 MAX_REPEAT = 1 << 16  # str/list * n
 MAX_POWER_BITS = 256  # a ** b results
 
@@ -113,14 +114,36 @@ def bounded_environment():
             return caller()
 
     class Bounded(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset({"*", "**"})
-        loop_steps = 0  # range() items in the rendering under way; render_template resets it
+        intercepted_binops = frozenset({"*", "**", "%"})
+        loop_steps = 0  # for-loop and range() steps in the rendering under way; render_template resets it
+
+        def _generate(self, source, name, filename, defer_init=False):
+            """The template compiled to Python, every for-loop's iterable passed through bounded_iter
+            (jinja2 iterates plain Python objects, out of the sandbox's sight)."""
+            code = super()._generate(source, name, filename, defer_init=defer_init)
+            return FOR_LOOP.sub(r"\1for \2 in environment.bounded_iter(\3):", code)
+
+        def bounded_iter(self, iterable):
+            for value in iterable:
+                self.loop_steps += 1
+                if self.loop_steps > MAX_LOOP_STEPS:
+                    raise jinja2.exceptions.SecurityError(f"loops more than {MAX_LOOP_STEPS} times")
+                yield value
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's own signature)
+            """Every call in a template: str methods that build long strings are checked first."""
+            owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)  # str.format comes wrapped
+            if isinstance(owner, str):
+                check_string_method(owner, getattr(__obj, "__name__", ""), args)
+            return super().call(__context, __obj, *args, **kwargs)
 
         def call_binop(self, context, operator, left, right):
             if operator == "*" and any(isinstance(x, (str, list, tuple)) for x in (left, right)):
                 count = right if isinstance(left, (str, list, tuple)) else left
                 if isinstance(count, int) and count > MAX_REPEAT:
                     raise jinja2.exceptions.SecurityError(f"repeats something {count} times")
+            if operator == "%" and isinstance(left, str):
+                check_string_method(left, "%", (right,))
             if operator == "**" and isinstance(left, int) and isinstance(right, int):
                 if right > 0 and abs(left) > 1 and right * max(1, abs(left).bit_length()) > MAX_POWER_BITS:
                     raise jinja2.exceptions.SecurityError(f"computes {left} ** {right}")
@@ -140,7 +163,65 @@ def bounded_environment():
 
     environment.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
     environment.globals.update(raise_exception=raise_exception, range=bounded_range)
+    for name, method in (("center", "center"), ("replace", "replace"), ("indent", None), ("format", "format")):
+        environment.filters[name] = bounded_filter(environment.filters[name], method or name)
+    environment.filters["join"] = bounded_filter(environment.filters["join"], "join")
     return environment
+
+
+FOR_LOOP = re.compile(r"^(\s*)for (.+?) in (.*):$", re.MULTILINE)
+WIDTH = re.compile(r"\d+")  # the widths and precisions of a format string: %999999999s, {:>999999999}
+NESTED_WIDTH = re.compile(r"%[^a-z%]*\*|\{[^}]*\{")
+
+
+def check_string_method(text: str, name: str, args) -> None:
+    """A jinja2 SecurityError before a str method or string filter builds more than
+    MAX_RENDERED_CHARS characters: padding to a width, replacing, joining, formatting."""
+    import jinja2
+
+    def refuse(size):
+        if size > MAX_RENDERED_CHARS:
+            raise jinja2.exceptions.SecurityError(f"{name} would build {size} characters")
+
+    if name in ("center", "ljust", "rjust", "zfill", "indent", "expandtabs") and args:
+        width = args[0] if isinstance(args[0], int) else 0
+        refuse(width * (text.count("\n") + 1 if name in ("indent", "expandtabs") else 1))
+    elif name == "replace" and len(args) >= 2 and all(isinstance(a, str) for a in args[:2]) and args[0]:
+        refuse(len(text) + text.count(args[0]) * max(0, len(args[1]) - len(args[0])))
+    elif name == "replace" and len(args) >= 2 and isinstance(args[1], str):  # "" matches between every character
+        refuse(len(text) + (len(text) + 1) * len(args[1]))
+    elif name in ("format", "format_map", "%"):  # widths in the format, or passed in as numbers
+        values = args[0] if name == "%" and isinstance(args[0], (tuple, list)) else args
+        values = list(values.values()) if isinstance(values, dict) else list(values)
+        numbers = [int(w) for w in WIDTH.findall(text)]
+        if NESTED_WIDTH.search(text):  # '%*s' % (n, x), '{0:{1}}'.format(x, n): a width passed as a number
+            numbers += [v for v in values if isinstance(v, int)]
+        refuse(max(numbers, default=0))
+    elif name == "join" and args:
+        items = list(args[0]) if not isinstance(args[0], str) else list(args[0])
+        refuse(sum(len(str(i)) for i in items[: MAX_RENDERED_CHARS + 1]) + len(text) * max(0, len(items) - 1))
+
+
+def bounded_filter(original, name: str):
+    """A string-building jinja2 filter, its result's size checked before it is built."""
+    passes_context = hasattr(original, "jinja_pass_arg")  # replace and join take jinja2's eval context first
+
+    def bounded(*args, **kwargs):
+        value, rest = (args[1], args[2:]) if passes_context else (args[0], args[1:])
+        if name == "join":  # value|join(separator)
+            value = list(value)
+            separator = rest[0] if rest and isinstance(rest[0], str) else kwargs.get("d", "")
+            check_string_method(separator, "join", (value,))
+            args = (args[0], value, *rest) if passes_context else (value, *rest)
+        elif name == "indent":
+            check_string_method(str(value), "indent", (rest[0] if rest else kwargs.get("width", 4),))
+        elif isinstance(value, str):
+            check_string_method(value, name, rest)
+        return original(*args, **kwargs)
+
+    if passes_context:
+        bounded.jinja_pass_arg = original.jinja_pass_arg
+    return bounded
 
 
 @functools.lru_cache(maxsize=16)
@@ -297,9 +378,13 @@ class PromptTokenizer:
         placeholder = self.placeholder(video)[0] if with_media else None
         return self.format.render(question, placeholder, images)
 
-    def prompt_ids(self, question: str, num_visual: int | list[int] | None = None, video: bool = False) -> list[int]:
+    def prompt_ids(
+        self, question: str, num_visual: int | list[int] | None = None, video: bool = False, inline: bool = False
+    ) -> list[int]:
         """Ids of the whole prompt for `question`, with num_visual placeholder ids where the image
-        (or video) goes, or one count per image for several; num_visual None: a text-only prompt."""
+        (or video) goes, or one count per image for several; num_visual None: a text-only prompt.
+        inline: the question holds the placeholders itself, one per image, where the images go
+        (interleaved tasks, as lmms-eval's llava takes them); otherwise it may hold none."""
         placeholder, placeholder_id = self.placeholder(video) if num_visual is not None else (None, None)
         try:
             question.encode("utf-8")
@@ -308,9 +393,10 @@ class PromptTokenizer:
                 f"the prompt is not valid UTF-8 text (undecodable byte at character {e.start}): "
                 "use a UTF-8 terminal or locale, or re-encode the text"
             ) from None
-        if placeholder is not None and placeholder in question:
+        if placeholder is not None and placeholder in question and not inline:
             raise PromptError(f"the prompt must not contain the placeholder {placeholder!r} itself")
-        text = self.format.render(question, placeholder, len(num_visual) if isinstance(num_visual, list) else 1)
+        images = len(num_visual) if isinstance(num_visual, list) else 1
+        text = self.format.render(question, None if inline else placeholder, images)
         bos = self.format.special_tokens.get("bos_token")
         return encode(self.tokenizer, text, placeholder, placeholder_id, num_visual, bos, self.format.source)
 

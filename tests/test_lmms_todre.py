@@ -265,3 +265,99 @@ def _png(seed: int) -> bytes:
     buffer = io.BytesIO()
     noise_image(90, 70, seed=seed).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def lmms_eval_cli(ckpt, tasks: Path, tmp_path: Path, model_args: str, *extra):
+    argv = [sys.executable, str(HERE / "lmms_todre.py"), "--model", "todre", "--model_args"]
+    argv += [f"pretrained={ckpt.directory},device=cpu,{model_args}", "--tasks", "pope_tiny"]
+    argv += ["--include_path", str(tasks / "tasks"), "--output_path", str(tmp_path / "out"), *extra]
+    env = {**os.environ, "HF_HOME": str(tasks / "hf_home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "model_args, extra, message",
+    [
+        ("config=todre-010", [], "model argument config: configuration 'todre-010': the budget is a fraction"),
+        ("config=todre-0.10,max_frames=abc", [], "model argument max_frames must be a whole number"),
+        ("config=todre-0.10,dtype=float8", [], "model argument dtype must be one of auto, float16"),
+        ("config=todre-0.10", ["--batch_size", "auto"], "answers one request at a time: --batch_size 1, not auto"),
+    ],
+)
+def test_errors_inside_lmms_evals_run_are_one_line_and_a_failing_exit(mha, tasks, tmp_path, model_args, extra, message):
+    """lmms-eval catches what its run raises, prints a traceback and exits 0; lmms_todre.py gets
+    the error past it: one `error:` line, exit code 2."""
+    done = lmms_eval_cli(mha, tasks, tmp_path, model_args, *extra)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and last.startswith("error: ") and message in last, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_a_context_that_holds_its_own_image_placeholders_gets_the_images_there(mha):
+    """Interleaved tasks write <image> into the context where each image goes, as lmms-eval's llava
+    takes them; the images are pruned each on its own and placed at those placeholders."""
+    images = [media.open_image_bytes(_png(seed), "img") for seed in (3, 4)]
+    question = "First <image> then <image>: same?"
+
+    class Request:
+        args = (question, {"max_new_tokens": 2}, lambda doc: images, 0, "t", "s")
+
+    lmm = lmms_todre.ToDRE.create_from_arg_string(f"pretrained={mha.directory},config=keep-64,dtype=float32")
+    lmm.task_dict = {"t": {"s": {0: {}}}}
+    ids, embeds = lmm.inputs(question, Request())
+    image_id = mha.model.config.image_token_index
+    expected = mha.tokenizer.tokenizer.encode(mha.tokenizer.conversation(question, with_media=False)).ids
+    first = expected.index(image_id)
+    second = expected.index(image_id, first + 1)
+    expanded = expected[:first] + [image_id] * 64 + expected[first + 1 : second] + [image_id] * 64
+    expanded += expected[second + 1 :]
+    assert ids.tolist() == expanded and len(embeds) == 128
+    (answer,) = lmm.generate_until([Request()])
+    assert isinstance(answer, str)
+
+    class OnePlaceholderTwoImages:
+        args = ("Only <image> here", {"max_new_tokens": 2}, lambda doc: images, 0, "t", "s")
+
+    with pytest.raises(model.InputError, match="holds 1 <image> placeholders for 2 visual input"):
+        lmm.inputs("Only <image> here", OnePlaceholderTwoImages())
+
+
+def test_table2_takes_each_tasks_newest_result_across_all_results_files(tmp_path, capsys):
+    folder = tmp_path / "logs" / "model"
+    folder.mkdir(parents=True)
+    names = list(lmms_todre.TABLE2)
+    runs = [  # tasks run one at a time, and videomme run twice: the second run counts
+        (names[0], 10.0),
+        (names[1], 40.0),
+        (names[0], 33.3),
+    ]
+    for i, (task, value) in enumerate(runs):
+        metric = lmms_todre.TABLE2[task][1]
+        path = folder / f"2025010{i}_results.json"
+        path.write_text(json.dumps({"results": {task: {f"{metric},none": value}}}))
+        os.utime(path, (1000 + i, 1000 + i))
+    assert lmms_todre.main(["table2", f"full={tmp_path / 'logs'}", "--out", str(tmp_path / "t")]) == 0
+    out, err = capsys.readouterr()
+    table = json.loads((tmp_path / "t" / "table.json").read_text())
+    assert table["rows"][0]["cells"] == {"VideoMME": 33.3, "Egoschema": 40.0, "MLVU": None, "LongVideoBench": None}
+    assert table["missing"] == {"full": names[2:]} and f"full: no result for {', '.join(names[2:])}" in err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[1, 2]", "has no 'results' object of tasks"),
+        ('{"results": {"videomme": [1]}}', "has no 'results' object of tasks"),
+        ('{"results": 5}', "has no 'results' object of tasks"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_table2_bad_results_files_and_outputs_are_one_line(tmp_path, capsys, content, message):
+    (tmp_path / "r_results.json").write_text(content)
+    assert lmms_todre.main(["table2", f"full={tmp_path / 'r_results.json'}", "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    (tmp_path / "good_results.json").write_text(json.dumps({"results": {}}))
+    (tmp_path / "file").write_text("")
+    assert lmms_todre.main(["table2", f"full={tmp_path / 'good_results.json'}", "--out", str(tmp_path / "file")]) == 2
+    assert "--out" in capsys.readouterr().err

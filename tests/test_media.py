@@ -213,3 +213,53 @@ def test_a_long_video_is_read_by_seeking_to_the_same_frames(tmp_path, monkeypatc
     assert sought_with == [[0, 25, 50, 75, 100, 125]] and sought.indices == walked.indices == sought_with[0]
     for a, b in zip(sought.frames, walked.frames, strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_variable_frame_rate_video_past_the_seeking_threshold_gives_the_frames_sampled(tmp_path, monkeypatch):
+    """A phone video's frames are not evenly spaced: frame n is not at n / mean fps. Seeking goes to
+    each sampled frame's own presentation time, so the frames equal decoding in order."""
+    from fractions import Fraction
+
+    import av
+
+    with av.open(str(tmp_path / "vfr.mp4"), "w") as out:  # 75 frames 20 ms apart, then 75 frames 60 ms apart
+        stream = out.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt, stream.gop_size = 64, 48, "yuv420p", 12
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for i in range(150):
+            pixels = np.zeros((48, 64, 3), dtype=np.uint8)
+            pixels[..., 0], pixels[..., 1] = i, 255 - i
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts, frame.time_base = 20 * i if i < 75 else 1500 + 60 * (i - 75), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    walked = media.open_video(str(tmp_path / "vfr.mp4"), 20)
+    monkeypatch.setattr(media, "SEEK_AFTER_FRAMES", 100)
+    sought = media.open_video(str(tmp_path / "vfr.mp4"), 20)
+    assert sought.indices == walked.indices and len(sought.frames) == len(walked.indices) > 3
+    for index, a, b in zip(walked.indices, sought.frames, walked.frames, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+        assert abs(int(np.asarray(a)[..., 0].mean()) - index) <= 3  # frame `index` itself (its red channel)
+
+
+def test_transparency_white_applies_to_video_frames(tmp_path):
+    frames = [Image.new("RGBA", (40, 30), (255, 0, 0, 0)) for _ in range(3)]
+    frames[0].save(tmp_path / "clear.png")
+    (tmp_path / "frames").mkdir()
+    for i, frame in enumerate(frames):
+        frame.save(tmp_path / "frames" / f"{i}.png")
+    for path in (tmp_path / "frames",):
+        stored = media.open_video(str(path), 20)
+        white = media.open_video(str(path), 20, "white")
+        assert stored.frames[0].convert("RGB").getpixel((0, 0)) == (255, 0, 0)  # the colour stored under alpha 0
+        assert white.frames[0].getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_an_animation_with_a_huge_canvas_is_refused_before_decoding(tmp_path, monkeypatch):
+    frames = [Image.new("RGB", (400, 300), (40 * i, 0, 0)) for i in range(6)]
+    frames[0].save(tmp_path / "big.gif", save_all=True, append_images=frames[1:], duration=40)
+    monkeypatch.setattr(media, "MAX_ANIMATION_PIXELS", 400 * 300 * 5)  # as an 8000x8000 canvas of 150 frames
+    with pytest.raises(media.MediaError, match=r"big.gif is a 400x300 animation of 6 frames: decoding it would"):
+        media.open_video(str(tmp_path / "big.gif"), 20)

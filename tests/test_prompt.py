@@ -1,6 +1,7 @@
 """prompt.py: each family's conversation format and tokenization, as LLaVA trained it."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -107,3 +108,40 @@ def test_a_chat_template_is_rendered_only_when_a_prompt_is_made(mha, tmp_path):
     assert tokenizer.format.family == "mistral"
     with pytest.raises(prompt.PromptError, match="chat_template.jinja cannot be rendered .ZeroDivisionError"):
         tokenizer.prompt_ids(QUESTION)
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{% set s = 'x' * 65536 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}", "loops more than"),
+        ("{% for m in messages * 60000 %}{% for c in m.content %}{% endfor %}{% endfor %}", "loops more than"),
+        ("{{ ''|center(1000000000) }}", "center would build 1000000000 characters"),
+        ("{{ ''.center(1000000000) }}", "center would build 1000000000 characters"),
+        ("{{ ''.ljust(1000000000) }}", "ljust would build 1000000000 characters"),
+        ("{{ ('x' * 65536)|replace('x', 'x' * 65536) }}", "replace would build 4294967296 characters"),
+        ("{{ ('x' * 65536).replace('x', 'x' * 65536) }}", "replace would build 4294967296 characters"),
+        ("{{ ('x' * 65536)|list|join('y' * 65536) }}", "join would build"),
+        ("{{ ('y' * 65536).join('x' * 65536) }}", "join would build"),
+        ("{{ '%999999999s'|format(1) }}", "format would build 999999999 characters"),
+        ("{{ '{:>999999999}'.format(1) }}", "format would build 999999999 characters"),
+        ("{{ '{0:{1}}'.format(1, 999999999) }}", "format would build 999999999 characters"),
+        ("{{ '%*s' % (999999999, 'x') }}", "% would build 999999999 characters"),
+        ("{{ ('x\n' * 60000)|indent(60000) }}", "indent would build"),
+    ],
+)
+def test_hostile_templates_stop_in_a_moment_with_one_line(template, message):
+    """Every string-building filter and method, and every loop, is bounded before the work is done:
+    no template makes gigabytes of text or billions of steps."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    with pytest.raises(prompt.PromptError, match=f"cannot be rendered \\(SecurityError: {re.escape(message)}"):
+        prompt.render_template(template, messages, {})
+
+
+def test_bounded_templates_still_render_what_real_ones_use():
+    template = (
+        "{% for m in messages %}{{ m.role|upper }}: {% for c in m.content %}{{ c.text|replace('a', 'b')|trim }}"
+        "{% endfor %}{{ ', '.join(['x', 'y']) }} {{ ['p', 'q']|join('-') }} {{ '%s=%d' % ('n', 3) }} "
+        "{{ '{}!'.format('ok') }}{{ 'a\nb'|indent(2) }}{% for i in range(3) %}{{ loop.index }}{% endfor %}{% endfor %}"
+    )
+    messages = [{"role": "user", "content": [{"type": "text", "text": " banana "}]}]
+    assert prompt.render_template(template, messages, {}) == "USER: bbnbnbx, y p-q n=3 ok!a\n  b123"
