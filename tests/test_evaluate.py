@@ -895,6 +895,12 @@ def test_answers_without_a_fingerprint_are_refused_until_adopted(mha, tmp_path, 
     assert code == 2 and "holds answers but no fingerprint.json" in err and "(--adopt, or --overwrite)" in err
     assert pope_run(capsys, mha, data, images, out, "--adopt")[0] == 0
     assert (out / "full" / "fingerprint.json").exists() and len(predictions(out / "full")) == 3
+    fingerprint = json.loads((out / "full" / "fingerprint.json").read_text())  # as the last release wrote it:
+    fingerprint["checkpoint"]["weights"] = ["model.safetensors (123 bytes)"]  # weights by name and size
+    (out / "full" / "fingerprint.json").write_text(json.dumps(fingerprint))
+    code, stdout, err = pope_run(capsys, mha, data, images, out)
+    assert code == 2 and "fingerprinted by an older release" in err and "(--adopt, or --overwrite)" in err
+    assert pope_run(capsys, mha, data, images, out, "--adopt")[0] == 0 and len(predictions(out / "full")) == 3
 
 
 def test_overwrite_takes_the_lock_first_and_deletes_nothing_of_a_running_evaluation(mha, tmp_path, capsys):
