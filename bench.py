@@ -300,11 +300,16 @@ def run_reuse(args) -> dict:
         settings = settings_for(name, args.evict_layer)
         row = {"name": name}
         answers = {}
-        for mode, subset, reuse in (("reuse", questions, True), ("anew", anew, False)):
+        modes = [("reuse", questions, True, 1)]
+        if args.batch_size > 1:  # questions about one image together, on one shared prefix
+            modes.append(("batched", questions, True, args.batch_size))
+        if anew:
+            modes.append(("anew", anew, False, 1))
+        for mode, subset, reuse, batch_size in modes:
             predictions = Predictions(folder / mode / name)
-            job = Job(
-                {name: settings}, {name: predictions}, args.new_tokens, clock=lambda: cli.now(device), reuse=reuse
-            )
+            clock = lambda: cli.now(device)  # noqa: E731
+            job = Job({name: settings}, {name: predictions}, args.new_tokens, clock=clock, reuse=reuse)
+            job.batch_size = batch_size
             answerer = Answerer(model, SyntheticTokenizer(), job)
             print(f"{name}: {len(subset)} questions, {mode} ...", file=sys.stderr)
             start = cli.now(device)
@@ -312,8 +317,14 @@ def run_reuse(args) -> dict:
                 answerer.group(group)
             row[f"{mode}_s_per_question"] = (cli.now(device) - start) / len(subset)
             answers[mode] = {(r["question_id"]): r["answer"] for r in predictions.records}
-        row["ratio"] = row["reuse_s_per_question"] / row["anew_s_per_question"]
-        row["same_answers"] = all(answers["reuse"][k] == v for k, v in answers["anew"].items())
+        if anew:
+            row["ratio"] = row["reuse_s_per_question"] / row["anew_s_per_question"]
+        if args.batch_size > 1:
+            row["batched_ratio"] = row["batched_s_per_question"] / row["reuse_s_per_question"]
+        for mode in answers:  # answers identical to encode-once, one at a time (float32: all; 16-bit: see docs)
+            same = sum(answers["reuse"][k] == v for k, v in answers[mode].items())
+            row[f"{mode}_same_answers"] = f"{same}/{len(answers[mode])}"
+        row["same_answers"] = all(answers["reuse"][k] == v for mode in answers for k, v in answers[mode].items())
         runs.append(row)
     return {
         "preset": args.preset,
@@ -322,23 +333,31 @@ def run_reuse(args) -> dict:
         "images": args.images,
         "questions_per_image": args.questions,
         "anew_questions_per_image": args.anew,
+        "batch_size": args.batch_size,
         "new_tokens": args.new_tokens,
         "runs": runs,
     }
 
 
 def print_reuse(result: dict) -> None:
+    batch = result["batch_size"]
     print(
         f"preset {result['preset']} on {result['device']}, {result['dtype']}: {result['images']} images x "
         f"{result['questions_per_image']} questions, {result['new_tokens']} new tokens; without reuse timed on "
         f"the first {result['anew_questions_per_image']} questions of each image"
     )
-    print(f"{'config':<15} {'s/question, reuse':>18} {'s/question, anew':>17} {'ratio':>6} {'same answers':>13}")
+    header = f"{'config':<15} {'s/q, encode once':>17}"
+    header += f" {f's/q, prefix + batch {batch}':>24} {'ratio':>6}" if batch > 1 else ""
+    header += f" {'s/q, encode anew':>17} {'ratio':>6}" if result["anew_questions_per_image"] else ""
+    same = [m for m in ("batched", "anew") if result["runs"] and f"{m}_same_answers" in result["runs"][0]]
+    print(header + f"  same answers as encode once ({', '.join(same)})")
     for r in result["runs"]:
-        print(
-            f"{r['name']:<15} {r['reuse_s_per_question']:>18.3f} {r['anew_s_per_question']:>17.3f} "
-            f"{r['ratio']:>6.2f} {'yes' if r['same_answers'] else 'NO':>13}"
-        )
+        line = f"{r['name']:<15} {r['reuse_s_per_question']:>17.3f}"
+        if batch > 1:
+            line += f" {r['batched_s_per_question']:>24.3f} {r['batched_ratio']:>6.2f}"
+        if result["anew_questions_per_image"]:
+            line += f" {r['anew_s_per_question']:>17.3f} {r['ratio']:>6.2f}"
+        print(line + "  " + (", ".join(r[f"{m}_same_answers"] for m in same) or "-"))
 
 
 def parse_args(argv=None):
@@ -383,7 +402,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--images", type=int, default=2, help="--reuse: distinct images")
     p.add_argument("--questions", type=int, default=18, help="--reuse: questions per image (POPE has ~18)")
-    p.add_argument("--anew", type=int, default=6, help="--reuse: questions per image timed without reuse")
+    p.add_argument("--anew", type=int, default=6, help="--reuse: questions per image timed without reuse (0: none)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="--reuse: also answer the questions about each image N at a time on one shared prefix (evaluate.py's way)",
+    )
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     args = p.parse_args(argv)
     if args.device == "auto":

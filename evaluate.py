@@ -8,7 +8,10 @@ under several pruning configurations in one run, scored as LLaVA and its pruning
     torchrun --nproc-per-node 8 evaluate.py ...         # image groups spread over 8 GPUs
 
 The model loads once. Questions are answered grouped by image, each image encoded once and Stage 1
-run once per configuration (--no-image-cache: anew for every answer). Every answer is appended to
+run once per configuration (--no-image-cache: anew for every answer); the decoder prefix up to the
+last visual token is computed once per (image, configuration) and the questions about it are
+answered --batch-size at a time on top of it (evaluation/batched.py; --no-prefix-cache or
+--batch-size 1: one at a time, the prefix recomputed, the same answers). Every answer is appended to
 OUT/[benchmark/]<config>/predictions.jsonl at once, so an interrupted run loses at most the
 question in flight, and the same command continues; scores are recomputed from the stored answers
 into results.json, answers.jsonl (LLaVA's format), and OUT/table.md and table.json.
@@ -130,6 +133,17 @@ def flags() -> cli.Parser:
         "--no-image-cache", action="store_true", help="encode every image anew for every answer (to measure)"
     )
     p.add_argument(
+        "--batch-size",
+        type=int,
+        help="questions about one image answered together on one shared prefix (default: 8 on a GPU, 4 on a CPU; "
+        "1: one at a time, the prefix recomputed for each, as without batching)",
+    )
+    p.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="answer one question at a time, recomputing the image's prefix for each (the same answers, slower)",
+    )
+    p.add_argument(
         "--figure2",
         action="store_true",
         help="record eq. 7 at every decoder layer in the full configuration: figure2.json, and figure2.png "
@@ -145,6 +159,7 @@ def flags() -> cli.Parser:
 def check_args(args) -> None:
     """Every rule the flags must follow, before anything slow happens."""
     cli.check_number("--limit", args.limit, 1, math.inf)
+    cli.check_number("--batch-size", args.batch_size, 1, 4096)
     cli.check_number("--max-new-tokens", args.max_new_tokens, 1, math.inf)
     cli.check_number("--tau", args.tau, 0, math.inf)
     cli.check_not_empty(args, "data", "images", "model", "out", "score")
@@ -357,7 +372,15 @@ def make_job(args, bench, folder, model, tokenizer, identity, device, shard) -> 
         figure2=args.figure2,
         skip_bad=args.skip_bad,
         read=lambda answer, question: bench.parse(answer, question, args.parser),
+        batch_size=batch_size(args, device),
     )
+
+
+def batch_size(args, device) -> int:
+    """How many questions about one image are answered together: 1 with --no-prefix-cache."""
+    if args.no_prefix_cache:
+        return 1
+    return args.batch_size or (4 if device.type == "cpu" else 8)
 
 
 def check_fingerprint_everywhere(folder: Path, expected: dict, shard: Shard, adopt: bool) -> None:
@@ -442,7 +465,8 @@ def summary(records: list[dict], metrics: dict, incomplete: str | None) -> dict:
     n = len(answered)
     timed = any("seconds" in r for r in answered)
     seconds = sum(r.get("seconds", 0.0) for r in answered) if timed else None
-    alone = sum(r.get("seconds_alone", r.get("seconds", 0.0)) for r in answered) if timed else None
+    measured = [r["seconds_alone"] for r in answered if r.get("seconds_alone") is not None]
+    alone = sum(measured) if timed else None
     return {
         "samples": n,
         "total": len(records),
@@ -451,7 +475,10 @@ def summary(records: list[dict], metrics: dict, incomplete: str | None) -> dict:
         "incomplete": incomplete,  # why there is no score although answers are there
         "score": metrics.get("column"),
         "samples_per_s": ratio(n, seconds) if timed else None,  # this run's time per answer, per process
-        "samples_per_s_alone": ratio(n, alone) if timed else None,  # one at a time: the paper's throughput
+        "samples_per_s_alone": ratio(len(measured), alone) if timed else None,  # one at a time: the paper's
+        "seconds_alone_measured": f"{len(measured)} of {n}",  # batched runs time a sample of answers alone
+        # every answer's cost alone: measured, or the sample's mean times n (batched runs)
+        "seconds_alone_all": (alone if len(measured) == n else ratio(alone, len(measured)) * n) if timed else None,
         "seconds": seconds,
         "seconds_alone": alone,
         "mean_new_tokens": ratio(sum(r.get("new_tokens", 0) for r in answered), n),
@@ -547,8 +574,8 @@ def write_tables(args, results: list[dict]) -> dict:
             scores.setdefault(config, {})[r["column"]] = row["score"]
             if row["partial"]:
                 partial.setdefault(config, {})[r["column"]] = f"{row['samples']}/{row['total']}"
-            if row["seconds_alone"] is not None:
-                seconds[config] = seconds.get(config, 0.0) + row["seconds_alone"]
+            if row["seconds_alone_all"] is not None:
+                seconds[config] = seconds.get(config, 0.0) + row["seconds_alone_all"]
     table = tables.build(scores, columns, seconds or None, partial)
     write_json(args.out / "table.json", table)
     write_text(args.out / "table.md", tables.markdown(table) + "\n")

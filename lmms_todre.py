@@ -16,6 +16,7 @@ import cli
 
 CTRL_C_HANDLED = cli.quiet_ctrl_c(__name__)  # before the slow imports (torch, lmms-eval)
 
+import hashlib
 import math
 import os
 import sys
@@ -26,9 +27,9 @@ import torch
 import files
 from checkpoint import DEFAULT_MODEL, CheckpointError
 from cli import UsageError
-from evaluation import configs, tables
+from evaluation import batched, configs, tables
 from media import MediaError, open_image_bytes, open_video
-from model import InputError, check_video_budget, generate, load, prompt_ids
+from model import InputError, check_generation, check_video_budget, generate, load, prompt_ids
 from prompt import PromptFormat
 
 try:
@@ -42,6 +43,15 @@ TABLE2 = {  # the paper's Table 2 columns: lmms-eval task -> its score in the re
     "mlvu_dev": ("MLVU", "mlvu_percetion_score"),
     "longvideobench_val_v": ("LongVideoBench", "lvb_acc"),
 }
+
+
+def cut(text: str, request) -> str:
+    """The answer up to the first of the request's `until` strings, stripped as lmms-eval's llava does."""
+    until = dict(request.args[1]).get("until") or []
+    for stop in [until] if isinstance(until, str) else list(until):
+        if stop and stop in text:
+            text = text[: text.index(stop)]
+    return text.strip()
 
 
 class ToDRE(LMMsModel):
@@ -70,8 +80,8 @@ class ToDRE(LMMsModel):
         super().__init__()
         if unknown:
             raise UsageError(f"unknown model argument(s) {', '.join(sorted(unknown))} for --model todre")
-        if str(batch_size) != "1":
-            raise UsageError(f"--model todre answers one request at a time: --batch_size 1, not {batch_size}")
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise UsageError(f"--batch_size must be a whole number of requests answered together, not {batch_size}")
         try:
             self.settings = configs.parse_config(str(config))
         except ValueError as e:
@@ -100,7 +110,7 @@ class ToDRE(LMMsModel):
             self.tokenizer.format = PromptFormat(conv, None, self.tokenizer.format.special_tokens)
         self.max_frames, self.video_newlines = int(max_frames), video_newlines
         self.pad_to_square = str(pad_to_square).lower() in ("1", "true", "yes")
-        self.batch_size_per_gpu = 1
+        self.batch_size_per_gpu = self.batch_size = int(batch_size)
         self.visual_tokens: list[dict] = []  # per request: tokens kept and the eviction layer
 
     @property
@@ -150,28 +160,73 @@ class ToDRE(LMMsModel):
         ids = prompt_ids(self.tokenizer, question, counts if len(counts) > 1 else counts[0], video, inline=inline)
         return ids.to(self.device), embeds
 
+    @torch.inference_mode()
     def generate_until(self, requests) -> list[str]:
         """Each request greedily (temperature 0) or sampled, up to its max_new_tokens, cut at the
-        first of its `until` strings, stripped as lmms-eval's llava strips its answers."""
-        answers = []
-        for request in requests:
-            question, gen_kwargs = request.args[0], dict(request.args[1])
-            until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new_tokens = int(gen_kwargs.get("max_new_tokens", 1024))
-            temperature = float(gen_kwargs.get("temperature", 0) or 0)
-            ids, embeds = self.inputs(question, request)
-            generator = torch.Generator(self.device).manual_seed(0)
-            result = generate(self.model, ids, embeds, self.settings, max_new_tokens, temperature, generator)
-            text = self.tokenizer.decode(result.token_ids)
-            for stop in until:
-                if stop and stop in text:
-                    text = text[: text.index(stop)]
-            self.visual_tokens.append({"visual_tokens": 0 if embeds is None else len(embeds)})
-            self.visual_tokens[-1]["evict_layer"] = result.info.evict_layer
-            answers.append(text.strip())
-            self.cache_hook.add_partial("generate_until", request.args[:2], answers[-1])
-        return answers
+        first of its `until` strings, stripped as lmms-eval's llava strips its answers. Greedy
+        requests about the same image (POPE asks ~18 per COCO image) are answered together, up to
+        batch_size at a time, on one shared prefix (evaluation/batched.py): the same answers, the
+        image encoded and pruned once."""
+        answers: dict[int, str] = {}
+        for group in self.same_image_groups(requests):
+            texts = self.answer_together(group) if len(group) > 1 and self.batch_size > 1 else None
+            for index, request in group:
+                answers[index] = self.answer_one(request) if texts is None else cut(texts[index], request)
+                self.cache_hook.add_partial("generate_until", request.args[:2], answers[index])
+        return [answers[i] for i in range(len(requests))]
+
+    def same_image_groups(self, requests) -> list[list[tuple[int, object]]]:
+        """(index, request) grouped by their one image (a digest of its pixels) and max_new_tokens,
+        for greedy requests; every other request is a group of its own."""
+        groups: dict = {}
+        for index, request in enumerate(requests):
+            kwargs = dict(request.args[1])
+            found, video = self.visuals(request)
+            key = ("alone", index)
+            if not video and len(found) == 1 and not float(kwargs.get("temperature", 0) or 0):
+                image = found[0] if hasattr(found[0], "tobytes") else open_image_bytes(found[0], "an image")
+                digest = hashlib.sha256(image.tobytes() + f"{image.mode}{image.size}".encode()).hexdigest()
+                key = (digest, int(kwargs.get("max_new_tokens", 1024)))
+            groups.setdefault(key, []).append((index, request))
+        return list(groups.values())
+
+    def answer_one(self, request) -> str:
+        question, gen_kwargs = request.args[0], dict(request.args[1])
+        max_new_tokens = int(gen_kwargs.get("max_new_tokens", 1024))
+        temperature = float(gen_kwargs.get("temperature", 0) or 0)
+        ids, embeds = self.inputs(question, request)
+        generator = torch.Generator(self.device).manual_seed(0)
+        result = generate(self.model, ids, embeds, self.settings, max_new_tokens, temperature, generator)
+        self.visual_tokens.append({"visual_tokens": 0 if embeds is None else len(embeds)})
+        self.visual_tokens[-1]["evict_layer"] = result.info.evict_layer
+        return cut(self.tokenizer.decode(result.token_ids), request)
+
+    def answer_together(self, group) -> dict[int, str] | None:
+        """Greedy answers to requests about one image on one shared prefix, by index; None where
+        their prompts share none (an image placed inside the context), to be answered one at a time."""
+        if any(self.tokenizer.placeholder(False)[0] in request.args[0] for _, request in group):
+            return None
+        first = group[0][1]
+        (image,), _ = self.visuals(first)
+        image = image if hasattr(image, "size") else open_image_bytes(image, "an image of the request")
+        visual = self.model.encode_image(image.convert("RGB"), self.pad_to_square)
+        kept = self.model.select(visual, self.settings)
+        prompts = [prompt_ids(self.tokenizer, request.args[0], len(kept)).to(self.device) for _, request in group]
+        p = batched.shared_prefix(prompts, self.model.is_visual)
+        if p is None:
+            return None
+        max_new_tokens = int(dict(first.args[1]).get("max_new_tokens", 1024))
+        for ids in prompts:
+            check_generation(self.model, ids, visual.tokens[kept], max_new_tokens, 0.0)
+        prefix = batched.prefill_prefix(self.model, prompts[0][:p], visual.tokens[kept])
+        texts = {}
+        for start in range(0, len(group), self.batch_size):
+            chunk = prompts[start : start + self.batch_size]
+            rows = batched.answer_batch(self.model, chunk, p, prefix, self.settings, max_new_tokens)
+            for (index, _), row in zip(group[start : start + self.batch_size], rows, strict=True):
+                texts[index] = self.tokenizer.decode(row.token_ids)
+                self.visual_tokens.append({"visual_tokens": len(kept), "evict_layer": row.info.evict_layer})
+        return texts
 
     @torch.inference_mode()
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:

@@ -25,10 +25,10 @@ import torch
 
 import files
 import todre
-from evaluation import flops
+from evaluation import batched, flops
 from evaluation.benchmarks import DataError, EmbeddedImages, Question, parse_json, read_json, read_text
 from media import MediaError, open_image, open_image_bytes
-from model import ContextError, Llava, ask
+from model import ContextError, Llava, ask, check_generation, prompt_ids
 
 # ---------------------------------------------------------------------------------------------
 # Predictions on disk
@@ -36,7 +36,9 @@ from model import ContextError, Llava, ask
 
 RANK_FILE = re.compile(r"predictions\.rank(\d+)\.jsonl")
 RECORD_FIELDS = {"question_id": str, "category": str, "question": str, "answer": str, "prompt": str}
-# Numbers a record may hold, which results.json adds up (evict_layer may also be null: no eviction).
+# Numbers a record may hold, which results.json adds up; these may also be null: no eviction, or an
+# answer of a batch not timed alone.
+NULLABLE = ("evict_layer", "seconds_alone")
 NUMBER_FIELDS = ("visual_tokens", "evict_layer", "new_tokens", "seconds", "seconds_alone", "prefill_tflops")
 NUMBER_FIELDS += ("peak_memory_mb",)
 
@@ -119,7 +121,7 @@ def check_record(record, where: str) -> None:
             raise DataError(f"{where}: a prediction needs {name} ({kind.__name__})")
     for name in NUMBER_FIELDS:
         value = record.get(name)
-        if name in record and not (value is None and name == "evict_layer") and not is_number(value):
+        if name in record and not (value is None and name in NULLABLE) and not is_number(value):
             raise DataError(f"{where}: {name} must be a number, got {value!r}")
 
 
@@ -307,6 +309,7 @@ class Job:
     figure2: bool = False  # eq. 7 at every layer in the full configuration
     skip_bad: bool = False
     read: Callable[[str, Question], object] = lambda answer, question: answer  # the benchmark's reader
+    batch_size: int = 1  # questions about one image answered together on one shared prefix; 1: one at a time
 
 
 class Answerer:
@@ -316,6 +319,7 @@ class Answerer:
         self.model, self.tokenizer, self.job = model, tokenizer, job
         self.embedded = EmbeddedImages()
         self.skipped: list[dict] = []
+        self.digest: str | None = None  # sha256 of the image of the group being answered
 
     def open(self, q: Question):
         """The question's image, or None after recording it as skipped (--skip-bad)."""
@@ -341,7 +345,7 @@ class Answerer:
             return
         with_image = questions[0].image is not None
         image = self.open(questions[0]) if with_image else None
-        digest = image_digest(questions[0], self.embedded) if image is not None else None
+        self.digest = image_digest(questions[0], self.embedded) if image is not None else None
         if with_image and image is None:
             self.skipped += [
                 {"question": q.source, "reason": "the image of " + questions[0].source} for q in questions[1:]
@@ -356,19 +360,88 @@ class Answerer:
                 start = job.clock()
                 kept = self.model.select(visual, settings)
                 select_s = job.clock() - start
+            batchable = visual is not None and job.reuse and job.batch_size > 1 and not (job.figure2 and name == "full")
+            if batchable and self.batches(todo[name], name, settings, visual, kept, encode_s, select_s, answers):
+                continue
             for q in todo[name]:
                 if with_image and not job.reuse:  # what a harness without reuse does: encode anew, Stage 1 in ask
                     visual, encode_s = self.encode(image)
                     kept, select_s = None, 0.0
                 try:
                     record = self.answer(q, name, settings, visual, kept, encode_s, select_s, answers, len(todo[name]))
-                    record["image_sha256"] = digest
                 except ContextError as e:  # this question does not fit: say which, or skip it (--skip-bad)
                     if not job.skip_bad:
                         raise ContextError(f"{q.source}: {e}", e.visual) from None
                     self.skipped.append({"question": q.source, "config": name, "reason": str(e)})
                     continue
                 job.predictions[name].append(record)
+
+    def batches(self, questions, name, settings, visual, kept, encode_s, select_s, answers) -> bool:
+        """The questions answered in batches of job.batch_size on one shared prefix (batched.py),
+        each stored at once; False, answering nothing, where their prompts share no prefix.
+
+        `seconds` spreads the prefix and each batch over the answers that used them; the first
+        question of each (image, configuration) is also answered alone, and only its record has a
+        measured `seconds_alone` (results.json says how many were measured)."""
+        job, model = self.job, self.model
+        prompts = [prompt_ids(self.tokenizer, q.text, len(kept)).to(model.device) for q in questions]
+        p = batched.shared_prefix(prompts, model.is_visual)
+        if p is None:
+            return False
+        fits = []
+        for q, ids in zip(questions, prompts, strict=True):
+            try:
+                check_generation(model, ids, visual.tokens[kept], job.max_new_tokens, 0.0)
+                fits.append((q, ids))
+            except ContextError as e:
+                if not job.skip_bad:
+                    raise ContextError(f"{q.source}: {e}", e.visual) from None
+                self.skipped.append({"question": q.source, "config": name, "reason": str(e)})
+        if not fits:
+            return True
+        start = job.clock()
+        prefix = batched.prefill_prefix(model, fits[0][1][:p], visual.tokens[kept])
+        prefix_s = job.clock() - start
+        alone = self.answer(fits[0][0], name, settings, visual, kept, encode_s, select_s, answers, len(fits))
+        for first in range(0, len(fits), job.batch_size):
+            chunk = fits[first : first + job.batch_size]
+            job.reset_peak()
+            start = job.clock()
+            rows = batched.answer_batch(model, [ids for _, ids in chunk], p, prefix, settings, job.max_new_tokens)
+            batch_s = job.clock() - start
+            for (q, ids), row in zip(chunk, rows, strict=True):
+                text = self.tokenizer.decode(row.token_ids)
+                shared = encode_s / answers + select_s / len(fits) + prefix_s / len(fits)
+                record = self.record(
+                    q, visual, kept, ids, text, row.info, len(row.token_ids), shared + batch_s / len(chunk)
+                )
+                record["seconds_alone"] = alone["seconds_alone"] if q is fits[0][0] else None
+                job.predictions[name].append(record)
+        return True
+
+    def record(self, q, visual, kept, ids, text, info, new_tokens: int, seconds: float) -> dict:
+        """One predictions.jsonl record (LLaVA's scripts strip the decoded answer; so do we)."""
+        visual_tokens = 0 if kept is None else len(kept)
+        prefill_flops, _ = flops.paper_flops(self.model.config.text, len(ids), visual_tokens, info.evict_layer, 0)
+        return {
+            "question_id": q.question_id,
+            "category": q.category,
+            "image": q.image,
+            "question": q.text,
+            "prompt": self.tokenizer.conversation(q.text, with_media=visual is not None),
+            "answer": text.strip(),
+            # what this run's reader made of it, and the expected answer, for people reading the file;
+            # results.json reads `answer` again every time, against the data's current labels
+            "pred": self.job.read(text.strip(), q),
+            "label": q.label if q.label is not None else q.answers,
+            "visual_tokens": visual_tokens,
+            "evict_layer": info.evict_layer,
+            "new_tokens": new_tokens,
+            "seconds": seconds,
+            "prefill_tflops": prefill_flops / 1e12,
+            "peak_memory_mb": self.job.peak_memory_mb(),
+            "image_sha256": self.digest,  # the bytes it was asked about: a resume checks they are the same
+        }
 
     def answer(self, q, name, settings, visual, kept, encode_s, select_s, answers, asked) -> dict:
         """One question under one configuration, as its predictions.jsonl record. `seconds` is what
@@ -392,30 +465,8 @@ class Answerer:
             select_s = reply.select_s
         own = reply.prefill_s + reply.decode_s
         shared = (encode_s / answers + select_s / asked) if job.reuse else encode_s + select_s
-        visual_tokens = 0 if reply.kept is None else len(reply.kept)
-        prefill_flops, _ = flops.paper_flops(
-            self.model.config.text, len(reply.prompt_ids), visual_tokens, reply.info.evict_layer, 0
-        )
-        record = {
-            "question_id": q.question_id,
-            "category": q.category,
-            "image": q.image,
-            "question": q.text,
-            "prompt": self.tokenizer.conversation(q.text, with_media=visual is not None),
-            # LLaVA's scripts strip the decoded answer (batch_decode(...)[0].strip()); so do we
-            "answer": reply.text.strip(),
-            # what this run's reader made of it, and the expected answer, for people reading the file;
-            # results.json reads `answer` again every time, against the data's current labels
-            "pred": job.read(reply.text.strip(), q),
-            "label": q.label if q.label is not None else q.answers,
-            "visual_tokens": visual_tokens,
-            "evict_layer": reply.info.evict_layer,
-            "new_tokens": len(reply.token_ids),
-            "seconds": shared + own,
-            "seconds_alone": encode_s + select_s + own,
-            "prefill_tflops": prefill_flops / 1e12,
-            "peak_memory_mb": job.peak_memory_mb(),
-        }
+        record = self.record(q, visual, reply.kept, reply.prompt_ids, reply.text, reply.info, len(reply.token_ids), 0.0)
+        record["seconds"], record["seconds_alone"] = shared + own, encode_s + select_s + own
         if figure2:
             record["ratios"] = {str(layer): list(pair) for layer, pair in reply.info.ratios.items()}
         return record

@@ -64,9 +64,11 @@ def run(capsys, ckpt, *argv, max_new_tokens="4", dtype="float32"):
 
 
 def comparable(result: dict) -> dict:
-    """results.json without what depends on the clock and the process (timings, memory)."""
+    """results.json without what depends on the clock and the process (timings, memory, and which
+    answers of a batched run were also timed alone)."""
+    timing = ("samples_per_s", "samples_per_s_alone", "seconds", "seconds_alone", "seconds_alone_all")
     for row in result["configs"].values():
-        for key in ("samples_per_s", "samples_per_s_alone", "seconds", "seconds_alone", "peak_memory_mb"):
+        for key in (*timing, "seconds_alone_measured", "peak_memory_mb"):
             row.pop(key)
     return result
 
@@ -177,7 +179,8 @@ def test_prompts_are_llavas_vicuna_v1_conversation(table1):
             "prefill_tflops",
             "peak_memory_mb",
         }
-        assert r["answer"] == r["answer"].strip() and 0 < r["seconds"] <= r["seconds_alone"]
+        assert r["answer"] == r["answer"].strip() and 0 < r["seconds"]
+        assert r["seconds_alone"] is None or r["seconds"] <= r["seconds_alone"]  # batched: a sample is timed alone
 
 
 def test_answers_files_are_in_llavas_format_and_score_to_the_same_results(table1, llava_eval, tmp_path, capsys):
@@ -462,6 +465,7 @@ def test_lmms_eval_parser_and_empty_answers_are_counted(mha, tmp_path, capsys, m
     data, images = make_pope(tmp_path)
     argv = [*pope(data, images), "--configs", "full"]
     monkeypatch.setattr(model.Llava, "decode", lambda self, *a, **k: iter(()))  # the model says nothing
+    argv += ["--batch-size", "1"]  # one question at a time: through Llava.decode
     code, stdout, err = run(capsys, mha, *argv, "--out", str(tmp_path / "a"))
     row = json.loads((tmp_path / "a" / "results.json").read_text())["configs"]["full"]
     assert code == 0 and row["empty_answers"] == 12 and "full: 12 empty answers (counted wrong)" in stdout
@@ -975,3 +979,46 @@ def test_an_mme_release_without_a_subtasks_images_folder_names_it(llava_eval, tm
     shutil.rmtree(tmp_path / "MME" / "MME_Benchmark_release_version" / "artwork" / "images")
     code, stdout, err = score_cli(capsys, "mme", tmp_path, answers_file(tmp_path / "a.jsonl", []), tmp_path / "out")
     assert code == 2 and err.count("\n") == 1 and "artwork/images is missing: artwork's images go there" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Questions in batches on one shared prefix
+# ---------------------------------------------------------------------------------------------
+
+
+def test_batches_and_the_prefix_cache_change_no_answer_and_a_run_resumes_with_another_size(mha, tmp_path, capsys):
+
+    data, images = make_pope(tmp_path, questions=6)  # 3 images x 6 questions x 3 categories
+    argv = [*pope(data, images), "--configs", "full,todre-0.10"]
+    drop = ("seconds", "seconds_alone", "peak_memory_mb")
+    key = lambda r: (r["category"], r["question_id"])  # noqa: E731
+
+    def answers(out):
+        return {c: sorted(({k: v for k, v in r.items() if k not in drop} for r in predictions(out / c)), key=key)
+                for c in ("full", "todre-0.10")}  # fmt: skip
+
+    assert run(capsys, mha, *argv, "--batch-size", "5", "--out", str(tmp_path / "batched"))[0] == 0
+    assert run(capsys, mha, *argv, "--no-prefix-cache", "--out", str(tmp_path / "alone"))[0] == 0
+    assert answers(tmp_path / "batched") == answers(tmp_path / "alone")
+    row = json.loads((tmp_path / "batched" / "results.json").read_text())["configs"]["full"]
+    assert row["seconds_alone_measured"] == "3 of 18"  # one question per (image, configuration) timed alone
+    once = comparable(json.loads((tmp_path / "batched" / "results.json").read_text()))
+    assert run(capsys, mha, *argv, "--batch-size", "2", "--limit", "2", "--out", str(tmp_path / "resumed"))[0] == 0
+    assert run(capsys, mha, *argv, "--batch-size", "7", "--out", str(tmp_path / "resumed"))[0] == 0  # same fingerprint
+    assert comparable(json.loads((tmp_path / "resumed" / "results.json").read_text())) == once
+
+
+def test_prompts_without_a_shared_prefix_are_answered_one_at_a_time(mha, tmp_path, capsys, monkeypatch):
+    from evaluation import batched
+
+    data, images = make_pope(tmp_path)
+    argv = [*pope(data, images), "--configs", "todre-0.10"]
+    monkeypatch.setattr(batched, "shared_prefix", lambda prompts, is_visual: None)  # as text before the image
+    monkeypatch.setattr(batched, "answer_batch", lambda *a, **k: pytest.fail("batched without a shared prefix"))
+    assert run(capsys, mha, *argv, "--batch-size", "4", "--out", str(tmp_path / "a"))[0] == 0
+    monkeypatch.undo()
+    assert run(capsys, mha, *argv, "--batch-size", "1", "--out", str(tmp_path / "b"))[0] == 0
+    drop = ("seconds", "seconds_alone", "peak_memory_mb")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in predictions(tmp_path / "a" / "todre-0.10")] == [
+        {k: v for k, v in r.items() if k not in drop} for r in predictions(tmp_path / "b" / "todre-0.10")
+    ]

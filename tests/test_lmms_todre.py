@@ -281,7 +281,7 @@ def lmms_eval_cli(ckpt, tasks: Path, tmp_path: Path, model_args: str, *extra):
         ("config=todre-010", [], "model argument config: configuration 'todre-010': the budget is a fraction"),
         ("config=todre-0.10,max_frames=abc", [], "model argument max_frames must be a whole number"),
         ("config=todre-0.10,dtype=float8", [], "model argument dtype must be one of auto, float16"),
-        ("config=todre-0.10", ["--batch_size", "auto"], "answers one request at a time: --batch_size 1, not auto"),
+        ("config=todre-0.10", ["--batch_size", "auto"], "--batch_size must be a whole number of requests answered"),
     ],
 )
 def test_errors_inside_lmms_evals_run_are_one_line_and_a_failing_exit(mha, tasks, tmp_path, model_args, extra, message):
@@ -361,3 +361,29 @@ def test_table2_bad_results_files_and_outputs_are_one_line(tmp_path, capsys, con
     (tmp_path / "file").write_text("")
     assert lmms_todre.main(["table2", f"full={tmp_path / 'good_results.json'}", "--out", str(tmp_path / "file")]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_requests_about_one_image_answered_together_equal_one_at_a_time(mha):
+    """lmms-eval hands the model every request at once; those about the same image share one
+    prefix and one batch, with the answers one at a time gives."""
+    pictures = [media.open_image_bytes(_png(seed), "img") for seed in (5, 6)]
+    questions = ["Is there a dog?", "What colour is it?", "How many?", "Is it day?"]
+
+    def request(question, image):
+        class Request:
+            args = (question, {"max_new_tokens": 5, "until": ["\n\n"]}, lambda doc: [image], 0, "t", "s")
+
+        return Request()
+
+    requests = [request(q, pictures[0]) for q in questions[:3]] + [request(questions[3], pictures[1])]
+    answers, kept = {}, {}
+    for size in (1, 2):
+        lmm = lmms_todre.ToDRE.create_from_arg_string(
+            f"pretrained={mha.directory},config=todre-0.25,dtype=float32,batch_size={size}"
+        )
+        lmm.task_dict = {"t": {"s": {0: {}}}}
+        groups = lmm.same_image_groups(requests)
+        assert sorted(len(g) for g in groups) == [1, 3]
+        answers[size] = lmm.generate_until(requests)
+        kept[size] = sorted(v["visual_tokens"] for v in lmm.visual_tokens)
+    assert answers[1] == answers[2] and len(answers[1]) == 4 and kept[1] == kept[2]
