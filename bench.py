@@ -309,7 +309,7 @@ def run_reuse(args) -> dict:
             predictions = Predictions(folder / mode / name)
             clock = lambda: cli.now(device)  # noqa: E731
             job = Job({name: settings}, {name: predictions}, args.new_tokens, clock=clock, reuse=reuse)
-            job.batch_size = batch_size
+            job.batch_size, job.sample_alone_every = batch_size, 0  # the encode-once column is the alone time
             answerer = Answerer(model, SyntheticTokenizer(), job)
             print(f"{name}: {len(subset)} questions, {mode} ...", file=sys.stderr)
             start = cli.now(device)

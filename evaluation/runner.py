@@ -310,6 +310,9 @@ class Job:
     skip_bad: bool = False
     read: Callable[[str, Question], object] = lambda answer, question: answer  # the benchmark's reader
     batch_size: int = 1  # questions about one image answered together on one shared prefix; 1: one at a time
+    # Batched: every this-many-th image group's first question is also answered alone, to time it
+    # (seconds_alone); 0: none (bench.py times the single path itself).
+    sample_alone_every: int = 8
 
 
 class Answerer:
@@ -320,6 +323,7 @@ class Answerer:
         self.embedded = EmbeddedImages()
         self.skipped: list[dict] = []
         self.digest: str | None = None  # sha256 of the image of the group being answered
+        self.batched_groups: dict[str, int] = {}  # per configuration: image groups answered in batches
 
     def open(self, q: Question):
         """The question's image, or None after recording it as skipped (--skip-bad)."""
@@ -380,9 +384,9 @@ class Answerer:
         """The questions answered in batches of job.batch_size on one shared prefix (batched.py),
         each stored at once; False, answering nothing, where their prompts share no prefix.
 
-        `seconds` spreads the prefix and each batch over the answers that used them; the first
-        question of each (image, configuration) is also answered alone, and only its record has a
-        measured `seconds_alone` (results.json says how many were measured)."""
+        `seconds` spreads the prefix and each batch over the answers that used them. The first
+        question of every job.sample_alone_every-th group is also answered alone, and only its
+        record has a measured `seconds_alone` (results.json says how many were measured)."""
         job, model = self.job, self.model
         prompts = [prompt_ids(self.tokenizer, q.text, len(kept)).to(model.device) for q in questions]
         p = batched.shared_prefix(prompts, model.is_visual)
@@ -402,7 +406,11 @@ class Answerer:
         start = job.clock()
         prefix = batched.prefill_prefix(model, fits[0][1][:p], visual.tokens[kept])
         prefix_s = job.clock() - start
-        alone = self.answer(fits[0][0], name, settings, visual, kept, encode_s, select_s, answers, len(fits))
+        every, done = job.sample_alone_every, self.batched_groups.get(name, 0)
+        self.batched_groups[name] = done + 1
+        alone = None
+        if every and done % every == 0:  # timed alone as well: the paper's one-question-at-a-time cost
+            alone = self.answer(fits[0][0], name, settings, visual, kept, encode_s, select_s, answers, len(fits))
         for first in range(0, len(fits), job.batch_size):
             chunk = fits[first : first + job.batch_size]
             job.reset_peak()
@@ -415,7 +423,7 @@ class Answerer:
                 record = self.record(
                     q, visual, kept, ids, text, row.info, len(row.token_ids), shared + batch_s / len(chunk)
                 )
-                record["seconds_alone"] = alone["seconds_alone"] if q is fits[0][0] else None
+                record["seconds_alone"] = alone["seconds_alone"] if alone and q is fits[0][0] else None
                 job.predictions[name].append(record)
         return True
 

@@ -92,16 +92,17 @@ def test_rows_that_stop_at_different_steps_equal_each_alone(gqa, monkeypatch):
     assert len({len(row.token_ids) for row in rows}) >= 2  # rows end at different steps
 
 
-@pytest.mark.parametrize("config", ["full", "todre-0.10"])
+@pytest.mark.parametrize("config", CONFIGS)
 def test_every_family_batches_to_the_same_answers(family, config):
     visual = family.model.encode_image(noise_image(250, 180, seed=5))
     assert_rows_equal_alone(family, visual, configs.parse_config(config), QUESTIONS[:3], batch_size=2)
 
 
-def test_video_questions_batch_to_the_same_answers(video_ckpt):
+@pytest.mark.parametrize("config", CONFIGS)
+def test_video_questions_batch_to_the_same_answers(video_ckpt, config):
     frames = [noise_image(64, 48, seed=s) for s in range(3)]
     visual = video_ckpt.model.encode_video(frames)
-    assert_rows_equal_alone(video_ckpt, visual, todre.Settings(retain=0.25), QUESTIONS[:3], video=True)
+    assert_rows_equal_alone(video_ckpt, visual, configs.parse_config(config), QUESTIONS[:3], video=True)
 
 
 def test_prompts_that_differ_before_the_image_share_no_prefix(gqa):
