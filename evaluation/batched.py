@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import todre
 from llama import apply_rope
-from model import Llava, PrefillInfo, sample
+from model import Llava, PrefillInfo
 
 
 @dataclass
@@ -77,8 +77,8 @@ def answer_batch(
     lm, device = model.language_model, model.device
     b, layers = len(prompts), len(lm.layers)
     own = [ids[p:] for ids in prompts]
-    lengths = torch.tensor([len(t) for t in own], device=device)
-    width = int(lengths.max())
+    sizes = [len(t) for t in own]  # each row's own tokens
+    lengths, width = torch.tensor(sizes, device=device), max(sizes)
     ids = torch.zeros(b, width, dtype=torch.long, device=device)
     for r, t in enumerate(own):
         ids[r, : len(t)] = t
@@ -90,7 +90,7 @@ def answer_batch(
     # Keys and values of each row's own tokens, then of what it generates: (b, kv_heads, room, head_dim).
     room = width + max_new_tokens
     own_k, own_v = [None] * layers, [None] * layers
-    evicted = torch.full((b,), layers, device=device)  # the layer after which each row's image left
+    evicted = [layers] * b  # the layer after which each row's image left (kept on the host: no syncs)
 
     # Prefill of the rows' own tokens: positions p .. p + n_r - 1, padding after each row's end.
     positions = p + torch.arange(width, device=device)
@@ -98,17 +98,18 @@ def answer_batch(
     x = lm.embed_tokens(ids)  # (b, width, d)
     cos, sin = lm.rope(positions, x.dtype)  # (width, head_dim), the same positions for every row
     for i, layer in enumerate(lm.layers):
-        see_visual = evicted >= i  # prefill: a row that evicted after layer L stops seeing it from L + 1
+        see_visual = torch.tensor(
+            [e >= i for e in evicted], device=device
+        )  # prefill: evicted after L, unseen from L + 1
         h, q, k, v = attend(
             layer, x, cos, sin, prefix[i], None, None, valid[:, :width], see_visual, visual, causal=True
         )
         own_k[i] = torch.cat([k, k.new_zeros(b, k.shape[1], room - width, k.shape[3])], dim=2)
         own_v[i] = torch.cat([v, v.new_zeros(b, v.shape[1], room - width, v.shape[3])], dim=2)
         x = mlp(layer, x + h)
-        for r in range(b):
-            if int(evicted[r]) < layers or (i not in stage2[r].measured and i != stage2[r].evict_at):
+        for r, n in enumerate(sizes):
+            if evicted[r] < layers or (i not in stage2[r].measured and i != stage2[r].evict_at):
                 continue  # evicted already, or nothing for Stage 2 to do at this layer
-            n = int(lengths[r])
             q_full = torch.cat([q.new_zeros(q.shape[1], p, q.shape[3]), q[r, :, :n]], dim=1)  # prefix rows: never read
             k_full = torch.cat([prefix[i][0], k[r, :, :n]], dim=1)
             if stage2[r].after_layer(i, q_full, k_full) is not None:
@@ -118,19 +119,19 @@ def answer_batch(
 
     # Decoding: row r's token s goes at position p + n_r + s, its keys at index width + s.
     rows = [Row([], PrefillInfo(s.ratios, s.evict_layer)) for s in stage2]
-    done = torch.zeros(b, dtype=torch.bool, device=device)
+    done = [False] * b
     for step in range(max_new_tokens):
-        tokens = []
-        for r in range(b):
-            if keep_logits and not done[r]:
+        tokens = logits.argmax(-1).tolist()  # greedy, as model.sample at temperature 0: one sync per step
+        for r, token in enumerate(tokens):
+            if done[r]:
+                continue  # a finished row is still computed with the batch, its tokens ignored
+            if keep_logits:
                 rows[r].logits.append(logits[r])
-            token = sample(logits[r], 0.0)
-            if not done[r] and (token in model.stop_ids):
+            if token in model.stop_ids:
                 done[r] = True
-            elif not done[r]:
+            else:
                 rows[r].token_ids.append(token)
-            tokens.append(token)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if all(done) or step == max_new_tokens - 1:
             break
         x = lm.embed_tokens(torch.tensor(tokens, device=device)[:, None])  # (b, 1, d)
         position = (p + lengths + step)[:, None]  # (b, 1): each row's own position
@@ -139,7 +140,7 @@ def answer_batch(
         slot = width + step
         valid[:, slot] = True
         for i, layer in enumerate(lm.layers):
-            see_visual = evicted > i  # decoding: the evicting layer's cache lost the image too
+            see_visual = torch.tensor([e > i for e in evicted], device=device)  # decoding: from L on
             h, _, k, v = attend(layer, x, cos, sin, prefix[i], own_k[i], own_v[i], valid, see_visual, visual, slot=slot)
             x = mlp(layer, x + h)
         logits = lm.logits(x)[:, 0]
