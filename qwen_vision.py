@@ -4,15 +4,23 @@
 Qwen2.5-VL keeps an image near its native resolution: both sides are rounded to multiples of 28
 (a 14-pixel patch times the 2x2 PatchMerger), within a pixel budget (min/max_pixels from the
 checkpoint's preprocessor_config.json), and every 2x2 block of patches becomes one LLM token.
-The vision tower (window attention, 2-D rotary positions, the PatchMerger) is not here yet.
+Then the vision tower, as transformers' Qwen2_5_VisionTransformerPretrainedModel: a linear patch
+embedding, blocks of RMSNorm, attention with 2-D rotary positions (within windows of 112 x 112
+pixels, except the full-attention blocks of `fullatt_block_indexes`) and a SwiGLU MLP, and the
+PatchMerger, which turns each 2x2 block of patches into one token in the LLM's width. Module names
+follow the Hub's `visual.*` weights.
 """
 
 import math
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from anyres import CLIP_MEAN, CLIP_STD, normalize, to_rgb
+from llama import RMSNorm, apply_rope
 
 MIN_PIXELS = 56 * 56  # transformers' Qwen2VLImageProcessor defaults (size shortest_edge, longest_edge)
 MAX_PIXELS = 28 * 28 * 1280
@@ -67,3 +75,137 @@ def preprocess(
     x = x.reshape(3, grid_h // m, m, p, grid_w // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)  # (gh, gw, mh, mw, 3, p, p)
     x = x[:, :, :, :, :, None].expand(*x.shape[:5], temporal_patch_size, p, p)  # one image: the same patch twice
     return x.reshape(grid_h * grid_w, 3 * temporal_patch_size * p * p), (1, grid_h, grid_w)
+
+
+# ---------------------------------------------------------------------------------------------
+# The vision tower
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QwenVisionConfig:
+    """The `vision_config` of a Qwen2.5-VL config.json, with the Hub's field names and defaults."""
+
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    out_hidden_size: int = 3584  # the LLM's width
+    hidden_act: str = "silu"
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    window_size: int = 112  # pixels per window side
+    fullatt_block_indexes: list = field(default_factory=lambda: [7, 15, 23, 31])
+    in_channels: int = 3
+    rope_theta: float = 10000.0
+
+
+def patch_positions(grid_h: int, grid_w: int, merge: int) -> torch.Tensor:
+    """(grid_h * grid_w, 2) (row, column) of each patch, in preprocess's order: 2x2 blocks
+    row-major, the patches of a block row-major within it."""
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    blocks = (grid_h // merge, merge, grid_w // merge, merge)
+    return torch.stack([x.reshape(blocks).transpose(1, 2).flatten() for x in (rows, cols)], dim=-1)
+
+
+def windows(grid_h: int, grid_w: int, merge: int, per_side: int) -> tuple[torch.Tensor, list[int]]:
+    """The merged tokens (2x2 blocks) reordered window by window (windows of per_side x per_side
+    merged tokens, row-major over the grid, the last row and column of windows cut short), and each
+    window's number of merged tokens, as transformers' get_vision_window_index."""
+    h, w = grid_h // merge, grid_w // merge
+    order, sizes = [], []
+    for top in range(0, h, per_side):
+        for left in range(0, w, per_side):
+            block = torch.arange(h * w).reshape(h, w)[top : top + per_side, left : left + per_side].flatten()
+            order.append(block)
+            sizes.append(len(block))
+    return torch.cat(order), sizes
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: QwenVisionConfig):
+        super().__init__()
+        self.heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[int]) -> torch.Tensor:
+        """x (n, d) -> (n, d), each token attending within its span (consecutive runs of `spans` tokens)."""
+        n, d = x.shape
+        q, k, v = self.qkv(x).reshape(n, 3, self.heads, d // self.heads).permute(1, 2, 0, 3)  # (heads, n, hd) each
+        dtype = q.dtype
+        q, k = apply_rope(q.float(), cos, sin).to(dtype), apply_rope(k.float(), cos, sin).to(dtype)  # in float32, as HF
+        out = torch.cat(
+            [
+                F.scaled_dot_product_attention(q_, k_, v_)
+                for q_, k_, v_ in zip(q.split(spans, 1), k.split(spans, 1), v.split(spans, 1), strict=True)
+            ],
+            dim=1,
+        )  # (heads, n, hd)
+        return self.proj(out.transpose(0, 1).reshape(n, d))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: QwenVisionConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.hidden_size, 1e-6)
+        self.attn = VisionAttention(cfg)
+        self.norm2 = RMSNorm(cfg.hidden_size, 1e-6)
+        self.mlp = nn.Module()
+        self.mlp.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = F.silu if cfg.hidden_act == "silu" else F.gelu
+
+    def forward(self, x, cos, sin, spans):
+        x = x + self.attn(self.norm1(x), cos, sin, spans)
+        h = self.norm2(x)
+        return x + self.mlp.down_proj(self.act(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
+
+
+class VisionTower(nn.Module):
+    """Qwen2.5-VL's vision transformer and PatchMerger: patch rows (preprocess) -> LLM tokens."""
+
+    def __init__(self, cfg: QwenVisionConfig):
+        super().__init__()
+        self.config = cfg
+        patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
+        self.patch_embed = nn.Module()  # a Conv3d on the Hub, with kernel = stride: a linear map of each patch
+        self.patch_embed.proj = nn.Linear(patch_dim, cfg.hidden_size, bias=False)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        merged = cfg.hidden_size * cfg.spatial_merge_size**2
+        self.merger = nn.Module()
+        self.merger.ln_q = RMSNorm(cfg.hidden_size, 1e-6)
+        self.merger.mlp = nn.Sequential(nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, cfg.out_hidden_size))
+
+    def rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (n, head_dim) for (n, 2) patch (row, column) positions: a quarter of the
+        frequencies of a head_dim / 2 rotation for the row, the same for the column, then repeated
+        (the half-split layout), as transformers' Qwen2_5_VLVisionRotaryEmbedding."""
+        head_dim = self.config.hidden_size // self.config.num_heads
+        quarter = torch.arange(0, head_dim // 2, 2, device=positions.device).float() / (head_dim // 2)
+        inv_freq = 1.0 / self.config.rope_theta**quarter  # (head_dim / 4,)
+        freqs = (positions[..., None].float() * inv_freq).flatten(1)  # (n, head_dim / 2): rows', then columns'
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos()[None], emb.sin()[None]  # (1, n, head_dim), for every head
+
+    def forward(self, pixel_values: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """pixel_values (grid_h * grid_w, patch_dim) of one image, grid (1, grid_h, grid_w) ->
+        (grid_h * grid_w / 4, out_hidden_size) tokens, row-major over the merged grid."""
+        cfg = self.config
+        _, grid_h, grid_w = grid
+        merge, unit = cfg.spatial_merge_size, cfg.spatial_merge_size**2
+        x = self.patch_embed.proj(pixel_values.to(self.patch_embed.proj.weight.dtype))  # (n, hidden)
+        order, sizes = windows(grid_h, grid_w, merge, cfg.window_size // merge // cfg.patch_size)
+        # Window attention needs each window's tokens consecutive: the 2x2 blocks are reordered window by
+        # window (each block's 4 patches stay together), and put back after the merger.
+        x = x.reshape(-1, unit, x.shape[-1])[order].flatten(0, 1)
+        positions = patch_positions(grid_h, grid_w, merge).to(x.device)
+        positions = positions.reshape(-1, unit, 2)[order].flatten(0, 1)
+        cos, sin = self.rope(positions, x.dtype)
+        window_spans, whole = [size * unit for size in sizes], [len(x)]
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, whole if i in cfg.fullatt_block_indexes else window_spans)
+        merged = self.merger.mlp(self.merger.ln_q(x).reshape(-1, unit * x.shape[-1]))  # (n / 4, out)
+        return merged[torch.argsort(order)]

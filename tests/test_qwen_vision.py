@@ -49,3 +49,42 @@ def test_the_checkpoints_pixel_budget_is_followed():
     assert (grid_h * 14) * (grid_w * 14) <= high and len(pixel_values) == grid_h * grid_w
     tiny, (_, h, w) = qwen_vision.preprocess(Image.new("RGB", (10, 10)), min_pixels=low, max_pixels=high)
     assert (h * 14) * (w * 14) >= low  # below the minimum: resized up into range
+
+
+def tiny_vision_pair(seed: int = 0):
+    """transformers' Qwen2.5-VL vision tower, tiny and random, and ours with its weights (the Conv3d
+    patch embedding read as the linear map it is)."""
+    import torch
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    fields = dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=40)
+    fields.update(fullatt_block_indexes=[1, 3], window_size=112)
+    torch.manual_seed(seed)
+    hf_tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(
+        Qwen2_5_VLVisionConfig(**fields), attn_implementation="eager"
+    ).eval()
+    for parameter in hf_tower.parameters():  # random, not the init's zeros and ones
+        torch.nn.init.normal_(parameter, std=0.2)
+    ours = qwen_vision.VisionTower(qwen_vision.QwenVisionConfig(**fields))
+    state = {
+        k: v.reshape(v.shape[0], -1) if k == "patch_embed.proj.weight" else v for k, v in hf_tower.state_dict().items()
+    }
+    ours.load_state_dict(state, strict=True)
+    return hf_tower, ours.eval()
+
+
+@pytest.mark.parametrize("size", [(28, 28), (112, 112), (500, 375), (375, 500), (300, 90), (700, 200)])
+def test_vision_tower_equals_transformers_with_windows_that_really_window(size):
+    """112-pixel windows: every size but the smallest spans several windows, some cut short."""
+    import torch
+
+    hf_tower, ours = tiny_vision_pair()
+    pixel_values, grid = qwen_vision.preprocess(noise_image(*size), max_pixels=600 * 600)
+    with torch.inference_mode():
+        expected = hf_tower(pixel_values, grid_thw=torch.tensor([grid])).pooler_output
+        got = ours(pixel_values, grid)
+    assert got.shape == expected.shape == (grid[1] * grid[2] // 4, 40)
+    assert (got - expected).abs().max() < 1e-5
+    per_side = 112 // 2 // 14
+    assert max(size) <= 112 or len(qwen_vision.windows(grid[1], grid[2], 2, per_side)[1]) > 1
