@@ -52,6 +52,7 @@ class LlamaConfig:
     num_key_value_heads: int | None = None  # None = num_attention_heads (no GQA)
     head_dim: int | None = None  # None = hidden_size // num_attention_heads
     tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 decoders (Qwen2.5-VL) add a bias to the q, k and v projections
     bos_token_id: int = 1
     eos_token_id: int | list = 2  # Llama 3 lists several ids that end generation
     # Mistral's sliding-window attention: this implementation attends to the whole sequence, which
@@ -192,9 +193,9 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         d = cfg.hidden_size
-        self.q_proj = nn.Linear(d, self.heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=False)
+        self.q_proj = nn.Linear(d, self.heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, d, bias=False)
 
     def forward(self, x, cos, sin, kv_cache: KVCache, layer: int):

@@ -76,6 +76,7 @@ class PrefillInfo:
     ratios: dict = field(default_factory=dict)  # probe layer -> (a_tv, a_vt), eq. 7
     evict_layer: int | None = None  # layer after which the visual tokens were removed
     positions: torch.Tensor | None = None  # positions of the tokens left at the end of prefill
+    next_position: int | None = None  # M-RoPE (Qwen2.5-VL): where decoding continues; else the prompt's length
 
 
 @dataclass

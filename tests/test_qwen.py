@@ -1,0 +1,160 @@
+"""qwen.py: Qwen2.5-VL's decoder with M-RoPE and the vision tower together equal transformers'
+Qwen2_5_VLForConditionalGeneration (float32 logits at every position, greedy decoding), and Stage 2
+on it equals a run that masks the visual keys from the layer after the eviction."""
+
+import pytest
+import torch
+
+import qwen
+import qwen_vision
+import todre
+from conftest import noise_image
+from llama import KVCache, LlamaConfig
+
+IMAGE, START, END = 90, 88, 89  # <|image_pad|>, <|vision_start|>, <|vision_end|> of the tiny vocabulary
+VISION = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=48)
+VISION.update(fullatt_block_indexes=[1], window_size=112)
+TEXT = dict(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4)
+TEXT.update(num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0)
+SECTION = [2, 3, 1]  # a head_dim of 12: 6 rotary frequencies, split unevenly to catch a wrong split
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """transformers' tiny random Qwen2.5-VL, and ours with its weights."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        vision_config=VISION,
+        text_config={
+            **TEXT,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": SECTION},
+        },
+        image_token_id=IMAGE,
+        vision_start_token_id=START,
+        vision_end_token_id=END,
+    )
+    torch.manual_seed(0)
+    hf = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
+    for parameter in hf.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    ours = qwen.QwenVL(
+        qwen.QwenVLConfig(LlamaConfig(**TEXT, qkv_bias=True), qwen_vision.QwenVisionConfig(**VISION), IMAGE, SECTION)
+    )
+    state = {}
+    for key, value in hf.state_dict().items():
+        key = key.replace("model.visual.", "visual.").replace("model.language_model.", "language_model.")
+        key = key.replace("lm_head.", "language_model.lm_head.")
+        state[key] = value.reshape(value.shape[0], -1) if key == "visual.patch_embed.proj.weight" else value
+    ours.load_state_dict(state, strict=True)
+    return hf, ours.eval()
+
+
+def hf_inputs(ids, pixel_values, grid) -> dict:
+    """What transformers' processor hands the model: the token types make it use M-RoPE positions."""
+    return dict(
+        input_ids=ids[None],
+        pixel_values=pixel_values,
+        image_grid_thw=torch.tensor([grid]),
+        mm_token_type_ids=(ids == IMAGE).int()[None],
+    )
+
+
+def prompt(tokens: int) -> torch.Tensor:
+    """Chat-shaped ids: some text, <|vision_start|>, the image's tokens, <|vision_end|>, the question."""
+    return torch.tensor([5, 17, 3, START, *[IMAGE] * tokens, END, 44, 12, 61, 7, 30])
+
+
+@pytest.mark.parametrize("size", [(28, 28), (500, 375), (375, 500), (300, 90), (90, 300), (700, 200)])
+def test_logits_equal_transformers_at_every_position(pair, size):
+    hf, ours = pair
+    pixel_values, grid = qwen_vision.preprocess(noise_image(*size), max_pixels=400 * 400)
+    ids = prompt(grid[1] * grid[2] // 4)
+    with torch.inference_mode():
+        expected = hf(**hf_inputs(ids, pixel_values, grid)).logits[0]
+        tokens = ours.encode_image(pixel_values, grid)
+        logits, _ = ours.prefill(ids, tokens, [grid], todre.NO_PRUNING, KVCache(4, room=0), all_logits=True)
+    assert (logits[0] - expected).abs().max() < 1e-4
+
+
+def test_text_only_logits_equal_transformers(pair):
+    hf, ours = pair
+    ids = torch.tensor([5, 17, 3, 44, 12, 61, 7, 30])
+    with torch.inference_mode():
+        expected = hf(input_ids=ids[None]).logits[0]
+        logits, _ = ours.prefill(ids, None, [], todre.NO_PRUNING, KVCache(4, room=0), all_logits=True)
+    assert (logits[0] - expected).abs().max() < 1e-4
+
+
+def test_positions_equal_transformers_get_rope_index(pair):
+    hf, ours = pair
+    for size in [(500, 375), (90, 300)]:
+        _, grid = qwen_vision.preprocess(noise_image(*size), max_pixels=400 * 400)
+        ids = prompt(grid[1] * grid[2] // 4)
+        types = (ids == IMAGE).int()
+        expected, delta = hf.model.get_rope_index(ids[None], types[None], image_grid_thw=torch.tensor([grid]))
+        positions = ours.positions(ids, [grid])
+        assert torch.equal(positions, expected[:, 0]) and int(positions.max()) + 1 - len(ids) == int(delta)
+
+
+def test_greedy_decoding_equals_transformers_generate(pair):
+    hf, ours = pair
+    pixel_values, grid = qwen_vision.preprocess(noise_image(500, 375), max_pixels=400 * 400)
+    ids = prompt(grid[1] * grid[2] // 4)
+    with torch.inference_mode():
+        expected = hf.generate(
+            **hf_inputs(ids, pixel_values, grid), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(ids) :].tolist()
+        cache = KVCache(4, room=6)
+        logits, info = ours.prefill(ids, ours.encode_image(pixel_values, grid), [grid], todre.NO_PRUNING, cache)
+        tokens = [int(logits[0, -1].argmax())]
+        for step in range(5):
+            tokens.append(int(ours.decode_step(tokens[-1], info.next_position + step, cache).argmax()))
+    assert tokens == expected
+
+
+def test_stage2_eviction_keeps_every_other_tokens_3d_position(pair):
+    """Forced after layer 1: the logits of the text after the image equal a run of transformers'
+    layers in which the text stops seeing the image from layer 2 on, all positions unchanged."""
+    hf, ours = pair
+    pixel_values, grid = qwen_vision.preprocess(noise_image(300, 200), max_pixels=400 * 400)
+    ids = prompt(grid[1] * grid[2] // 4)
+    with torch.inference_mode():
+        tokens = ours.encode_image(pixel_values, grid)
+        logits, info = ours.prefill(
+            ids, tokens, [grid], todre.Settings(retain=1.0, tau=0.0, evict_layer=1), KVCache(4, room=0), all_logits=True
+        )
+        # Brute force with our own layers' weights, attention masked by hand.
+        lm = ours.language_model
+        positions = ours.positions(ids, [grid])
+        cos, sin = ours.rope(positions, torch.float32)
+        x = lm.embed_tokens(ids)
+        is_image = ids == IMAGE
+        x[is_image] = tokens
+        n = len(ids)
+        for i, layer in enumerate(lm.layers):
+            mask = torch.ones(n, n, dtype=torch.bool).tril()
+            if i >= 2:
+                mask &= ~is_image[None, :]
+            x = masked_layer(layer, x, cos, sin, mask)
+        expected = lm.logits(x[~is_image][None])[0]
+    assert info.evict_layer == 1 and torch.equal(info.positions, positions[:, ~is_image])
+    assert (logits[0] - expected).abs().max() < 1e-4
+
+
+def masked_layer(layer, x, cos, sin, mask):
+    from llama import apply_rope
+
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    n = len(x)
+    q = attn.q_proj(h).view(n, attn.heads, attn.head_dim).transpose(0, 1)
+    k = attn.k_proj(h).view(n, attn.kv_heads, attn.head_dim).transpose(0, 1)
+    v = attn.v_proj(h).view(n, attn.kv_heads, attn.head_dim).transpose(0, 1)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = (t.repeat_interleave(attn.heads // attn.kv_heads, dim=0) for t in (k, v))
+    scores = (q @ k.transpose(1, 2)) / attn.head_dim**0.5
+    out = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+    x = x + attn.o_proj(out.transpose(0, 1).reshape(n, -1))
+    h = layer.post_attention_layernorm(x)
+    return x + layer.mlp.down_proj(torch.nn.functional.silu(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h))
