@@ -408,13 +408,20 @@ def unused_key(name: str, vision_layers_run: int) -> bool:
 
 
 def read_weights(
-    directory: Path, expected: dict, device: torch.device, dtype: torch.dtype, skip, tied: dict | None = None
+    directory: Path,
+    expected: dict,
+    device: torch.device,
+    dtype: torch.dtype,
+    skip,
+    tied: dict | None = None,
+    rename=hub_key,
 ) -> dict:
     """Every *.safetensors file in `directory` as {parameter name: tensor} on `device` in `dtype`.
 
     expected: {name: shape} of the model's parameters; skip(name): True for checkpoint tensors the
     model deliberately does not build; tied: {name: the name whose tensor it shares when the
-    checkpoint omits it} (tie_word_embeddings). Refused, naming the tensor: a name in two shards,
+    checkpoint omits it} (tie_word_embeddings); rename(key): a tensor's name -> our parameter's
+    (hub_key: LLaVA's layouts). Refused, naming the tensor: a name in two shards,
     an integer tensor where a float weight belongs, a tensor holding NaN or inf, and any missing,
     unexpected or mis-shaped names.
     """
@@ -432,7 +439,7 @@ def read_weights(
         try:
             with safe_open(file, framework="pt", device=str(device)) as f:
                 for key in f.keys():
-                    name = hub_key(key)
+                    name = rename(key)
                     if name not in expected:
                         if not skip(name):
                             unexpected.append(key)

@@ -8,16 +8,19 @@ row, their column), after which the text counts on from the image's largest posi
 head dimension's rotary frequencies are split into three sections (mrope_section), each rotated
 by one of the three positions.
 
-Not yet here: loading a Hub checkpoint, the chat template, Stage 1 on the merged tokens, and the
+`load` reads a checkpoint directory (config.json and safetensors, both layouts). Not yet here: the
+Hub download and chat template (checkpoint.py, prompt.py), Stage 1 on the merged tokens, and the
 programs; the model computes what transformers does (tested on tiny random checkpoints).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import todre
+from checkpoint import CheckpointError, read_json, read_weights
 from llama import KVCache, Llama, LlamaConfig
 from model import PrefillInfo
 from qwen_vision import QwenVisionConfig, VisionTower
@@ -130,3 +133,66 @@ class QwenVL(nn.Module):
         for i, layer in enumerate(self.language_model.layers):
             x, _ = layer(x, cos, sin, kv_cache, i)
         return self.language_model.logits(x)[0, -1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def read_config(directory: Path) -> QwenVLConfig:
+    """A Qwen2.5-VL config.json: the text fields at the top level (Qwen's own release) or under
+    text_config (transformers 5), rope_theta and mrope_section under rope_scaling or rope_parameters."""
+    path = directory / "config.json"
+    cfg = read_json(path)
+    if cfg.get("model_type") != "qwen2_5_vl":
+        raise CheckpointError(
+            f"{path}: model_type {cfg.get('model_type')!r} is not Qwen2.5-VL (qwen2_5_vl); "
+            "Qwen2-VL and Qwen3-VL are not supported"
+        )
+    text = {**cfg, **cfg.get("text_config", {})}
+    rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
+    names = {f.name for f in fields(LlamaConfig)}
+    text_fields = {k: v for k, v in text.items() if k in names and v is not None}
+    text_fields.update(rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 1000000.0))), qkv_bias=True)
+    text_fields.setdefault("rms_norm_eps", 1e-6)
+    vision_names = {f.name for f in fields(QwenVisionConfig)}
+    vision = {k: v for k, v in cfg.get("vision_config", {}).items() if k in vision_names}
+    vision.setdefault("out_hidden_size", text_fields.get("hidden_size"))
+    try:
+        return QwenVLConfig(
+            LlamaConfig(**text_fields),
+            QwenVisionConfig(**vision),
+            cfg.get("image_token_id", text.get("image_token_id", 151655)),
+            list(rope.get("mrope_section", [16, 24, 24])),
+        )
+    except TypeError as e:  # a required field missing
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def qwen_key(key: str) -> str:
+    """A checkpoint tensor name -> ours. Qwen's release: visual.*, model.* (the decoder), lm_head;
+    transformers 5: model.visual.*, model.language_model.*, lm_head."""
+    if key == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    key = key.removeprefix("model.")
+    return key if key.startswith(("visual.", "language_model.")) else "language_model." + key
+
+
+def load(directory, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> QwenVL:
+    """A Qwen2.5-VL model from a local checkpoint directory (config.json, *.safetensors)."""
+    directory = Path(directory)
+    cfg = read_config(directory)
+    with torch.device("meta"):
+        model = QwenVL(cfg)
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    tied = (
+        {"language_model.lm_head.weight": "language_model.embed_tokens.weight"} if cfg.text.tie_word_embeddings else {}
+    )
+
+    def skip(name: str) -> bool:  # buffers some exports saved
+        return name.endswith(".inv_freq")
+
+    state = read_weights(directory, expected, torch.device(device), dtype, skip, tied, rename=qwen_key)
+    model.load_state_dict(state, assign=True)
+    return model.eval()

@@ -170,9 +170,9 @@ class VisionTower(nn.Module):
     def __init__(self, cfg: QwenVisionConfig):
         super().__init__()
         self.config = cfg
-        patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
-        self.patch_embed = nn.Module()  # a Conv3d on the Hub, with kernel = stride: a linear map of each patch
-        self.patch_embed.proj = nn.Linear(patch_dim, cfg.hidden_size, bias=False)
+        self.patch_embed = nn.Module()  # a Conv3d with kernel = stride: a linear map of each flattened patch
+        kernel = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.patch_embed.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel, stride=kernel, bias=False)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         merged = cfg.hidden_size * cfg.spatial_merge_size**2
         self.merger = nn.Module()
@@ -196,7 +196,8 @@ class VisionTower(nn.Module):
         cfg = self.config
         _, grid_h, grid_w = grid
         merge, unit = cfg.spatial_merge_size, cfg.spatial_merge_size**2
-        x = self.patch_embed.proj(pixel_values.to(self.patch_embed.proj.weight.dtype))  # (n, hidden)
+        weight = self.patch_embed.proj.weight  # (hidden, 3, temporal, patch, patch)
+        x = F.linear(pixel_values.to(weight.dtype), weight.flatten(1))  # (n, hidden): the Conv3d, patch by patch
         order, sizes = windows(grid_h, grid_w, merge, cfg.window_size // merge // cfg.patch_size)
         # Window attention needs each window's tokens consecutive: the 2x2 blocks are reordered window by
         # window (each block's 4 patches stay together), and put back after the merger.

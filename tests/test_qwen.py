@@ -45,7 +45,7 @@ def pair():
     for key, value in hf.state_dict().items():
         key = key.replace("model.visual.", "visual.").replace("model.language_model.", "language_model.")
         key = key.replace("lm_head.", "language_model.lm_head.")
-        state[key] = value.reshape(value.shape[0], -1) if key == "visual.patch_embed.proj.weight" else value
+        state[key] = value
     ours.load_state_dict(state, strict=True)
     return hf, ours.eval()
 
@@ -158,3 +158,47 @@ def masked_layer(layer, x, cos, sin, mask):
     x = x + attn.o_proj(out.transpose(0, 1).reshape(n, -1))
     h = layer.post_attention_layernorm(x)
     return x + layer.mlp.down_proj(torch.nn.functional.silu(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h))
+
+
+def test_a_saved_checkpoint_loads_in_both_key_layouts_and_equals_transformers(pair, tmp_path):
+    """save_pretrained's layout (model.visual.*, model.language_model.*) and Qwen's own release
+    (visual.*, model.layers.*, a flat config.json with rope_scaling): the same logits."""
+    import json
+
+    from safetensors.torch import save_file
+
+    hf, _ = pair
+    hf.save_pretrained(tmp_path / "v5")
+    release = tmp_path / "release"
+    release.mkdir()
+    config = json.loads((tmp_path / "v5" / "config.json").read_text())
+    text = config.pop("text_config")
+    rope = text.pop("rope_parameters")
+    flat = {**config, **text, "model_type": "qwen2_5_vl", "rope_theta": rope["rope_theta"]}
+    flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    (release / "config.json").write_text(json.dumps(flat))
+    renamed = {
+        k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v.contiguous()
+        for k, v in hf.state_dict().items()
+    }
+    save_file(renamed, str(release / "model.safetensors"))
+    pixel_values, grid = qwen_vision.preprocess(noise_image(300, 200), max_pixels=400 * 400)
+    ids = prompt(grid[1] * grid[2] // 4)
+    with torch.inference_mode():
+        expected = hf(**hf_inputs(ids, pixel_values, grid)).logits[0]
+        for directory in (tmp_path / "v5", release):
+            ours = qwen.load(directory)
+            tokens = ours.encode_image(pixel_values, grid)
+            logits, _ = ours.prefill(ids, tokens, [grid], todre.NO_PRUNING, KVCache(4, room=0), all_logits=True)
+            assert (logits[0] - expected).abs().max() < 1e-4, directory.name
+
+
+def test_other_architectures_are_refused_in_one_line(tmp_path):
+    import json
+
+    from checkpoint import CheckpointError
+
+    for model_type in ("qwen2_vl", "qwen3_vl", "llava"):
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+        with pytest.raises(CheckpointError, match=f"model_type '{model_type}' is not Qwen2.5-VL"):
+            qwen.load(tmp_path)

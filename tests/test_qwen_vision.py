@@ -52,8 +52,7 @@ def test_the_checkpoints_pixel_budget_is_followed():
 
 
 def tiny_vision_pair(seed: int = 0):
-    """transformers' Qwen2.5-VL vision tower, tiny and random, and ours with its weights (the Conv3d
-    patch embedding read as the linear map it is)."""
+    """transformers' Qwen2.5-VL vision tower, tiny and random, and ours with its weights."""
     import torch
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
@@ -67,10 +66,7 @@ def tiny_vision_pair(seed: int = 0):
     for parameter in hf_tower.parameters():  # random, not the init's zeros and ones
         torch.nn.init.normal_(parameter, std=0.2)
     ours = qwen_vision.VisionTower(qwen_vision.QwenVisionConfig(**fields))
-    state = {
-        k: v.reshape(v.shape[0], -1) if k == "patch_embed.proj.weight" else v for k, v in hf_tower.state_dict().items()
-    }
-    ours.load_state_dict(state, strict=True)
+    ours.load_state_dict(hf_tower.state_dict(), strict=True)
     return hf_tower, ours.eval()
 
 
