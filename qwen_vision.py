@@ -24,7 +24,7 @@ from llama import RMSNorm, apply_rope
 
 MIN_PIXELS = 56 * 56  # transformers' Qwen2VLImageProcessor defaults (size shortest_edge, longest_edge)
 MAX_PIXELS = 28 * 28 * 1280
-MAX_ASPECT_RATIO = 200  # transformers refuses a longer side over 200 times the shorter
+MAX_SIDE_RATIO = 200  # transformers refuses a longer side over 200 times the shorter
 
 
 def smart_resize(
@@ -34,9 +34,9 @@ def smart_resize(
     multiple of `factor`; if that has more than max_pixels (or fewer than min_pixels) pixels, both
     sides scaled by one factor and floored (ceiled) to multiples instead, so the aspect ratio stays
     as close as it can. ValueError for an aspect ratio over 200."""
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+    if max(height, width) / min(height, width) > MAX_SIDE_RATIO:
         raise ValueError(
-            f"a {width}x{height} image is more than {MAX_ASPECT_RATIO} times longer than it is wide, "
+            f"a {width}x{height} image is more than {MAX_SIDE_RATIO} times longer than it is wide, "
             "which Qwen2.5-VL's processor refuses"
         )
     h, w = round(height / factor) * factor, round(width / factor) * factor

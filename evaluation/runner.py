@@ -483,10 +483,11 @@ class Answerer:
 def todo_groups(questions: list[Question], predictions: dict[str, Predictions], rank: int, world: int) -> list:
     """This process's share: whole image groups, every world-th from the rank-th, of those that some
     configuration still misses; a stored answer to a question asked differently, or about other
-    image bytes than the image now has, is refused."""
+    image bytes than the image now has, is refused (each rank hashes the images of its own share)."""
     mine, embedded = [], EmbeddedImages()
     for i, group in enumerate(image_groups(questions)):
-        check_image_unchanged(group, predictions, embedded)
+        if i % world == rank:
+            check_image_unchanged(group, predictions, embedded)
         for q in group:
             for p in predictions.values():
                 stored = p.done.get(q.key)
