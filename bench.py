@@ -1,10 +1,12 @@
-"""Speed and memory of LLaVA-NeXT with and without ToDRE, side by side, on random weights.
+"""Speed and memory of LLaVA-NeXT or Qwen2.5-VL with and without ToDRE, side by side, on random weights.
 
     python bench.py --preset small --json results.json
+    python bench.py --preset qwen7b                          # Qwen2.5-VL-7B's shapes
     python bench.py --preset small --reuse --new-tokens 4   # evaluation: one encode per image vs one per question
 
 Every configuration runs in a fresh subprocess (so CPU peak RSS is its own) on the same seeded
-random weights and the same synthetic 672x672 image (2880 patch tokens) and question.
+random weights and the same synthetic 672x672 image (LLaVA-NeXT: 2880 patch tokens; Qwen2.5-VL at
+its native resolution: 576 merged tokens) and question.
 Random weights give meaningless attention ratios, so Stage 2 is forced after the paper's layer
 L/2 (index L/2 - 1, --evict-layer); everywhere else the real decision rule (eq. 7 < tau) is the default.
 """
@@ -27,7 +29,9 @@ import todre
 from clip import CLIPVisionConfig
 from evaluation import configs, flops
 from llama import LlamaConfig
-from model import Llava, LlavaConfig, generate
+from model import Llava, LlavaConfig, generate, placement
+from qwen import QwenVL, QwenVLConfig
+from qwen_vision import QwenVisionConfig
 
 CLIP_L_336 = dict(
     hidden_size=1024,
@@ -62,15 +66,37 @@ PRESETS = {
         text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
     ),
 }
+# Qwen2.5-VL presets: the vision tower's fields (vision_config) and the Qwen2 decoder's.
+QWEN_PRESETS = {
+    "qwen-tiny": dict(
+        vision=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=4, fullatt_block_indexes=[1]),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4),
+        text_extra=dict(num_key_value_heads=2),
+        mrope_section=[2, 3, 3],
+    ),
+    # the exact Qwen2.5-VL-7B-Instruct shapes (config.json)
+    "qwen7b": dict(
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16),
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28),
+        text_extra=dict(num_key_value_heads=4),
+        mrope_section=[16, 24, 24],
+    ),
+}
+PRESETS.update(QWEN_PRESETS)
 TEXT_DEFAULTS = dict(vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)
+QWEN_TEXT_DEFAULTS = dict(vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6, rope_theta=1e6)
 PINPOINTS = anyres.LLAVA_NEXT_PINPOINTS
 CONFIGS = ["full", "stage1-0.10", "todre-0.25", "todre-0.10", "hf-full"]
 PREFIX_TOKENS, SUFFIX_TOKENS = 35, 12  # the Vicuna system prompt and "USER:"; a short question and " ASSISTANT:"
 IMAGE_TOKEN = 32000
 
 
-def model_config(preset: str) -> LlavaConfig:
+def model_config(preset: str) -> LlavaConfig | QwenVLConfig:
     p = PRESETS[preset]
+    if preset in QWEN_PRESETS:
+        text = {**p["text"], **p["text_extra"], **QWEN_TEXT_DEFAULTS, "eos_token_id": -1, "qkv_bias": True}
+        vision = QwenVisionConfig(**p["vision"], out_hidden_size=p["text"]["hidden_size"])
+        return QwenVLConfig(LlamaConfig.from_dict(text), vision, IMAGE_TOKEN, p["mrope_section"])
     # eos_token_id -1: random weights must not stop early; every configuration decodes --new-tokens tokens.
     text = LlamaConfig.from_dict({**p["text"], **TEXT_DEFAULTS, "eos_token_id": -1})
     return LlavaConfig(
@@ -88,10 +114,10 @@ def settings_for(name: str, evict_layer: int) -> todre.Settings:
     return replace(settings, evict_layer=evict_layer) if settings.tau > 0 else settings
 
 
-def build_model(cfg: LlavaConfig, device, dtype, seed: int) -> Llava:
+def build_model(cfg: LlavaConfig | QwenVLConfig, device, dtype, seed: int) -> Llava | QwenVL:
     """Seeded random weights, made directly on the device: N(0, 0.02) matrices, unit norms."""
     with torch.device("meta"):
-        model = Llava(cfg)
+        model = QwenVL(cfg) if isinstance(cfg, QwenVLConfig) else Llava(cfg)
     model = model.to(dtype).to_empty(device=device)  # memory for the weights in their final dtype only
     g = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
@@ -120,12 +146,13 @@ def synthetic_prompt_ids(num_visual: int, device) -> torch.Tensor:
     return ids.to(device)
 
 
-def time_probes(model, ids, visual_embeds, settings, device) -> dict:
+def time_probes(model, ids, visual_embeds, settings, device, where) -> dict:
     """Stage 2's own cost: eq. 7 (todre.cross_modal_ratios) at every probe layer, timed alone, on
     that layer's real keys and queries of the same shape (its cost does not depend on their values)."""
     lm = model.language_model
     kv_cache = model.new_kv_cache(1)
-    model.prefill(ids, visual_embeds, replace(settings, tau=0.0, evict_layer=None), kv_cache)  # keys of every layer
+    unpruned = replace(settings, tau=0.0, evict_layer=None)
+    model.prefill(ids, visual_embeds, unpruned, kv_cache, placement=where)  # the keys of every layer
     visual_pos, text_pos = todre.token_sets(ids == IMAGE_TOKEN)
     layers = todre.probe_layers(len(lm.layers), settings.probe_fractions)
     attention = lm.layers[0].self_attn
@@ -149,7 +176,10 @@ def run_ours(model, name, args, image, device):
         kept = model.select(visual, settings)
         select_done = cli.now(device)
         ids = synthetic_prompt_ids(len(kept), device)
-        generation = generate(model, ids, visual.tokens[kept], settings, args.new_tokens, clock=lambda: cli.now(device))
+        where = placement([visual], [kept])  # Qwen2.5-VL: the kept tokens' places for M-RoPE; LLaVA: None
+        generation = generate(
+            model, ids, visual.tokens[kept], settings, args.new_tokens, clock=lambda: cli.now(device), placement=where
+        )
         assert len(generation.token_ids) == args.new_tokens
         times.append(
             dict(
@@ -171,7 +201,7 @@ def run_ours(model, name, args, image, device):
         prefill_tflops_exact=exact / 1e12,
     )
     if settings.tau > 0:
-        row["stage2_probe"] = time_probes(model, ids, visual.tokens[kept], settings, device)
+        row["stage2_probe"] = time_probes(model, ids, visual.tokens[kept], settings, device, where)
     return times[args.warmup :], row
 
 
@@ -495,6 +525,11 @@ def main(argv=None) -> int:
         except ValueError as e:
             print(f"error: {str(e).splitlines()[0]} (see --help for the names)", file=sys.stderr)
             return 2
+    if "hf-full" in names and args.preset in QWEN_PRESETS:  # the transformers run is LLaVA-NeXT's
+        if args.configs != ",".join(CONFIGS):
+            print("error: hf-full runs transformers' LLaVA-NeXT: use a LLaVA preset, or drop hf-full", file=sys.stderr)
+            return 2
+        names.remove("hf-full")
     if "hf-full" in names and importlib.util.find_spec("transformers") is None:  # the reference is optional
         print("transformers is not installed: skipping hf-full", file=sys.stderr)
         names.remove("hf-full")

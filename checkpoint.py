@@ -26,8 +26,10 @@ DEFAULT_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.*", "*.jinja"]  # .jinja: chat templates, rendered in a sandbox
 
 
-# The checkpoint families this project runs (config.json's model_type).
-MODEL_TYPES = ("llava", "llava_next", "llava_next_video")
+# The checkpoint families this project runs (config.json's model_type): LLaVA here and in model.py,
+# Qwen2.5-VL in qwen.py.
+LLAVA_TYPES = ("llava", "llava_next", "llava_next_video")
+MODEL_TYPES = (*LLAVA_TYPES, "qwen2_5_vl")
 
 
 class CheckpointError(Exception):
@@ -77,12 +79,18 @@ def read_config(directory: Path) -> dict:
     return settings
 
 
+def model_type(directory: Path) -> str:
+    """config.json's model_type: which file builds the model (model.load dispatches on it)."""
+    found = read_json(directory / "config.json").get("model_type")
+    return found if isinstance(found, str) else repr(found)
+
+
 def check_architecture(cfg: dict, directory: Path) -> None:
     """A LLaVA of the kinds this project builds, with the feature strategy and projector it runs."""
     path = directory / "config.json"
-    if cfg.get("model_type") not in MODEL_TYPES:
+    if cfg.get("model_type") not in LLAVA_TYPES:
         raise CheckpointError(
-            f"{directory} holds a {cfg.get('model_type')!r} model, not a LLaVA checkpoint ({', '.join(MODEL_TYPES)})"
+            f"{directory} holds a {cfg.get('model_type')!r} model; supported: {', '.join(MODEL_TYPES)}"
         )
     if cfg.get("vision_feature_select_strategy", "default") != "default":
         raise CheckpointError(f"{path}: only vision_feature_select_strategy 'default' (drop [CLS]) is supported")
@@ -376,6 +384,16 @@ def stop_ids(directory: Path, cfg, tokenizer: "prompt.PromptTokenizer") -> set[i
     ids.update(eos if isinstance(eos, list) else [eos] if is_count(eos) else [])
     end_of_turn = tokenizer.end_of_turn_id()
     return ids | ({end_of_turn} if end_of_turn is not None else set())
+
+
+def repetition_penalty(directory: Path) -> float:
+    """generation_config.json's repetition_penalty (1.0 without one), which transformers' generate
+    applies by default: Qwen2.5-VL's releases set 1.05; llava-hf's set none."""
+    path = directory / "generation_config.json"
+    penalty = read_json(path).get("repetition_penalty", 1.0) if path.exists() else 1.0
+    if not (is_number(penalty) and penalty > 0):
+        raise CheckpointError(f"{path}: repetition_penalty must be a positive number, got {penalty!r}")
+    return float(penalty)
 
 
 # ---------------------------------------------------------------------------------------------

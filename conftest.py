@@ -508,6 +508,91 @@ def family(request, families):
     return families(request.param)
 
 
+# Qwen2.5-VL's chat template as its checkpoints ship it (chat_template.json): a default system turn,
+# each image as <|vision_start|><|image_pad|><|vision_end|> before the text of its message.
+QWEN_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
+QWEN_SPECIALS += ["<|image_pad|>", "<|video_pad|>"]
+QWEN_PIXELS = (28 * 28 * 4, 28 * 28 * 64)  # a small pixel budget: 4 to 64 merged tokens per image
+
+
+class QwenCheckpoint:
+    """A tiny random Qwen2.5-VL checkpoint saved by transformers (model, image processor, byte-level
+    tokenizer with Qwen's special tokens, Qwen's chat template), with transformers' model and
+    processor, and ours loaded from the directory through model.load."""
+
+    def __init__(self, directory: Path, seed: int = 0):
+        directory.mkdir(parents=True, exist_ok=True)
+        tokenizer = byte_level_tokenizer(QWEN_SPECIALS)
+        tokenizer.post_processor = None  # Qwen adds no BOS
+        tokenizer.save(str(directory / "tokenizer.json"))
+        ids = {name: tokenizer.token_to_id(f"<|{name}|>") for name in ("image_pad", "video_pad", "vision_start")}
+        ids.update(vision_end=tokenizer.token_to_id("<|vision_end|>"), im_end=tokenizer.token_to_id("<|im_end|>"))
+        vision = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=48)
+        vision.update(fullatt_block_indexes=[1], window_size=112)
+        text = dict(vocab_size=tokenizer.get_vocab_size() + 8, hidden_size=48, intermediate_size=96)
+        text.update(num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+        text.update(rms_norm_eps=1e-6, eos_token_id=ids["im_end"], bos_token_id=ids["im_end"], pad_token_id=0)
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]}
+        config = tf.Qwen2_5_VLConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=ids["image_pad"],
+            video_token_id=ids["video_pad"],
+            vision_start_token_id=ids["vision_start"],
+            vision_end_token_id=ids["vision_end"],
+        )
+        torch.manual_seed(seed)
+        self.hf = tf.Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
+        randomize(self.hf, seed)
+        self.hf.generation_config.repetition_penalty = 1.3  # Qwen's releases set 1.05; larger, so it shows
+        self.hf.save_pretrained(directory)
+        low, high = QWEN_PIXELS
+        self.image_processor = tf.Qwen2VLImageProcessorPil(size={"shortest_edge": low, "longest_edge": high})
+        self.hf_tokenizer = tf.PreTrainedTokenizerFast(
+            tokenizer_file=str(directory / "tokenizer.json"), eos_token="<|im_end|>", pad_token="<|endoftext|>"
+        )
+        self.hf_tokenizer.chat_template = QWEN_TEMPLATE
+        self.hf_tokenizer.save_pretrained(directory)  # tokenizer_config.json, chat_template.jinja
+        self.image_processor.save_pretrained(directory)  # preprocessor_config.json
+        self.directory, self.ids, self.layers = directory, ids, 8
+        self.model, self.tokenizer = model.load(str(directory))
+
+    def hf_inputs(self, image=None, question=QUESTION) -> dict:
+        """What transformers' Qwen2_5_VLProcessor hands the model (its video processor needs
+        torchvision, so its two steps are taken here): the chat template applied, each
+        <|image_pad|> repeated once per merged token, the image processor's pixels and grid."""
+        content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": question}]
+        conversation = [{"role": "user", "content": content}]
+        text = self.hf_tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        inputs = {}
+        if image is not None:
+            pixels = self.image_processor(image, return_tensors="pt")
+            inputs.update(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
+            text = text.replace("<|image_pad|>", "<|image_pad|>" * (int(pixels["image_grid_thw"][0].prod()) // 4))
+        ids = self.hf_tokenizer(text, return_tensors="pt")["input_ids"]
+        inputs.update(input_ids=ids, mm_token_type_ids=(ids == self.ids["image_pad"]).int())
+        return inputs
+
+
+@pytest.fixture(scope="session")
+def qwen_ckpt(tmp_path_factory):
+    return QwenCheckpoint(tmp_path_factory.mktemp("qwen"))
+
+
 FRAME_SIZES = [
     (352, 288),
     (288, 352),

@@ -1,4 +1,4 @@
-"""Answer a question about an image (or a video) with LLaVA, pruned by ToDRE.
+"""Answer a question about an image (or a video) with LLaVA or Qwen2.5-VL, pruned by ToDRE.
 
     python generate.py --image photo.jpg --prompt "What is in this picture?"
 
@@ -87,10 +87,17 @@ def stats(clip, visual, settings, tokenizer, reply: Reply, vision_s: float, devi
         candidates = int((~is_newline).sum())
         if settings.keep_tokens is not None and settings.keep_tokens > candidates:
             lines.append(f"Stage 1 budget: --keep-tokens {settings.keep_tokens} clamped to the {candidates} candidates")
-        lines.append(
-            f"visual tokens: {len(visual.tokens)} packed -> {len(reply.kept)} after Stage 1 ({settings.select}, "
-            f"{int(is_newline[reply.kept].sum())} of {int(is_newline.sum())} newlines kept)"
-        )
+        if visual.grid is not None:  # Qwen2.5-VL: merged tokens on the image's own grid, no newlines
+            rows, cols = visual.grid[1:]
+            lines.append(
+                f"visual tokens: {len(visual.tokens)} merged ({rows}x{cols}) -> {len(reply.kept)} after Stage 1 "
+                f"({settings.select}, {settings.pivot} pivot)"
+            )
+        else:
+            lines.append(
+                f"visual tokens: {len(visual.tokens)} packed -> {len(reply.kept)} after Stage 1 ({settings.select}, "
+                f"{int(is_newline[reply.kept].sum())} of {int(is_newline.sum())} newlines kept)"
+            )
         ratios = ", ".join(f"layer {i}: a_tv={tv:.4f} a_vt={vt:.4f}" for i, (tv, vt) in reply.info.ratios.items())
         lines.append(f"attention ratios (eq. 7): {ratios or 'not measured (tau = 0)'}")
         evict = reply.info.evict_layer
@@ -123,6 +130,7 @@ def settings_from(args) -> todre.Settings:
     if args.no_todre:
         return todre.NO_PRUNING
     overrides = dict(retain=args.retain, keep_tokens=args.keep_tokens, tau=args.tau, select=args.select)
+    overrides.update(pivot=args.pivot, pivot_seed=args.pivot_seed)
     return todre.variant(args.variant, probe_layers=args.probe_layers, newlines=args.newlines, **overrides)
 
 
@@ -132,7 +140,7 @@ def settings_from(args) -> todre.Settings:
 
 
 def flags() -> cli.Parser:
-    p = cli.Parser(description="LLaVA with ToDRE visual token pruning.")
+    p = cli.Parser(description="LLaVA or Qwen2.5-VL with ToDRE visual token pruning.")
     add = p.add_argument
     add("--image", help="image file to ask about")
     add("--video", help="video file (.mp4, .mkv, .webm, ...; needs PyAV), directory of frames, or animated GIF/WebP")
@@ -153,6 +161,8 @@ def flags() -> cli.Parser:
     add("--probe-layers", help="Stage 2: comma-separated 0-based layers (default 15,19,23,27 for 32 layers)")
     add("--select", choices=list(todre.SELECTORS), help="Stage 1 selector (default: the variant's)")
     add("--newlines", choices=["drop", "keep"], default="drop", help="Stage 1: drop or keep the image_newline tokens")
+    add("--pivot", choices=["attention", "random"], help="Stage 1's first token: most attended (default) or random")
+    add("--pivot-seed", type=int, help="--pivot random: its seed (default 0)")
     add("--no-todre", action="store_true", help="no pruning; the same as --retain 1 --tau 0")
     add("--save-selection", metavar="PNG", help="save the image with the kept visual tokens highlighted")
     add("--stats", action="store_true", help="token counts, attention ratios and timings to stderr")
@@ -176,6 +186,9 @@ def parse_args(argv):
     check_number("--max-new-tokens", args.max_new_tokens, 1, math.inf)
     check_number("--max-frames", args.max_frames, 1, 10_000)
     check_number("--seed", args.seed, 0, 2**64 - 1)
+    check_number("--pivot-seed", args.pivot_seed, 0, 2**63 - 1)
+    if args.pivot_seed is not None and args.pivot != "random":
+        raise UsageError("--pivot-seed seeds a random pivot: add --pivot random")
     if args.probe_layers is not None:
         args.probe_layers = cli.layer_list("--probe-layers", args.probe_layers)
     try:

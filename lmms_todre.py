@@ -29,7 +29,7 @@ from checkpoint import DEFAULT_MODEL, CheckpointError
 from cli import UsageError
 from evaluation import batched, configs, tables
 from media import MediaError, open_image_bytes, open_video
-from model import InputError, check_generation, check_video_budget, generate, load, prompt_ids
+from model import InputError, check_generation, check_video_budget, generate, load, placement, prompt_ids
 from prompt import PromptFormat
 
 try:
@@ -136,10 +136,11 @@ class ToDRE(LMMsModel):
         return found, video
 
     def inputs(self, question: str, request):
-        """(prompt ids, visual embeddings or None) for one request, Stage 1 applied per image."""
+        """(prompt ids, visual embeddings or None, their placement) for one request, Stage 1
+        applied per image (the placement: where the kept tokens sit, for Qwen2.5-VL's M-RoPE)."""
         found, video = self.visuals(request)
         if not found:
-            return prompt_ids(self.tokenizer, question).to(self.device), None
+            return prompt_ids(self.tokenizer, question).to(self.device), None, None
         if video:  # this project's frame sampling and pooling: 1 fps, at most max_frames, 2x2 pooled
             frames = open_video(found[0], self.max_frames).frames
             check_video_budget(self.model, len(frames), self.video_newlines, self.settings, 1)
@@ -158,7 +159,7 @@ class ToDRE(LMMsModel):
                 f"{len(counts)} visual input(s)"
             )
         ids = prompt_ids(self.tokenizer, question, counts if len(counts) > 1 else counts[0], video, inline=inline)
-        return ids.to(self.device), embeds
+        return ids.to(self.device), embeds, placement(visuals, kept)
 
     @torch.inference_mode()
     def generate_until(self, requests) -> list[str]:
@@ -194,9 +195,11 @@ class ToDRE(LMMsModel):
         question, gen_kwargs = request.args[0], dict(request.args[1])
         max_new_tokens = int(gen_kwargs.get("max_new_tokens", 1024))
         temperature = float(gen_kwargs.get("temperature", 0) or 0)
-        ids, embeds = self.inputs(question, request)
+        ids, embeds, where = self.inputs(question, request)
         generator = torch.Generator(self.device).manual_seed(0)
-        result = generate(self.model, ids, embeds, self.settings, max_new_tokens, temperature, generator)
+        result = generate(
+            self.model, ids, embeds, self.settings, max_new_tokens, temperature, generator, placement=where
+        )
         self.visual_tokens.append({"visual_tokens": 0 if embeds is None else len(embeds)})
         self.visual_tokens[-1]["evict_layer"] = result.info.evict_layer
         return cut(self.tokenizer.decode(result.token_ids), request)
@@ -204,6 +207,8 @@ class ToDRE(LMMsModel):
     def answer_together(self, group) -> dict[int, str] | None:
         """Greedy answers to requests about one image on one shared prefix, by index; None where
         their prompts share none (an image placed inside the context), to be answered one at a time."""
+        if not batched.supports(self.model):
+            return None
         if any(self.tokenizer.placeholder(False)[0] in request.args[0] for _, request in group):
             return None
         first = group[0][1]
@@ -237,7 +242,7 @@ class ToDRE(LMMsModel):
             context, target = request.args[0], request.args[1]
             _, _, doc_to_visual, doc_id, task, split = request.args[:6]
             continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
-            ids, embeds = self.inputs(context, request)
+            ids, embeds, where = self.inputs(context, request)
             # the continuation as the model would generate it after the opened assistant turn: its own
             # tokens (SentencePiece gives "yes" its leading piece, as after "ASSISTANT:"), no end token
             cont = torch.tensor(self.tokenizer.encode(continuation, add_special_tokens=False).ids, dtype=torch.long)
@@ -245,10 +250,10 @@ class ToDRE(LMMsModel):
                 raise InputError(f"the continuation {continuation!r} has no tokens")
             full = torch.cat([ids, cont.to(self.device)])
             kv_cache = self.model.new_kv_cache(1)
-            logits, info = self.model.prefill(full, embeds, self.settings, kv_cache, all_logits=True)
-            positions = info.positions.tolist()
-            where = {p: i for i, p in enumerate(positions)}
-            rows = torch.stack([logits[0, where[p - 1]] for p in range(len(ids), len(full))])  # predict each token
+            logits, _ = self.model.prefill(full, embeds, self.settings, kv_cache, all_logits=True, placement=where)
+            # Eviction removes only visual tokens, which come before the text: the continuation is still
+            # the last len(cont) rows, each predicted by the row before it.
+            rows = logits[0, -len(cont) - 1 : -1]
             logprobs = rows.log_softmax(-1)
             targets = full[len(ids) :]
             total = float(logprobs.gather(-1, targets[:, None]).sum())

@@ -24,8 +24,10 @@ import todre
 from checkpoint import (
     DEFAULT_MODEL,
     load_tokenizer,
+    model_type,
     read_config,
     read_weights,
+    repetition_penalty,
     resolve_checkpoint,
     stop_ids,
     unused_key,
@@ -57,6 +59,7 @@ class VisualTokens:
     cls_attn: torch.Tensor  # (crops or frames, t) [CLS] -> patch attention of the feature layer
     layout: anyres.Layout | None  # AnyRes packing geometry; None for square crops (video frames)
     framings: list[anyres.Framing] | None = None  # how each square crop was cut from its image or frame
+    grid: tuple[int, int, int] | None = None  # Qwen2.5-VL: (frames, rows, columns) of LLM tokens; tokens row-major
 
     def __post_init__(self):
         # Checked where visual tokens are made, so every configuration (Stage 1 on or off) sees it:
@@ -70,13 +73,31 @@ class VisualTokens:
 
 
 @dataclass
+class Placement:
+    """Where each visual token of a prompt sits on its image's grid: what Qwen2.5-VL's M-RoPE needs
+    to give the tokens Stage 1 kept their original 3-D positions. LLaVA needs none: its positions
+    count 0..n-1 over the prompt as built, pruned or not."""
+
+    grids: list[tuple[int, int, int]]  # each image's (frames, rows, columns) of LLM tokens, in prompt order
+    cells: torch.Tensor  # (m,) each visual token's row-major index into its image's grid, in prompt order
+
+
+def placement(visuals: list[VisualTokens], kept: list[torch.Tensor]) -> Placement | None:
+    """The Placement of the tokens `kept` (one index tensor per image, from select) of `visuals`,
+    or None for visual tokens without a grid (LLaVA)."""
+    if not visuals or visuals[0].grid is None:
+        return None
+    return Placement([visual.grid for visual in visuals], torch.cat(list(kept)))
+
+
+@dataclass
 class PrefillInfo:
     """What Stage 2 did during one prefill."""
 
     ratios: dict = field(default_factory=dict)  # probe layer -> (a_tv, a_vt), eq. 7
     evict_layer: int | None = None  # layer after which the visual tokens were removed
     positions: torch.Tensor | None = None  # positions of the tokens left at the end of prefill
-    next_position: int | None = None  # M-RoPE (Qwen2.5-VL): where decoding continues; else the prompt's length
+    next_position: int | None = None  # where decoding continues: the prompt's length (M-RoPE: its largest position + 1)
 
 
 @dataclass
@@ -137,6 +158,7 @@ class Llava(nn.Module):
         self.image_newline = nn.Parameter(torch.zeros(d)) if cfg.has_image_newline else None
         self.language_model = Llama(cfg.text)
         self.stop_ids = set(cfg.text.eos_token_ids)  # load() adds the checkpoint's end-of-turn token
+        self.repetition_penalty = 1.0  # load() reads generation_config.json's
 
     @property
     def device(self) -> torch.device:
@@ -277,6 +299,8 @@ class Llava(nn.Module):
         sources = visual.sources[candidates]
         per_crop = visual.cls_attn.shape[1]
         pivot_source = todre.select_pivot(visual.cls_attn, anyres=visual.layout is not None)
+        if settings.pivot == "random":  # v2's ablation: any candidate, seeded
+            pivot_source = int(sources[todre.random_pivot(len(candidates), settings.pivot_seed)])
         chosen = todre.SELECTORS[settings.select](
             todre.Candidates(
                 features=visual.tokens[candidates],
@@ -318,13 +342,15 @@ class Llava(nn.Module):
         kv_cache: KVCache,
         all_logits: bool = False,
         every_layer_ratios: bool = False,
+        placement: Placement | None = None,
     ) -> tuple[torch.Tensor, PrefillInfo]:
         """Run the prompt through the decoder, filling kv_cache; ToDRE Stage 2 happens in this loop.
 
         input_ids (n,) with one image token per row of visual_embeds (m, d). Returns (logits, info):
         logits (1, t, vocab) for every remaining token if all_logits, else for the last one only.
         every_layer_ratios: measure eq. 7 at every layer the visual tokens reach (the paper's
-        Figure 2) as well, without changing what Stage 2 decides.
+        Figure 2) as well, without changing what Stage 2 decides. placement: unused (LLaVA's
+        positions are 0..n-1); taken so that one caller serves both model families.
         """
         lm = self.language_model
         check_prefill(self, input_ids, visual_embeds, settings, kv_cache)
@@ -342,7 +368,8 @@ class Llava(nn.Module):
                 # never see them. The rest keep their original positions (paper §4.2).
                 x, cos, sin, positions = x[:, keep], cos[keep], sin[keep], positions[keep]
                 kv_cache.keep(i, keep)
-        return lm.logits(x if all_logits else x[:, -1:]), PrefillInfo(stage2.ratios, stage2.evict_layer, positions)
+        info = PrefillInfo(stage2.ratios, stage2.evict_layer, positions, next_position=len(input_ids))
+        return lm.logits(x if all_logits else x[:, -1:]), info
 
     def decode_step(self, token: int, position: int, kv_cache: KVCache) -> torch.Tensor:
         """One generated token at `position` -> next-token logits (vocab,)."""
@@ -358,17 +385,32 @@ class Llava(nn.Module):
         max_new_tokens: int,
         temperature: float = 0.0,
         generator: torch.Generator | None = None,
+        prompt_ids: torch.Tensor | None = None,
     ) -> Iterator[int]:
         """Yield up to max_new_tokens ids, the first picked from the prefill's last `logits`, stopping
         before a stop id (which is not yielded). `position`: where the first new token goes (the
-        prefill length: evicted visual tokens keep their positions). Greedy when temperature == 0."""
+        prefill length: evicted visual tokens keep their positions). Greedy when temperature == 0.
+        With the checkpoint's repetition_penalty (generation_config.json; Qwen2.5-VL's is 1.05) every
+        token of prompt_ids and of the answer so far is penalised first, as transformers' generate does."""
+        seen = set(prompt_ids.tolist()) if prompt_ids is not None else set()
         for step in range(max_new_tokens):
+            if self.repetition_penalty != 1.0 and seen:
+                logits = penalize(logits, seen, self.repetition_penalty)
             token = sample(logits, temperature, generator)
             if token in self.stop_ids:
                 return
+            seen.add(token)
             yield token
             if step < max_new_tokens - 1:
                 logits = self.decode_step(token, position + step, kv_cache)
+
+
+def penalize(logits: torch.Tensor, seen: set[int], penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor: the logit of every token already seen is
+    divided by the penalty where positive, multiplied where negative (both make it less likely)."""
+    index = torch.tensor(sorted(seen), device=logits.device)
+    score = logits[index]
+    return logits.index_put((index,), torch.where(score < 0, score * penalty, score / penalty))
 
 
 def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> int:
@@ -409,17 +451,24 @@ def generate(
     every_layer_ratios: bool = False,
     on_token: Callable[[list[int]], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    placement: Placement | None = None,
 ) -> Generation:
     """Prefill (with Stage 2) then decode, on a fresh KV cache: input_ids (n,) holding one
     placeholder id per row of visual_embeds (m, d). on_token(ids so far) is called after each new
-    token (streaming). `clock` should wait for the device (the programs pass cli.now)."""
+    token (streaming). `clock` should wait for the device (the programs pass cli.now). placement:
+    where the visual tokens sit on their images (Qwen2.5-VL needs it; see `placement`)."""
     check_generation(model, input_ids, visual_embeds, max_new_tokens, temperature)
     start = clock()
     kv_cache = model.new_kv_cache(max_new_tokens)
-    logits, info = model.prefill(input_ids, visual_embeds, settings, kv_cache, every_layer_ratios=every_layer_ratios)
+    logits, info = model.prefill(
+        input_ids, visual_embeds, settings, kv_cache, every_layer_ratios=every_layer_ratios, placement=placement
+    )
     prefilled = clock()
     token_ids = []
-    for token in model.decode(logits[0, -1], len(input_ids), kv_cache, max_new_tokens, temperature, generator):
+    tokens = model.decode(
+        logits[0, -1], info.next_position, kv_cache, max_new_tokens, temperature, generator, input_ids
+    )
+    for token in tokens:
         token_ids.append(token)
         if on_token is not None:
             on_token(token_ids)
@@ -463,7 +512,7 @@ def ask(
     input_ids = prompt_ids(tokenizer, question, None if visual is None else len(kept), video).to(model.device)
     generation = generate(
         model, input_ids, visual_embeds, settings, max_new_tokens, temperature, generator, every_layer_ratios,
-        on_token, clock,
+        on_token, clock, placement([visual], [kept]) if visual is not None else None,
     )  # fmt: skip
     text = tokenizer.decode(generation.token_ids)
     return Reply(**vars(generation), text=text, prompt_ids=input_ids, kept=kept, select_s=select_s)
@@ -504,11 +553,16 @@ FLOAT_DTYPES = {
 
 
 def load(model_id: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a Hub id or a local directory; dtype a torch dtype or its name."""
+    """(model, tokenizer) from a Hub id or a local directory; dtype a torch dtype or its name.
+    A LLaVA checkpoint gives a Llava, a Qwen2.5-VL one (model_type qwen2_5_vl) a qwen.QwenVL."""
     dtype = FLOAT_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if dtype not in FLOAT_DTYPES.values():
         raise InputError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
     directory = resolve_checkpoint(model_id)
+    if model_type(directory) == "qwen2_5_vl":
+        import qwen  # Qwen2.5-VL is its own file beside this one and builds on its types, so it is imported here
+
+        return qwen.load_with_tokenizer(directory, device, dtype)
     cfg = LlavaConfig(**read_config(directory))
     tokenizer = load_tokenizer(directory, cfg)
     with torch.device("meta"):
@@ -523,6 +577,7 @@ def load(model_id: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtyp
     )
     model.load_state_dict(state, assign=True)
     model.stop_ids = stop_ids(directory, cfg, tokenizer)
+    model.repetition_penalty = repetition_penalty(directory)
     return model.eval(), tokenizer
 
 

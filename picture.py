@@ -70,6 +70,16 @@ def patch_boxes(framing: Framing, patches: torch.Tensor, side: int) -> torch.Ten
     )
 
 
+def grid_boxes(image_size: tuple[int, int], rows: int, cols: int) -> torch.Tensor:
+    """Boxes (x0, y0, x1, y1) in original pixels of a rows x cols grid laid over the whole image,
+    row-major: Qwen2.5-VL resizes the whole image (no crop, no padding) to a multiple of 28 pixels
+    per side, and each merged token is one 28 x 28 cell of it."""
+    width, height = image_size
+    r, c = torch.meshgrid(torch.arange(rows).double(), torch.arange(cols).double(), indexing="ij")
+    r, c = r.flatten(), c.flatten()
+    return torch.stack([c * width / cols, r * height / rows, (c + 1) * width / cols, (r + 1) * height / rows], dim=-1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Drawing
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +108,10 @@ def draw_selection(media, visual: VisualTokens, kept: torch.Tensor, select: str)
     is_kept = torch.zeros(len(sources), dtype=torch.bool)
     is_kept[kept.cpu()] = True
     panels = []
-    if visual.layout is not None:
+    if visual.grid is not None:  # Qwen2.5-VL: the whole image on a grid of merged tokens
+        _, rows, cols = visual.grid
+        panels.append(selection_panel(media, grid_boxes(media.size, rows, cols), is_kept, f"{select} merged tokens"))
+    elif visual.layout is not None:
         side = visual.layout.side
         boxes = token_boxes(visual.layout, sources)
         crop = sources.div(side * side, rounding_mode="floor")

@@ -74,7 +74,8 @@ class PromptFormat:
         if self.family == "vicuna" or not self.chat_template:
             system = SYSTEMS.get(self.family, "")
             return BUILT_IN[self.family].format(system=system, user=user)
-        media = [{"type": placeholder.strip("<>")}] * images if placeholder else []
+        kind = "video" if placeholder and "video" in placeholder else "image"  # <video>, <|video_pad|>
+        media = [{"type": kind}] * images if placeholder else []
         content = media + [{"type": "text", "text": question}]
         return render_template(
             self.chat_template, [{"role": "user", "content": content}], self.special_tokens, self.source

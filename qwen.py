@@ -1,6 +1,6 @@
-"""Qwen2.5-VL with ToDRE's Stage 2: the vision tower (qwen_vision.py), the Qwen2 decoder (llama.py's
-layers with biased q/k/v projections) and its multimodal RoPE (M-RoPE), as transformers'
-Qwen2_5_VLForConditionalGeneration computes them.
+"""Qwen2.5-VL with ToDRE: the vision tower (qwen_vision.py), the Qwen2 decoder (llama.py's layers
+with biased q/k/v projections) and its multimodal RoPE (M-RoPE), as transformers'
+Qwen2_5_VLForConditionalGeneration computes them, with both pruning stages in plain code.
 
 M-RoPE gives every token three positions (time, row, column): text tokens the same number three
 times, counting on; an image's merged tokens the position where the image starts plus (0, their
@@ -8,21 +8,43 @@ row, their column), after which the text counts on from the image's largest posi
 head dimension's rotary frequencies are split into three sections (mrope_section), each rotated
 by one of the three positions.
 
-`load` reads a checkpoint directory (config.json and safetensors, both layouts). Not yet here: the
-Hub download and chat template (checkpoint.py, prompt.py), Stage 1 on the merged tokens, and the
-programs; the model computes what transformers does (tested on tiny random checkpoints).
+Pruning keeps positions: the tokens Stage 1 keeps enter the decoder at the 3-D positions they
+have in the unpruned prompt (model.Placement says where each sits on its image), the text after
+an image counts on from where it would without pruning, and Stage 2's eviction removes tokens
+with their positions. So decoding continues where transformers' would (its rope_deltas).
+
+The model offers what model.Llava offers (encode_image, select, prefill, decode), so model.ask,
+model.generate and the programs drive either. Video is not supported on Qwen2.5-VL yet.
 """
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 
+import anyres
+import prompt
+import qwen_vision
 import todre
-from checkpoint import CheckpointError, read_json, read_weights
+from checkpoint import (
+    MODEL_TYPES,
+    CheckpointError,
+    build,
+    is_count,
+    is_number,
+    load_tokenizer,
+    preprocessor_config,
+    read_json,
+    read_weights,
+    repetition_penalty,
+    require,
+    section,
+    stop_ids,
+)
 from llama import KVCache, Llama, LlamaConfig
-from model import PrefillInfo
+from model import InputError, Llava, Placement, PrefillInfo, VisualTokens, check_prefill, describe
 from qwen_vision import QwenVisionConfig, VisionTower
 
 
@@ -32,6 +54,17 @@ class QwenVLConfig:
     vision: QwenVisionConfig
     image_token_id: int = 151655  # <|image_pad|>: one per merged visual token
     mrope_section: list = field(default_factory=lambda: [16, 24, 24])  # rotary frequencies for (t, h, w)
+    video_token_id: int = 151656  # <|video_pad|>
+    # preprocessor_config.json: the pixel budget smart_resize keeps an image within, and normalisation
+    min_pixels: int = qwen_vision.MIN_PIXELS
+    max_pixels: int = qwen_vision.MAX_PIXELS
+    image_mean: tuple = anyres.CLIP_MEAN
+    image_std: tuple = anyres.CLIP_STD
+    model_type: str = "qwen2_5_vl"
+
+    def placeholder(self, video: bool) -> tuple[str, int]:
+        """The prompt text and token id that stand for the visual tokens of an image or a video."""
+        return ("<|video_pad|>", self.video_token_id) if video else ("<|image_pad|>", self.image_token_id)
 
 
 class QwenVL(nn.Module):
@@ -40,18 +73,96 @@ class QwenVL(nn.Module):
         self.config = cfg
         self.visual = VisionTower(cfg.vision)
         self.language_model = Llama(cfg.text)
+        self.stop_ids = set(cfg.text.eos_token_ids)  # load() adds generation_config.json's and <|im_end|>
+        self.repetition_penalty = 1.0  # load() reads generation_config.json's (1.05 in Qwen's releases)
 
     @property
     def device(self) -> torch.device:
         return self.language_model.embed_tokens.weight.device
 
-    def positions(self, input_ids: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
-        """(3, n) M-RoPE positions (time, row, column) for a prompt whose images (in order, one run of
-        image ids each, `grids` their patch grids) are its runs of image_token_id, as transformers'
-        get_rope_index."""
-        merge = self.config.vision.spatial_merge_size
-        is_image = (input_ids == self.config.image_token_id).tolist()
-        parts, start, i, images = [], 0, 0, iter(grids)
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.embed_tokens.weight.dtype
+
+    def new_kv_cache(self, max_new_tokens: int) -> KVCache:
+        """An empty cache for one prefill and up to max_new_tokens decoded tokens."""
+        return KVCache(len(self.language_model.layers), room=max_new_tokens)
+
+    # -- vision ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_pixels(
+        self, pixel_values: torch.Tensor, grid: tuple[int, int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch rows (qwen_vision.preprocess) -> (tokens (merged, hidden_size) in the LLM's space,
+        the attention each receives in the tower's last full-attention block (merged,))."""
+        return self.visual(pixel_values.to(self.device), grid)
+
+    @torch.inference_mode()
+    def encode_image(self, image: Image.Image, pad_to_square: bool = False) -> VisualTokens:
+        """An image -> its merged tokens, row-major over the grid, the way transformers' Qwen2-VL
+        processor and model prepare it (smart_resize within the checkpoint's pixel budget)."""
+        cfg = self.config
+        if not isinstance(image, Image.Image):
+            raise InputError(f"encode_image takes a PIL image, got {describe(image)}: open files with media.open_image")
+        if pad_to_square:
+            raise InputError("pad_to_square applies to LLaVA-1.5; Qwen2.5-VL keeps the image's own shape")
+        v = cfg.vision
+        try:
+            pixel_values, grid = qwen_vision.preprocess(
+                image, cfg.min_pixels, cfg.max_pixels, v.patch_size, v.spatial_merge_size, v.temporal_patch_size,
+                cfg.image_mean, cfg.image_std,
+            )  # fmt: skip
+        except ValueError as e:  # an aspect ratio over 200, which the processor refuses
+            raise InputError(str(e)) from None
+        tokens, received = self.encode_pixels(pixel_values, grid)
+        frames, rows, cols = grid[0], grid[1] // v.spatial_merge_size, grid[2] // v.spatial_merge_size
+        sources = torch.arange(len(tokens), device=tokens.device)
+        return VisualTokens(tokens, sources, received[None], None, None, grid=(frames, rows, cols))
+
+    def encode_video(self, frames, newlines=None) -> VisualTokens:
+        raise InputError(VIDEO_REFUSAL)
+
+    def video_tokens(self, frames: int, newlines=None) -> tuple[int, int]:
+        raise InputError(VIDEO_REFUSAL)
+
+    # -- Stage 1 --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def select(self, visual: VisualTokens, settings: todre.Settings) -> torch.Tensor:
+        """ToDRE Stage 1 on the merged tokens, in the LLM's space: indices into visual.tokens to
+        keep, in order. Qwen2.5-VL's tower has no [CLS] token, so the pivot is the token that
+        receives the most attention in its last full-attention block (summed over its 4 patches),
+        or a seeded random one (settings.pivot); the greedy selection is the paper's."""
+        if not isinstance(settings, todre.Settings):
+            raise InputError(f"settings must be a todre.Settings, got {describe(settings)}")
+        if not isinstance(visual, VisualTokens) or visual.grid is None:
+            raise InputError(f"select takes the VisualTokens of encode_image, got {describe(visual)}")
+        n = len(visual.tokens)
+        if not settings.stage1:
+            return torch.arange(n, device=visual.tokens.device)
+        scores = visual.cls_attn.flatten()
+        pivot = int(scores.argmax()) if settings.pivot == "attention" else todre.random_pivot(n, settings.pivot_seed)
+        chosen = todre.SELECTORS[settings.select](
+            todre.Candidates(visual.tokens, scores, torch.zeros(n, dtype=torch.long, device=scores.device), pivot),
+            todre.token_budget(n, settings.retain, settings.keep_tokens),
+        )
+        return chosen.sort().values  # kept tokens enter the LLM in their original order
+
+    # -- the language model, with Stage 2 ---------------------------------------------------------
+
+    def is_visual(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
+
+    def positions(self, input_ids: torch.Tensor, placement: Placement | None) -> torch.Tensor:
+        """(3, n) M-RoPE positions (time, row, column) of a prompt whose images are its runs of
+        image ids, placed by `placement` (one grid per run, one cell per image token), as
+        transformers' get_rope_index computes them for the unpruned prompt, restricted to the
+        tokens kept. Text counts on from an image's start + max(rows, columns)."""
+        is_image = self.is_visual(input_ids).tolist()
+        grids = iter(placement.grids if placement is not None else [])
+        cells = placement.cells.cpu() if placement is not None else None
+        parts, start, used, i = [], 0, 0, 0
         while i < len(is_image):
             j = i
             while j < len(is_image) and is_image[j] == is_image[i]:
@@ -59,17 +170,16 @@ class QwenVL(nn.Module):
             if not is_image[i]:  # text: the same position three times, counting on
                 parts.append(torch.arange(start, start + j - i).expand(3, -1))
                 start += j - i
-            else:  # an image: (start, start + row, start + column) over its merged grid
-                _, grid_h, grid_w = next(images)
-                h, w = grid_h // merge, grid_w // merge
-                if h * w != j - i:
-                    raise ValueError(f"{j - i} image tokens for a {h}x{w} grid of merged tokens")
-                rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-                parts.append(
-                    torch.stack([torch.zeros(h * w, dtype=torch.long), rows.flatten(), cols.flatten()]) + start
-                )
-                start += max(h, w)
+            else:  # an image: (start, start + row, start + column) of each kept cell
+                frames, rows, cols = next(grids, (1, 0, 0))
+                mine = cells[used : used + j - i] if cells is not None else torch.arange(0)
+                if len(mine) != j - i or frames != 1 or (len(mine) and int(mine.max()) >= rows * cols):
+                    raise InputError(f"{j - i} image tokens do not fit the placement of their image")
+                parts.append(torch.stack([torch.zeros_like(mine), mine // cols, mine % cols]) + start)
+                start, used = start + max(rows, cols), used + j - i
             i = j
+        if placement is not None and (next(grids, None) is not None or used != len(cells)):
+            raise InputError("the placement holds more images or tokens than the prompt")
         return torch.cat(parts, dim=1).to(input_ids.device)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,43 +196,42 @@ class QwenVL(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     @torch.inference_mode()
-    def encode_image(self, pixel_values: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """Patch rows (qwen_vision.preprocess) -> (merged tokens, hidden_size) in the LLM's space."""
-        return self.visual(pixel_values.to(self.device), grid)
-
-    @torch.inference_mode()
     def prefill(
         self,
         input_ids: torch.Tensor,
         visual_embeds: torch.Tensor | None,
-        grids: list[tuple[int, int, int]],
         settings: todre.Settings,
         kv_cache: KVCache,
         all_logits: bool = False,
+        every_layer_ratios: bool = False,
+        placement: Placement | None = None,
     ) -> tuple[torch.Tensor, PrefillInfo]:
-        """As model.Llava.prefill, with M-RoPE positions: the prompt through the decoder, Stage 2 in
-        the layer loop; evicted visual tokens leave with their positions, the rest keep theirs."""
+        """As model.Llava.prefill, with M-RoPE positions from `placement` (model.placement of the
+        images and the tokens Stage 1 kept): Stage 2 in the layer loop; evicted visual tokens leave
+        with their positions, the rest keep theirs."""
         lm = self.language_model
+        check_prefill(self, input_ids, visual_embeds, settings, kv_cache)
+        is_image = self.is_visual(input_ids)
+        if int(is_image.sum()) != (0 if visual_embeds is None else len(visual_embeds)):
+            raise InputError(f"the prompt has {int(is_image.sum())} image tokens for {describe(visual_embeds)}")
+        if visual_embeds is not None and placement is None:
+            raise InputError("Qwen2.5-VL's prefill needs the placement of its visual tokens (model.placement)")
         x = lm.embed_tokens(input_ids)
-        is_image = input_ids == self.config.image_token_id
         if visual_embeds is not None:
             x[is_image] = visual_embeds.to(x.dtype)
         x = x[None]
-        positions = self.positions(input_ids, grids) if visual_embeds is not None else None
-        if positions is None:
-            positions = torch.arange(len(input_ids), device=input_ids.device).expand(3, -1)
+        positions = self.positions(input_ids, placement)
         cos, sin = self.rope(positions, x.dtype)
         next_position = int(positions.max()) + 1  # where decoding continues (transformers' rope_deltas)
         visual, text = todre.token_sets(is_image)
-        stage2 = todre.Stage2(settings, len(lm.layers), visual, text)
+        stage2 = todre.Stage2(settings, len(lm.layers), visual, text, every_layer=every_layer_ratios)
         for i, layer in enumerate(lm.layers):
             x, q = layer(x, cos, sin, kv_cache, i)
             keep = stage2.after_layer(i, q[0], kv_cache.get(i)[0][0])
             if keep is not None:  # the image leaves; every other token keeps its 3-D position (paper §4.2)
                 x, cos, sin, positions = x[:, keep], cos[keep], sin[keep], positions[:, keep]
                 kv_cache.keep(i, keep)
-        info = PrefillInfo(stage2.ratios, stage2.evict_layer, positions)
-        info.next_position = next_position
+        info = PrefillInfo(stage2.ratios, stage2.evict_layer, positions, next_position)
         return lm.logits(x if all_logits else x[:, -1:]), info
 
     @torch.inference_mode()
@@ -134,6 +243,11 @@ class QwenVL(nn.Module):
             x, _ = layer(x, cos, sin, kv_cache, i)
         return self.language_model.logits(x)[0, -1]
 
+    decode = Llava.decode  # the same loop: pick a token, stop at a stop id, decode_step
+
+
+VIDEO_REFUSAL = "video on Qwen2.5-VL is not supported yet: give it an image, or use a LLaVA-NeXT checkpoint for video"
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -141,33 +255,77 @@ class QwenVL(nn.Module):
 
 
 def read_config(directory: Path) -> QwenVLConfig:
-    """A Qwen2.5-VL config.json: the text fields at the top level (Qwen's own release) or under
-    text_config (transformers 5), rope_theta and mrope_section under rope_scaling or rope_parameters."""
+    """A Qwen2.5-VL checkpoint's settings: config.json with the text fields at the top level (Qwen's
+    own release) or under text_config (transformers 5), rope_theta and mrope_section under
+    rope_scaling or rope_parameters; the pixel budget and normalisation from the image processor's
+    config. Each problem is a CheckpointError naming the file and the field."""
     path = directory / "config.json"
     cfg = read_json(path)
     if cfg.get("model_type") != "qwen2_5_vl":
         raise CheckpointError(
-            f"{path}: model_type {cfg.get('model_type')!r} is not Qwen2.5-VL (qwen2_5_vl); "
-            "Qwen2-VL and Qwen3-VL are not supported"
+            f"{path}: model_type {cfg.get('model_type')!r} is not Qwen2.5-VL (qwen2_5_vl); supported: "
+            f"{', '.join(MODEL_TYPES)} (Qwen2-VL and Qwen3-VL are not)"
         )
-    text = {**cfg, **cfg.get("text_config", {})}
+    text = {**cfg, **section(cfg, "text_config", path)}
     rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
-    names = {f.name for f in fields(LlamaConfig)}
-    text_fields = {k: v for k, v in text.items() if k in names and v is not None}
-    text_fields.update(rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 1000000.0))), qkv_bias=True)
-    text_fields.setdefault("rms_norm_eps", 1e-6)
-    vision_names = {f.name for f in fields(QwenVisionConfig)}
-    vision = {k: v for k, v in cfg.get("vision_config", {}).items() if k in vision_names}
-    vision.setdefault("out_hidden_size", text_fields.get("hidden_size"))
-    try:
-        return QwenVLConfig(
-            LlamaConfig(**text_fields),
-            QwenVisionConfig(**vision),
-            cfg.get("image_token_id", text.get("image_token_id", 151655)),
-            list(rope.get("mrope_section", [16, 24, 24])),
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{path}: rope_scaling must be an object, got {rope!r}")
+    names = {f.name for f in fields(LlamaConfig)} - {"rope_type", "rope_factor"}
+    values = {k: v for k, v in text.items() if k in names and v is not None}
+    values.update(model_type="llama", rope_theta=rope.get("rope_theta", text.get("rope_theta", 1000000.0)))
+    values.update(qkv_bias=True, rms_norm_eps=values.get("rms_norm_eps", 1e-6))
+    values.setdefault("max_position_embeddings", 128000)
+    if not text.get("use_sliding_window"):  # Qwen's configs name a window they do not use (use_sliding_window false)
+        values.pop("sliding_window", None)
+    text_config = build(LlamaConfig, values, f"{path}: text")
+    vision_dict = section(cfg, "vision_config", path)
+    vision = {f.name: vision_dict[f.name] for f in fields(QwenVisionConfig) if vision_dict.get(f.name) is not None}
+    vision.setdefault("out_hidden_size", text_config.hidden_size)
+    for name, value in vision.items():
+        if name not in ("hidden_act", "fullatt_block_indexes", "rope_theta") and not (is_count(value) and value > 0):
+            raise CheckpointError(f"{path}: vision_config.{name} must be a positive integer, got {value!r}")
+    vision_config = QwenVisionConfig(**vision)
+    require(
+        vision_config.hidden_size % vision_config.num_heads == 0,
+        path,
+        "vision_config: hidden_size must be a multiple of num_heads",
+    )
+    require(
+        vision_config.out_hidden_size == text_config.hidden_size,
+        path,
+        "vision_config.out_hidden_size must equal the text hidden_size",
+    )
+    section_sizes = rope.get("mrope_section", [16, 24, 24])
+    half = text_config.head_dim // 2
+    counts = isinstance(section_sizes, list) and all(is_count(s) and s >= 0 for s in section_sizes)
+    require(
+        counts and sum(section_sizes) == half,
+        path,
+        f"mrope_section must be counts that add up to head_dim / 2 ({half}), got {section_sizes!r}",
+    )
+    pre_path, pre = preprocessor_config(directory)
+    size = pre.get("size") if isinstance(pre.get("size"), dict) else {}
+    min_pixels = pre.get("min_pixels", size.get("shortest_edge", qwen_vision.MIN_PIXELS))
+    max_pixels = pre.get("max_pixels", size.get("longest_edge", qwen_vision.MAX_PIXELS))
+    require(
+        is_count(min_pixels) and is_count(max_pixels) and 0 < min_pixels <= max_pixels,
+        pre_path, f"min_pixels and max_pixels must be counts with 0 < min <= max, got {min_pixels!r}, {max_pixels!r}",
+    )  # fmt: skip
+    mean, std = pre.get("image_mean", anyres.CLIP_MEAN), pre.get("image_std", anyres.CLIP_STD)
+    for name, numbers in (("image_mean", mean), ("image_std", std)):
+        ok = isinstance(numbers, (list, tuple)) and len(numbers) == 3 and all(map(is_number, numbers))
+        require(
+            ok and (name == "image_mean" or min(numbers) > 0), pre_path, f"{name} must be 3 numbers, got {numbers!r}"
         )
-    except TypeError as e:  # a required field missing
-        raise CheckpointError(f"{path}: {e}") from None
+    ids = {}
+    for name, default in (("image_token_id", 151655), ("video_token_id", 151656)):
+        ids[name] = cfg.get(name, text.get(name, default))
+        require(is_count(ids[name]) and ids[name] >= 0, path, f"{name} must be a token id, got {ids[name]!r}")
+    require(ids["image_token_id"] < text_config.vocab_size, path, "image_token_id must be below vocab_size")
+    return QwenVLConfig(
+        text_config, vision_config, ids["image_token_id"], list(section_sizes), ids["video_token_id"],
+        min_pixels, max_pixels, tuple(mean), tuple(std),
+    )  # fmt: skip
 
 
 def qwen_key(key: str) -> str:
@@ -180,7 +338,8 @@ def qwen_key(key: str) -> str:
 
 
 def load(directory, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> QwenVL:
-    """A Qwen2.5-VL model from a local checkpoint directory (config.json, *.safetensors)."""
+    """A Qwen2.5-VL model from a local checkpoint directory (config.json, *.safetensors); the
+    programs load through model.load, which adds the tokenizer."""
     directory = Path(directory)
     cfg = read_config(directory)
     with torch.device("meta"):
@@ -196,3 +355,14 @@ def load(directory, device: str | torch.device = "cpu", dtype: torch.dtype = tor
     state = read_weights(directory, expected, torch.device(device), dtype, skip, tied, rename=qwen_key)
     model.load_state_dict(state, assign=True)
     return model.eval()
+
+
+def load_with_tokenizer(directory: Path, device, dtype: torch.dtype) -> tuple[QwenVL, "prompt.PromptTokenizer"]:
+    """(model, tokenizer) from a checkpoint directory, as model.load returns them for LLaVA: the
+    tokenizer.json checked against the config, the chat template, the stop ids."""
+    cfg = read_config(directory)
+    tokenizer = load_tokenizer(directory, cfg)
+    model = load(directory, device, dtype)
+    model.stop_ids = stop_ids(directory, cfg, tokenizer)
+    model.repetition_penalty = repetition_penalty(directory)
+    return model, tokenizer

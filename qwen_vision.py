@@ -130,20 +130,30 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[int]) -> torch.Tensor:
-        """x (n, d) -> (n, d), each token attending within its span (consecutive runs of `spans` tokens)."""
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[int], received: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (n, d) -> (n, d), each token attending within its span (consecutive runs of `spans`
+        tokens); with received=True also the attention each token receives, averaged over heads and
+        over the queries of its span (n,), else None."""
         n, d = x.shape
         q, k, v = self.qkv(x).reshape(n, 3, self.heads, d // self.heads).permute(1, 2, 0, 3)  # (heads, n, hd) each
         dtype = q.dtype
         q, k = apply_rope(q.float(), cos, sin).to(dtype), apply_rope(k.float(), cos, sin).to(dtype)  # in float32, as HF
-        out = torch.cat(
-            [
-                F.scaled_dot_product_attention(q_, k_, v_)
-                for q_, k_, v_ in zip(q.split(spans, 1), k.split(spans, 1), v.split(spans, 1), strict=True)
-            ],
-            dim=1,
-        )  # (heads, n, hd)
-        return self.proj(out.transpose(0, 1).reshape(n, d))
+        parts = list(zip(q.split(spans, 1), k.split(spans, 1), v.split(spans, 1), strict=True))
+        out = torch.cat([F.scaled_dot_product_attention(q_, k_, v_) for q_, k_, v_ in parts], dim=1)  # (heads, n, hd)
+        attention = torch.cat([received_attention(q_, k_) for q_, k_, _ in parts]) if received else None
+        return self.proj(out.transpose(0, 1).reshape(n, d)), attention
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """(n,) the attention each key receives: softmax(q k^T / sqrt(head_dim)) averaged over heads and
+    queries, in float32, `chunk` queries at a time (never the whole n x n matrix of a large image)."""
+    heads, n, head_dim = q.shape
+    total = torch.zeros(n, device=q.device)
+    for part in q.float().split(chunk, dim=1):
+        total += ((part @ k.float().transpose(1, 2)) * head_dim**-0.5).softmax(-1).sum(dim=(0, 1))
+    return total / (heads * n)
 
 
 class VisionBlock(nn.Module):
@@ -158,10 +168,11 @@ class VisionBlock(nn.Module):
         self.mlp.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.act = F.silu if cfg.hidden_act == "silu" else F.gelu
 
-    def forward(self, x, cos, sin, spans):
-        x = x + self.attn(self.norm1(x), cos, sin, spans)
+    def forward(self, x, cos, sin, spans, received: bool = False):
+        attended, attention = self.attn(self.norm1(x), cos, sin, spans, received)
+        x = x + attended
         h = self.norm2(x)
-        return x + self.mlp.down_proj(self.act(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
+        return x + self.mlp.down_proj(self.act(self.mlp.gate_proj(h)) * self.mlp.up_proj(h)), attention
 
 
 class VisionTower(nn.Module):
@@ -190,9 +201,16 @@ class VisionTower(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos()[None], emb.sin()[None]  # (1, n, head_dim), for every head
 
-    def forward(self, pixel_values: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    def pivot_block(self) -> int:
+        """The block whose attention picks Stage 1's pivot: the last full-attention block (the last
+        block when the config names none)."""
+        return max(self.config.fullatt_block_indexes, default=self.config.depth - 1)
+
+    def forward(self, pixel_values: torch.Tensor, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """pixel_values (grid_h * grid_w, patch_dim) of one image, grid (1, grid_h, grid_w) ->
-        (grid_h * grid_w / 4, out_hidden_size) tokens, row-major over the merged grid."""
+        (tokens (grid_h * grid_w / 4, out_hidden_size), received (grid_h * grid_w / 4,)), row-major
+        over the merged grid. `received`: the attention each merged token's 4 patches receive in
+        pivot_block, averaged over heads and queries, summed over the 4 (Stage 1's pivot score)."""
         cfg = self.config
         _, grid_h, grid_w = grid
         merge, unit = cfg.spatial_merge_size, cfg.spatial_merge_size**2
@@ -206,7 +224,11 @@ class VisionTower(nn.Module):
         positions = positions.reshape(-1, unit, 2)[order].flatten(0, 1)
         cos, sin = self.rope(positions, x.dtype)
         window_spans, whole = [size * unit for size in sizes], [len(x)]
+        received = None
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, whole if i in cfg.fullatt_block_indexes else window_spans)
+            spans = whole if i in cfg.fullatt_block_indexes else window_spans
+            x, attention = block(x, cos, sin, spans, received=i == self.pivot_block())
+            received = attention if attention is not None else received
         merged = self.merger.mlp(self.merger.ln_q(x).reshape(-1, unit * x.shape[-1]))  # (n / 4, out)
-        return merged[torch.argsort(order)]
+        back = torch.argsort(order.to(x.device))
+        return merged[back], received.reshape(-1, unit).sum(dim=1)[back]

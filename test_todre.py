@@ -44,9 +44,18 @@ def test_settings_variants_and_overrides():
         (dict(select="random"), "unknown selector 'random'"),
         (dict(newlines="some"), "newlines"),
         (dict(tau=float("nan")), "tau must be a finite number"),
+        (dict(pivot="cls"), "pivot must be 'attention' or 'random'"),
+        (dict(pivot="random", pivot_seed=-1), "pivot_seed must be an integer >= 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             todre.Settings(**bad)
+
+
+def test_random_pivot_is_seeded_uniform_and_in_range():
+    draws = [todre.random_pivot(10, seed) for seed in range(2000)]
+    assert draws[:50] == [todre.random_pivot(10, seed) for seed in range(50)]  # the same seed, the same pivot
+    assert set(draws) == set(range(10)) and max(draws.count(i) for i in range(10)) < 260  # about 200 each
+    assert todre.random_pivot(1, 7) == 0
 
 
 def test_select_pivot_in_all_three_cases():

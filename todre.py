@@ -61,6 +61,11 @@ def select_pivot(cls_attn: torch.Tensor, anyres: bool) -> int:
     return int(scores.argmax())
 
 
+def random_pivot(num_candidates: int, seed: int) -> int:
+    """A pivot drawn uniformly from the candidates, reproducibly (the paper v2's random-pivot ablation)."""
+    return int(torch.randint(num_candidates, (1,), generator=torch.Generator().manual_seed(seed)))
+
+
 def greedy_k_center(features: torch.Tensor, k: int, pivot: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Greedy k-center on cosine similarity (paper v1, eq. 4-5, Algorithm 1 lines 7-13).
 
@@ -320,6 +325,8 @@ class Settings:
     retain: float = 0.1  # Stage 1 budget: a fraction of the patch tokens, in (0, 1]; 1.0 = Stage 1 off
     keep_tokens: int | None = None  # Stage 1 budget as a token count instead (peers report 64/128/192)
     select: str = "kcenter"  # Stage 1 selector, a key of SELECTORS
+    pivot: str = "attention"  # Stage 1's first token: "attention" ([CLS] attention, Algorithm 1) or "random"
+    pivot_seed: int = 0  # the seed of a random pivot
     newlines: str = "drop"  # what Stage 1 does with the image_newline tokens: "drop" or "keep" them all
     tau: float = 0.03  # Stage 2 threshold on both eq. 7 ratios; 0 = Stage 2 off
     probe_fractions: tuple = V1_PROBES  # Stage 2 probe layers, as fractions of the depth L
@@ -341,6 +348,10 @@ class Settings:
         check_budget(self.retain, self.keep_tokens)
         if self.select not in SELECTORS:
             raise ValueError(f"unknown selector {self.select!r}: use one of {', '.join(SELECTORS)}")
+        if self.pivot not in ("attention", "random"):
+            raise ValueError(f"pivot must be 'attention' or 'random', got {self.pivot!r}")
+        if not (is_count(self.pivot_seed) and self.pivot_seed >= 0):
+            raise ValueError(f"pivot_seed must be an integer >= 0, got {self.pivot_seed!r}")
         if self.newlines not in ("drop", "keep"):
             raise ValueError(f"newlines must be 'drop' or 'keep', got {self.newlines!r}")
         if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau) and self.tau >= 0):

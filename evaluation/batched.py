@@ -37,6 +37,13 @@ class Row:
     logits: list[torch.Tensor] = field(default_factory=list)  # each step's (vocab,) logits, when asked for
 
 
+def supports(model) -> bool:
+    """Whether this unit can answer for `model`: it counts positions 0..n-1 (LLaVA) and decodes
+    greedily without a repetition penalty. Qwen2.5-VL's M-RoPE positions are not written here; its
+    questions, and those of any checkpoint with a repetition_penalty, are answered one at a time."""
+    return isinstance(model, Llava) and model.repetition_penalty == 1.0
+
+
 def shared_prefix(prompts: list[torch.Tensor], is_visual) -> int | None:
     """The length p of the prefix every prompt shares, ending at the last visual token, or None when
     the prompts do not share it token for token (a format that puts text before the image) or the

@@ -365,6 +365,7 @@ class Answerer:
                 kept = self.model.select(visual, settings)
                 select_s = job.clock() - start
             batchable = visual is not None and job.reuse and job.batch_size > 1 and not (job.figure2 and name == "full")
+            batchable = batchable and batched.supports(self.model)
             if batchable and self.batches(todo[name], name, settings, visual, kept, encode_s, select_s, answers):
                 continue
             for q in todo[name]:

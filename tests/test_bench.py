@@ -50,3 +50,24 @@ def test_bench_refuses_unknown_configurations_before_running_any(configs, messag
         [sys.executable, str(HERE / "bench.py"), "--configs", configs], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 2 and done.stderr.startswith("error: ") and message in done.stderr
+
+
+def test_bench_qwen_preset_reports_the_same_fields(tmp_path):
+    """A Qwen2.5-VL-shaped preset: 576 merged tokens for the 672x672 image at native resolution, the
+    same JSON fields, Stage 1's budgets and Stage 2's eviction; transformers' run is LLaVA-NeXT's."""
+    out = tmp_path / "bench.json"
+    argv = ["--preset", "qwen-tiny", "--repeats", "1", "--warmup", "0", "--new-tokens", "3", "--json", str(out)]
+    argv += ["--configs", "full,todre-0.10"]
+    done = subprocess.run([sys.executable, str(HERE / "bench.py"), *argv], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    runs = {r["name"]: r for r in json.loads(out.read_text())["runs"]}
+    assert [runs[n]["visual_tokens"] for n in ("full", "todre-0.10")] == [576, 58]
+    assert runs["todre-0.10"]["evict_layer"] == 1 and runs["todre-0.10"]["kv_cache_mb"] < runs["full"]["kv_cache_mb"]
+    assert all(
+        {"prefill_s", "decode_s", "total_s", "prefill_tflops_exact", "peak_mem_mb"} <= set(r) for r in runs.values()
+    )
+    refused = subprocess.run(
+        [sys.executable, str(HERE / "bench.py"), "--preset", "qwen-tiny", "--configs", "full,hf-full"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "hf-full runs transformers' LLaVA-NeXT" in refused.stderr

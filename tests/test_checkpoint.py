@@ -183,7 +183,7 @@ def test_hub_config_defaults_match_transformers(tmp_path):
 
 def test_not_llava_next_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(checkpoint.CheckpointError, match="not a LLaVA checkpoint"):
+    with pytest.raises(checkpoint.CheckpointError, match="supported: llava, llava_next, llava_next_video, qwen2_5_vl"):
         model.LlavaConfig(**checkpoint.read_config(tmp_path))
     with pytest.raises(checkpoint.CheckpointError, match="config.json is missing"):
         checkpoint.read_config(tmp_path / "nowhere")

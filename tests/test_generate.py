@@ -303,7 +303,10 @@ def bad_files(tmp):
         (["--image", "{tmp}/whole.png", "--save-selection", "{tmp}/kept.jpg"], "ending in .png"),
         (["--model", "{tmp}/no_such_dir"], "is not a checkpoint directory"),
         (["--model", "{tmp}"], "config.json is missing"),
-        (["--model", "{tmp}/config_only"], "holds a 'llama' model, not a LLaVA checkpoint"),
+        (
+            ["--model", "{tmp}/config_only"],
+            "holds a 'llama' model; supported: llava, llava_next, llava_next_video, qwen2_5_vl",
+        ),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys, monkeypatch):

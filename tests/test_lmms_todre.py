@@ -182,7 +182,7 @@ def test_video_tasks_follow_the_papers_frame_sampling(mha, tasks, tmp_path):
             args = ("Which?", {"max_new_tokens": 1}, lambda doc, path=path: [path], 0, "t", "s")
 
         assert media.open_video(path, 20).indices == expected_frames  # 1 fps, every round(fps)-th frame
-        ids, embeds = lmm.inputs("Which?", Request())
+        ids, embeds, _ = lmm.inputs("Which?", Request())
         assert len(embeds) == len(expected_frames) * (144 + 12)  # 12 x 12 pooled, a newline per row
 
 
@@ -247,7 +247,7 @@ def test_several_images_get_a_placeholder_each_and_are_pruned_each_on_its_own(mh
 
     lmm = lmms_todre.ToDRE.create_from_arg_string(f"pretrained={mha.directory},config=keep-64,dtype=float32")
     lmm.task_dict = {"t": {"s": {0: {}}}}
-    ids, embeds = lmm.inputs("Same?", Request())
+    ids, embeds, _ = lmm.inputs("Same?", Request())
     is_visual = (ids == mha.model.config.image_token_index).int()
     runs = int((is_visual[1:] - is_visual[:-1] == 1).sum())
     assert len(embeds) == 128 and int(is_visual.sum()) == 128 and runs == 2  # 64 + 64, two placeholder runs
@@ -304,7 +304,7 @@ def test_a_context_that_holds_its_own_image_placeholders_gets_the_images_there(m
 
     lmm = lmms_todre.ToDRE.create_from_arg_string(f"pretrained={mha.directory},config=keep-64,dtype=float32")
     lmm.task_dict = {"t": {"s": {0: {}}}}
-    ids, embeds = lmm.inputs(question, Request())
+    ids, embeds, _ = lmm.inputs(question, Request())
     image_id = mha.model.config.image_token_index
     expected = mha.tokenizer.tokenizer.encode(mha.tokenizer.conversation(question, with_media=False)).ids
     first = expected.index(image_id)
@@ -387,3 +387,48 @@ def test_requests_about_one_image_answered_together_equal_one_at_a_time(mha):
         answers[size] = lmm.generate_until(requests)
         kept[size] = sorted(v["visual_tokens"] for v in lmm.visual_tokens)
     assert answers[1] == answers[2] and len(answers[1]) == 4 and kept[1] == kept[2]
+
+
+def test_qwen_runs_in_lmms_eval_with_asks_answers_and_transformers_loglikelihood(qwen_ckpt, tasks, tmp_path):
+    """pretrained=<a Qwen2.5-VL checkpoint>: lmms-eval's POPE logs model.ask's answers, and a
+    loglikelihood request with an image equals transformers' log-probability of the continuation
+    at the unpruned M-RoPE positions."""
+    results, samples = run_lmms_eval(qwen_ckpt, tasks, tmp_path / "out", "full", "pope_tiny")
+    assert "pope_f1_score,none" in results["results"]["pope_tiny"]
+    rows = pq.read_table(tasks / "pope.parquet").to_pylist()
+    for sample in samples["pope_tiny"][:3]:
+        row = rows[sample["doc_id"]]
+        image = media.open_image_bytes(row["image"]["bytes"], "row")
+        visual = qwen_ckpt.model.encode_image(image)
+        reply = model.ask(
+            qwen_ckpt.model,
+            qwen_ckpt.tokenizer,
+            row["question"].strip() + SHORT,
+            visual,
+            configs.parse_config("full"),
+            128,
+        )
+        logged = sample["filtered_resps"]
+        assert (logged[0] if isinstance(logged, list) else logged) == reply.text.strip()
+
+    from conftest import noise_image
+
+    image = noise_image(200, 150)
+
+    class Request:
+        args = ("Is it red?", "yes", lambda doc: [image], 0, "t", "s")
+
+    lmm = lmms_todre.ToDRE.create_from_arg_string(f"pretrained={qwen_ckpt.directory},config=full,dtype=float32")
+    lmm.task_dict = {"t": {"s": {0: {}}}}
+    ((logprob, greedy),) = lmm.loglikelihood([Request()])
+    inputs = qwen_ckpt.hf_inputs(image, "Is it red?")
+    cont = torch.tensor(qwen_ckpt.tokenizer.encode("yes", add_special_tokens=False).ids)
+    n = inputs["input_ids"].shape[1]
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], cont[None]], dim=1)
+    inputs["mm_token_type_ids"] = torch.cat(
+        [inputs["mm_token_type_ids"], torch.zeros(1, len(cont), dtype=torch.int)], 1
+    )
+    with torch.inference_mode():
+        logits = qwen_ckpt.hf(**inputs).logits[0, n - 1 : -1].log_softmax(-1)
+    assert logprob == pytest.approx(float(logits.gather(-1, cont[:, None]).sum()), abs=1e-4)
+    assert greedy == bool((logits.argmax(-1) == cont).all())

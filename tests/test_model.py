@@ -206,6 +206,16 @@ def test_keep_tokens_budget_in_the_model(gqa):
     assert all_of_them.tolist() == candidates.tolist()
 
 
+def test_a_random_pivot_starts_the_selection_from_the_seeded_candidate(gqa):
+    visual, _, _ = gqa.pruned(noise_image(517, 301, seed=13), todre.Settings(keep_tokens=64))
+    candidates = (visual.sources != anyres.NEWLINE).nonzero()[:, 0]
+    for seed in (0, 5):
+        settings = todre.Settings(keep_tokens=64, pivot="random", pivot_seed=seed)
+        pivot = todre.random_pivot(len(candidates), seed)
+        expected = candidates[sorted(greedy_matrix(visual.tokens[candidates], 64, pivot))]
+        assert gqa.model.select(visual, settings).tolist() == expected.tolist()
+
+
 def test_v2_selects_by_max_sum_and_probes_only_at_7L_8(gqa):
     visual, kept, ids = gqa.pruned(noise_image(517, 301, seed=23), todre.variant("v2"))
     candidates = (visual.sources != anyres.NEWLINE).nonzero()[:, 0]

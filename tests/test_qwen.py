@@ -10,6 +10,7 @@ import qwen_vision
 import todre
 from conftest import noise_image
 from llama import KVCache, LlamaConfig
+from model import Placement
 
 IMAGE, START, END = 90, 88, 89  # <|image_pad|>, <|vision_start|>, <|vision_end|> of the tiny vocabulary
 VISION = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=48)
@@ -60,6 +61,12 @@ def hf_inputs(ids, pixel_values, grid) -> dict:
     )
 
 
+def whole(grid) -> Placement:
+    """Every merged token of one image with patch grid `grid`, in order: the unpruned placement."""
+    _, h, w = grid
+    return Placement([(1, h // 2, w // 2)], torch.arange(h * w // 4))
+
+
 def prompt(tokens: int) -> torch.Tensor:
     """Chat-shaped ids: some text, <|vision_start|>, the image's tokens, <|vision_end|>, the question."""
     return torch.tensor([5, 17, 3, START, *[IMAGE] * tokens, END, 44, 12, 61, 7, 30])
@@ -72,8 +79,8 @@ def test_logits_equal_transformers_at_every_position(pair, size):
     ids = prompt(grid[1] * grid[2] // 4)
     with torch.inference_mode():
         expected = hf(**hf_inputs(ids, pixel_values, grid)).logits[0]
-        tokens = ours.encode_image(pixel_values, grid)
-        logits, _ = ours.prefill(ids, tokens, [grid], todre.NO_PRUNING, KVCache(4, room=0), all_logits=True)
+        tokens, _ = ours.encode_pixels(pixel_values, grid)
+        logits, _ = ours.prefill(ids, tokens, todre.NO_PRUNING, KVCache(4, room=0), True, placement=whole(grid))
     assert (logits[0] - expected).abs().max() < 1e-4
 
 
@@ -82,7 +89,7 @@ def test_text_only_logits_equal_transformers(pair):
     ids = torch.tensor([5, 17, 3, 44, 12, 61, 7, 30])
     with torch.inference_mode():
         expected = hf(input_ids=ids[None]).logits[0]
-        logits, _ = ours.prefill(ids, None, [], todre.NO_PRUNING, KVCache(4, room=0), all_logits=True)
+        logits, _ = ours.prefill(ids, None, todre.NO_PRUNING, KVCache(4, room=0), all_logits=True)
     assert (logits[0] - expected).abs().max() < 1e-4
 
 
@@ -93,7 +100,7 @@ def test_positions_equal_transformers_get_rope_index(pair):
         ids = prompt(grid[1] * grid[2] // 4)
         types = (ids == IMAGE).int()
         expected, delta = hf.model.get_rope_index(ids[None], types[None], image_grid_thw=torch.tensor([grid]))
-        positions = ours.positions(ids, [grid])
+        positions = ours.positions(ids, whole(grid))
         assert torch.equal(positions, expected[:, 0]) and int(positions.max()) + 1 - len(ids) == int(delta)
 
 
@@ -106,7 +113,9 @@ def test_greedy_decoding_equals_transformers_generate(pair):
             **hf_inputs(ids, pixel_values, grid), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0
         )[0, len(ids) :].tolist()
         cache = KVCache(4, room=6)
-        logits, info = ours.prefill(ids, ours.encode_image(pixel_values, grid), [grid], todre.NO_PRUNING, cache)
+        logits, info = ours.prefill(
+            ids, ours.encode_pixels(pixel_values, grid)[0], todre.NO_PRUNING, cache, placement=whole(grid)
+        )
         tokens = [int(logits[0, -1].argmax())]
         for step in range(5):
             tokens.append(int(ours.decode_step(tokens[-1], info.next_position + step, cache).argmax()))
@@ -120,13 +129,12 @@ def test_stage2_eviction_keeps_every_other_tokens_3d_position(pair):
     pixel_values, grid = qwen_vision.preprocess(noise_image(300, 200), max_pixels=400 * 400)
     ids = prompt(grid[1] * grid[2] // 4)
     with torch.inference_mode():
-        tokens = ours.encode_image(pixel_values, grid)
-        logits, info = ours.prefill(
-            ids, tokens, [grid], todre.Settings(retain=1.0, tau=0.0, evict_layer=1), KVCache(4, room=0), all_logits=True
-        )
+        tokens, _ = ours.encode_pixels(pixel_values, grid)
+        settings = todre.Settings(retain=1.0, tau=0.0, evict_layer=1)
+        logits, info = ours.prefill(ids, tokens, settings, KVCache(4, room=0), True, placement=whole(grid))
         # Brute force with our own layers' weights, attention masked by hand.
         lm = ours.language_model
-        positions = ours.positions(ids, [grid])
+        positions = ours.positions(ids, whole(grid))
         cos, sin = ours.rope(positions, torch.float32)
         x = lm.embed_tokens(ids)
         is_image = ids == IMAGE
@@ -176,6 +184,7 @@ def test_a_saved_checkpoint_loads_in_both_key_layouts_and_equals_transformers(pa
     rope = text.pop("rope_parameters")
     flat = {**config, **text, "model_type": "qwen2_5_vl", "rope_theta": rope["rope_theta"]}
     flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    flat.update(sliding_window=32768, use_sliding_window=False)  # as Qwen's releases: a window named, not used
     (release / "config.json").write_text(json.dumps(flat))
     renamed = {
         k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v.contiguous()
@@ -188,9 +197,10 @@ def test_a_saved_checkpoint_loads_in_both_key_layouts_and_equals_transformers(pa
         expected = hf(**hf_inputs(ids, pixel_values, grid)).logits[0]
         for directory in (tmp_path / "v5", release):
             ours = qwen.load(directory)
-            tokens = ours.encode_image(pixel_values, grid)
-            logits, _ = ours.prefill(ids, tokens, [grid], todre.NO_PRUNING, KVCache(4, room=0), all_logits=True)
+            tokens, _ = ours.encode_pixels(pixel_values, grid)
+            logits, _ = ours.prefill(ids, tokens, todre.NO_PRUNING, KVCache(4, room=0), True, placement=whole(grid))
             assert (logits[0] - expected).abs().max() < 1e-4, directory.name
+            assert ours.config.text.sliding_window is None
 
 
 def test_other_architectures_are_refused_in_one_line(tmp_path):
@@ -202,3 +212,30 @@ def test_other_architectures_are_refused_in_one_line(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
         with pytest.raises(CheckpointError, match=f"model_type '{model_type}' is not Qwen2.5-VL"):
             qwen.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c, p: c["text_config"]["rope_parameters"].update(mrope_section=[2, 2]), "mrope_section must be counts"),
+        (lambda c, p: c["vision_config"].update(depth="32"), "vision_config.depth must be a positive integer"),
+        (lambda c, p: c["text_config"].update(hidden_size=-4), "hidden_size must be positive"),
+        (lambda c, p: c.update(image_token_id=10**6), "image_token_id must be below vocab_size"),
+        (lambda c, p: p.update(min_pixels=0), "min_pixels and max_pixels must be counts"),
+        (lambda c, p: p.update(image_std=[0.5, 0, 0.5]), "image_std must be 3 numbers"),
+    ],
+)
+def test_a_damaged_config_is_one_checkpoint_error_naming_the_field(pair, tmp_path, change, message):
+    import json
+
+    from checkpoint import CheckpointError
+
+    hf, _ = pair
+    hf.config.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    pre = {"min_pixels": 3136, "max_pixels": 12845056, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    change(config, pre)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(pre))
+    with pytest.raises(CheckpointError, match=message):
+        qwen.read_config(tmp_path)

@@ -79,8 +79,42 @@ def test_vision_tower_equals_transformers_with_windows_that_really_window(size):
     pixel_values, grid = qwen_vision.preprocess(noise_image(*size), max_pixels=600 * 600)
     with torch.inference_mode():
         expected = hf_tower(pixel_values, grid_thw=torch.tensor([grid])).pooler_output
-        got = ours(pixel_values, grid)
+        got, _ = ours(pixel_values, grid)
     assert got.shape == expected.shape == (grid[1] * grid[2] // 4, 40)
     assert (got - expected).abs().max() < 1e-5
     per_side = 112 // 2 // 14
     assert max(size) <= 112 or len(qwen_vision.windows(grid[1], grid[2], 2, per_side)[1]) > 1
+
+
+@pytest.mark.parametrize("size", [(112, 112), (500, 375), (90, 300)])
+@pytest.mark.parametrize("full_attention", [[1, 3], [1], []])
+def test_received_attention_equals_transformers_attention_weights(size, full_attention, monkeypatch):
+    """Stage 1's pivot score: the attention each merged token's 4 patches receive in the last
+    full-attention block (the last block without one), averaged over heads and queries, read from
+    the weights transformers' eager attention computes, mapped back through its window index."""
+    import torch
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf_model
+
+    hf_tower, ours = tiny_vision_pair()
+    hf_tower.fullatt_block_indexes = ours.config.fullatt_block_indexes = full_attention
+    recorded = []
+    original = hf_model.eager_attention_forward
+
+    def recording(module, *args, **kwargs):
+        out, weights = original(module, *args, **kwargs)
+        recorded.append((module, weights[0]))  # (heads, span, span)
+        return out, weights
+
+    monkeypatch.setattr(hf_model, "eager_attention_forward", recording)
+    pixel_values, grid = qwen_vision.preprocess(noise_image(*size), max_pixels=600 * 600)
+    with torch.inference_mode():
+        hf_tower(pixel_values, grid_thw=torch.tensor([grid]))
+        _, received = ours(pixel_values, grid)
+    block = hf_tower.blocks[max(full_attention, default=3)].attn
+    spans = [w for module, w in recorded if module is block]  # one per window, or one for the whole image
+    assert len(spans) == (1 if full_attention else len(qwen_vision.windows(grid[1], grid[2], 2, 4)[1]))
+    per_patch = torch.cat([w.mean(dim=0).sum(dim=0) / w.shape[1] for w in spans])  # mean over heads, queries
+    window_index, _ = hf_model.get_vision_window_index(torch.tensor([grid]), 2, 112, 14)
+    expected = per_patch.reshape(-1, 4).sum(dim=1)[torch.argsort(window_index)]
+    assert received.shape == (grid[1] * grid[2] // 4,)
+    assert (received - expected).abs().max() < 1e-6
