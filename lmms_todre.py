@@ -207,8 +207,6 @@ class ToDRE(LMMsModel):
     def answer_together(self, group) -> dict[int, str] | None:
         """Greedy answers to requests about one image on one shared prefix, by index; None where
         their prompts share none (an image placed inside the context), to be answered one at a time."""
-        if not batched.supports(self.model):
-            return None
         if any(self.tokenizer.placeholder(False)[0] in request.args[0] for _, request in group):
             return None
         first = group[0][1]
@@ -223,11 +221,12 @@ class ToDRE(LMMsModel):
         max_new_tokens = int(dict(first.args[1]).get("max_new_tokens", 1024))
         for ids in prompts:
             check_generation(self.model, ids, visual.tokens[kept], max_new_tokens, 0.0)
-        prefix = batched.prefill_prefix(self.model, prompts[0][:p], visual.tokens[kept])
+        where = placement([visual], [kept])
+        prefix = batched.prefill_prefix(self.model, prompts[0][:p], visual.tokens[kept], where)
         texts = {}
         for start in range(0, len(group), self.batch_size):
             chunk = prompts[start : start + self.batch_size]
-            rows = batched.answer_batch(self.model, chunk, p, prefix, self.settings, max_new_tokens)
+            rows = batched.answer_batch(self.model, chunk, p, prefix, self.settings, max_new_tokens, placement=where)
             for (index, _), row in zip(group[start : start + self.batch_size], rows, strict=True):
                 texts[index] = self.tokenizer.decode(row.token_ids)
                 self.visual_tokens.append({"visual_tokens": len(kept), "evict_layer": row.info.evict_layer})

@@ -4,6 +4,8 @@ which both pruning stages happen in plain code.
 This is the only file that knows CLIP, AnyRes, Llama and ToDRE together. Checkpoint files are
 read by checkpoint.py. The model computes; callers (generate.py, evaluate.py, bench.py) time and
 measure, through `ask` (one question, start to end) or `generate` (prompt ids in, tokens out).
+Qwen2.5-VL (qwen.py) offers the same methods as Llava, so `ask`, `generate` and the programs drive
+either; `load` hands its checkpoints to qwen.py.
 Batch size is 1 throughout: one image or video and one prompt per call, so sequences are
 (n, d) tensors and get a leading batch axis of 1 only where the decoder layers want one.
 """

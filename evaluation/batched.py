@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import todre
 from llama import apply_rope
-from model import Llava, PrefillInfo
+from model import Llava, Placement, PrefillInfo, penalize
 
 
 @dataclass
@@ -34,14 +34,7 @@ class Row:
 
     token_ids: list[int]
     info: PrefillInfo
-    logits: list[torch.Tensor] = field(default_factory=list)  # each step's (vocab,) logits, when asked for
-
-
-def supports(model) -> bool:
-    """Whether this unit can answer for `model`: it counts positions 0..n-1 (LLaVA) and decodes
-    greedily without a repetition penalty. Qwen2.5-VL's M-RoPE positions are not written here; its
-    questions, and those of any checkpoint with a repetition_penalty, are answered one at a time."""
-    return isinstance(model, Llava) and model.repetition_penalty == 1.0
+    logits: list[torch.Tensor] = field(default_factory=list)  # each step's (vocab,) model logits, when asked for
 
 
 def shared_prefix(prompts: list[torch.Tensor], is_visual) -> int | None:
@@ -60,11 +53,13 @@ def shared_prefix(prompts: list[torch.Tensor], is_visual) -> int | None:
 
 
 @torch.inference_mode()
-def prefill_prefix(model: Llava, ids: torch.Tensor, visual_embeds: torch.Tensor) -> list[tuple]:
+def prefill_prefix(
+    model: Llava, ids: torch.Tensor, visual_embeds: torch.Tensor, placement: Placement | None = None
+) -> list[tuple]:
     """The prefix's keys and values at every layer, [(k, v) each (kv_heads, p, head_dim)]: the whole
-    decoder run once over it, no Stage 2 (it has no text queries)."""
+    decoder run once over it, no Stage 2 (it has no text queries). placement: as model.generate's."""
     cache = model.new_kv_cache(0)
-    model.prefill(ids, visual_embeds, todre.NO_PRUNING, cache)
+    model.prefill(ids, visual_embeds, todre.NO_PRUNING, cache, placement=placement)
     return [tuple(t[0] for t in cache.get(i)) for i in range(len(model.language_model.layers))]
 
 
@@ -77,11 +72,14 @@ def answer_batch(
     settings: todre.Settings,
     max_new_tokens: int,
     keep_logits: bool = False,
+    placement: Placement | None = None,
 ) -> list[Row]:
     """Greedy answers to `prompts` (each (n_r,) ids, all sharing `prefix`, the keys and values of
     their first p tokens): their own tokens prefilled together, then decoded together, each row
-    stopping at its own stop token or max_new_tokens, each with its own Stage 2."""
+    stopping at its own stop token or max_new_tokens, each with its own Stage 2 (and the
+    checkpoint's repetition penalty over its own prompt and answer, as model.decode)."""
     lm, device = model.language_model, model.device
+    start = text_start(model, prompts[0], p, placement)
     b, layers = len(prompts), len(lm.layers)
     own = [ids[p:] for ids in prompts]
     sizes = [len(t) for t in own]  # each row's own tokens
@@ -99,11 +97,11 @@ def answer_batch(
     own_k, own_v = [None] * layers, [None] * layers
     evicted = [layers] * b  # the layer after which each row's image left (kept on the host: no syncs)
 
-    # Prefill of the rows' own tokens: positions p .. p + n_r - 1, padding after each row's end.
-    positions = p + torch.arange(width, device=device)
+    # Prefill of the rows' own tokens: positions start .. start + n_r - 1, padding after each row's end.
+    positions = start + torch.arange(width, device=device)
     valid = torch.arange(room, device=device)[None, :] < lengths[:, None]  # (b, room): own keys so far
     x = lm.embed_tokens(ids)  # (b, width, d)
-    cos, sin = lm.rope(positions, x.dtype)  # (width, head_dim), the same positions for every row
+    cos, sin = text_rope(model, positions, x.dtype)  # (width, head_dim), the same positions for every row
     for i, layer in enumerate(lm.layers):
         see_visual = torch.tensor(
             [e >= i for e in evicted], device=device
@@ -124,25 +122,31 @@ def answer_batch(
     last = x[torch.arange(b, device=device), lengths - 1]  # each row's last own token
     logits = lm.logits(last[:, None])[:, 0]  # (b, vocab)
 
-    # Decoding: row r's token s goes at position p + n_r + s, its keys at index width + s.
+    # Decoding: row r's token s goes at position start + n_r + s, its keys at index width + s.
     rows = [Row([], PrefillInfo(s.ratios, s.evict_layer)) for s in stage2]
     done = [False] * b
+    seen = [set(ids_r.tolist()) for ids_r in prompts] if model.repetition_penalty != 1.0 else None
     for step in range(max_new_tokens):
-        tokens = logits.argmax(-1).tolist()  # greedy, as model.sample at temperature 0: one sync per step
+        scores = logits
+        if seen is not None:  # each row's own prompt and answer so far, as model.decode
+            scores = torch.stack([penalize(logits[r], seen[r], model.repetition_penalty) for r in range(b)])
+        tokens = scores.argmax(-1).tolist()  # greedy, as model.sample at temperature 0: one sync per step
         for r, token in enumerate(tokens):
             if done[r]:
                 continue  # a finished row is still computed with the batch, its tokens ignored
             if keep_logits:
-                rows[r].logits.append(logits[r])
+                rows[r].logits.append(logits[r])  # the model's, before any penalty
             if token in model.stop_ids:
                 done[r] = True
             else:
                 rows[r].token_ids.append(token)
+                if seen is not None:
+                    seen[r].add(token)
         if all(done) or step == max_new_tokens - 1:
             break
         x = lm.embed_tokens(torch.tensor(tokens, device=device)[:, None])  # (b, 1, d)
-        position = (p + lengths + step)[:, None]  # (b, 1): each row's own position
-        cos, sin = lm.rope(position.flatten(), x.dtype)
+        position = (start + lengths + step)[:, None]  # (b, 1): each row's own position
+        cos, sin = text_rope(model, position.flatten(), x.dtype)
         cos, sin = cos[:, None, None], sin[:, None, None]  # (b, 1, 1, head_dim): per row
         slot = width + step
         valid[:, slot] = True
@@ -152,6 +156,22 @@ def answer_batch(
             x = mlp(layer, x + h)
         logits = lm.logits(x)[:, 0]
     return rows
+
+
+def text_start(model, ids: torch.Tensor, p: int, placement: Placement | None) -> int:
+    """The position of token p, the first of the rows' own (text) tokens: p with positions counting
+    0..n-1 (LLaVA); with Qwen2.5-VL's M-RoPE, where its image's grid puts the text after it."""
+    if placement is None:
+        return p
+    return int(model.positions(ids[: p + 1], placement)[0, -1])
+
+
+def text_rope(model, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin (n, head_dim) of text tokens at 1-D positions: Qwen2.5-VL's M-RoPE gives a text
+    token the same position three times."""
+    if isinstance(model, Llava):
+        return model.language_model.rope(positions, dtype)
+    return model.rope(positions.expand(3, -1), dtype)
 
 
 def mlp(layer, x):

@@ -28,7 +28,7 @@ import todre
 from evaluation import batched, flops
 from evaluation.benchmarks import DataError, EmbeddedImages, Question, parse_json, read_json, read_text
 from media import MediaError, open_image, open_image_bytes
-from model import ContextError, Llava, ask, check_generation, prompt_ids
+from model import ContextError, Llava, ask, check_generation, placement, prompt_ids
 
 # ---------------------------------------------------------------------------------------------
 # Predictions on disk
@@ -365,7 +365,6 @@ class Answerer:
                 kept = self.model.select(visual, settings)
                 select_s = job.clock() - start
             batchable = visual is not None and job.reuse and job.batch_size > 1 and not (job.figure2 and name == "full")
-            batchable = batchable and batched.supports(self.model)
             if batchable and self.batches(todo[name], name, settings, visual, kept, encode_s, select_s, answers):
                 continue
             for q in todo[name]:
@@ -405,7 +404,8 @@ class Answerer:
         if not fits:
             return True
         start = job.clock()
-        prefix = batched.prefill_prefix(model, fits[0][1][:p], visual.tokens[kept])
+        where = placement([visual], [kept])  # Qwen2.5-VL's M-RoPE places the kept tokens; LLaVA: None
+        prefix = batched.prefill_prefix(model, fits[0][1][:p], visual.tokens[kept], where)
         prefix_s = job.clock() - start
         every, done = job.sample_alone_every, self.batched_groups.get(name, 0)
         self.batched_groups[name] = done + 1
@@ -416,7 +416,8 @@ class Answerer:
             chunk = fits[first : first + job.batch_size]
             job.reset_peak()
             start = job.clock()
-            rows = batched.answer_batch(model, [ids for _, ids in chunk], p, prefix, settings, job.max_new_tokens)
+            chunk_ids = [ids for _, ids in chunk]
+            rows = batched.answer_batch(model, chunk_ids, p, prefix, settings, job.max_new_tokens, placement=where)
             batch_s = job.clock() - start
             for (q, ids), row in zip(chunk, rows, strict=True):
                 text = self.tokenizer.decode(row.token_ids)

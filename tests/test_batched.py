@@ -21,16 +21,17 @@ CONFIGS = ["full", "stage2", "todre-0.25", "todre-0.10", "cls-0.10"]
 
 
 @torch.inference_mode()
-def alone(ckpt, prompts, embeds, settings, max_new_tokens):
-    """Each prompt answered on its own (model.generate), with the logits of its every step."""
+def alone(ckpt, prompts, embeds, settings, max_new_tokens, where=None):
+    """Each prompt answered on its own (model.generate), with the logits of its every step (before
+    any repetition penalty)."""
     out = []
     for ids in prompts:
-        generation = model.generate(ckpt.model, ids, embeds, settings, max_new_tokens)
+        generation = model.generate(ckpt.model, ids, embeds, settings, max_new_tokens, placement=where)
         cache = ckpt.model.new_kv_cache(max_new_tokens)
-        logits, _ = ckpt.model.prefill(ids, embeds, settings, cache)
+        logits, info = ckpt.model.prefill(ids, embeds, settings, cache, placement=where)
         steps = [logits[0, -1]]
         for step, token in enumerate(generation.token_ids[:-1]):
-            steps.append(ckpt.model.decode_step(token, len(ids) + step, cache))
+            steps.append(ckpt.model.decode_step(token, info.next_position + step, cache))
         out.append((generation, steps))
     return out
 
@@ -41,12 +42,13 @@ def assert_rows_equal_alone(ckpt, visual, settings, questions, video=False, max_
     prompts = [model.prompt_ids(ckpt.tokenizer, q, len(kept), video) for q in questions]
     p = batched.shared_prefix(prompts, ckpt.model.is_visual)
     assert p is not None
-    prefix = batched.prefill_prefix(ckpt.model, prompts[0][:p], embeds)
+    where = model.placement([visual], [kept])
+    prefix = batched.prefill_prefix(ckpt.model, prompts[0][:p], embeds, where)
     rows = []
     for first in range(0, len(prompts), batch_size or len(prompts)):
         chunk = prompts[first : first + (batch_size or len(prompts))]
-        rows += batched.answer_batch(ckpt.model, chunk, p, prefix, settings, max_new_tokens, keep_logits=True)
-    expected = alone(ckpt, prompts, embeds, settings, max_new_tokens)
+        rows += batched.answer_batch(ckpt.model, chunk, p, prefix, settings, max_new_tokens, True, where)
+    expected = alone(ckpt, prompts, embeds, settings, max_new_tokens, where)
     for row, (generation, steps) in zip(rows, expected, strict=True):
         assert row.token_ids == generation.token_ids
         assert row.info.evict_layer == generation.info.evict_layer
@@ -56,6 +58,15 @@ def assert_rows_equal_alone(ckpt, visual, settings, questions, video=False, max_
         for ours, theirs in zip(row.logits, steps, strict=False):
             assert (ours - theirs).abs().max() < 1e-4
     return rows
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_qwen_batches_to_the_same_answers_with_its_positions_and_repetition_penalty(qwen_ckpt, config):
+    """Qwen2.5-VL: the rows' own tokens at the M-RoPE positions after the kept tokens' image, its
+    checkpoint's repetition penalty (1.3) over each row's own prompt and answer."""
+    visual = qwen_ckpt.model.encode_image(noise_image(300, 200, seed=3))
+    assert qwen_ckpt.model.repetition_penalty == 1.3
+    assert_rows_equal_alone(qwen_ckpt, visual, configs.parse_config(config), QUESTIONS, max_new_tokens=8)
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -192,17 +192,21 @@ def test_unsupported_architectures_get_one_line_naming_the_supported_ones(tmp_pa
     )
 
 
-def test_evaluate_runs_pope_on_qwen_with_the_answers_ask_gives(qwen_ckpt, tmp_path, capsys):
+def test_evaluate_runs_pope_on_qwen_with_the_answers_ask_gives(qwen_ckpt, tmp_path, capsys, monkeypatch):
     """evaluate.py --model on a Qwen2.5-VL checkpoint: the checkpoint's chat template with LLaVA's
-    POPE question, every stored answer what model.ask answers for that question alone; a batch size
-    asks nothing different (Qwen2.5-VL's questions are answered one at a time)."""
+    POPE question, every stored answer what model.ask answers for that question alone, whether the
+    questions about an image are answered one at a time or together on one shared prefix."""
     import json
 
     from test_evaluate import make_pope, pope
 
     import evaluate
+    from evaluation import batched
     from media import open_image
 
+    batches = []
+    answer_batch = batched.answer_batch
+    monkeypatch.setattr(batched, "answer_batch", lambda *a, **k: batches.append(len(a[1])) or answer_batch(*a, **k))
     c = qwen_ckpt
     data, images = make_pope(tmp_path, questions=2)
     flags = ["--model", str(c.directory), "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "3"]
@@ -219,6 +223,8 @@ def test_evaluate_runs_pope_on_qwen_with_the_answers_ask_gives(qwen_ckpt, tmp_pa
         code = evaluate.main([*argv, *flags])
         _, err = capsys.readouterr()
         assert code == 0, err
+        assert batches == ([] if batch == "1" else [3] * 4)  # 2 images x 2 configurations, 3 questions each
+        batches.clear()
     for config, settings in (("full", todre.NO_PRUNING), ("todre-0.10", todre.Settings(retain=0.1))):
         records = [
             json.loads(line) for line in (tmp_path / "one" / config / "predictions.jsonl").read_text().splitlines()
