@@ -65,6 +65,7 @@ from evaluation.scoring import ratio
 from files import os_error_text
 from media import MediaError
 from model import ContextError, InputError, load
+from qwen import QwenVL, set_pixel_budget
 
 # ---------------------------------------------------------------------------------------------
 # Flags
@@ -152,6 +153,10 @@ def flags() -> cli.Parser:
     p.add_argument("--tau", type=float, help="Stage 2 threshold for the configurations that use Stage 2")
     p.add_argument("--newlines", choices=["drop", "keep"], help="Stage 1 and the image_newline tokens")
     p.add_argument("--pad-to-square", action="store_true", help="LLaVA-1.5: pad to a square, as LLaVA's evaluation")
+    p.add_argument(
+        "--min-pixels", type=int, metavar="N", help="Qwen2.5-VL: smallest image area (default: checkpoint's)"
+    )
+    p.add_argument("--max-pixels", type=int, metavar="N", help="Qwen2.5-VL: largest image area in pixels")
     cli.add_device_flags(p)
     return p
 
@@ -162,6 +167,8 @@ def check_args(args) -> None:
     cli.check_number("--batch-size", args.batch_size, 1, 4096)
     cli.check_number("--max-new-tokens", args.max_new_tokens, 1, math.inf)
     cli.check_number("--tau", args.tau, 0, math.inf)
+    cli.check_number("--min-pixels", args.min_pixels, 1, 2**40)
+    cli.check_number("--max-pixels", args.max_pixels, 1, 2**40)
     cli.check_not_empty(args, "data", "images", "model", "out", "score")
     args.benchmarks = benchmark_names(args.benchmark)
     if "jsonl" in args.benchmarks and args.data is None:
@@ -311,6 +318,7 @@ def evaluate(args) -> list[dict] | None:
         device = shard.device(args.device)
         directory = resolve_checkpoint(args.model)
         model, tokenizer = load(str(directory), device, cli.pick_dtype(args.dtype, device))
+        set_pixel_budget(model, args.min_pixels, args.max_pixels)
         identity = checkpoint_identity(directory)
         results = []
         for name in args.benchmarks:
@@ -352,6 +360,8 @@ def make_job(args, bench, folder, model, tokenizer, identity, device, shard) -> 
             "pad_to_square": args.pad_to_square,
             "figure2": args.figure2 and config == "full",
         }
+        if isinstance(model, QwenVL):  # the image sizes its answers were made at
+            run["pixels"] = [model.config.min_pixels, model.config.max_pixels]
         expected = fingerprint(identity, model, tokenizer, settings, **run)
         check_fingerprint_everywhere(folder / config, expected, shard, args.adopt)
         predictions[config] = Predictions(folder / config, shard.rank, shard.world_size)

@@ -26,6 +26,7 @@ from checkpoint import DEFAULT_MODEL, CheckpointError
 from cli import OutputError, UsageError, check_not_empty, check_number
 from media import MediaError, open_image, open_video
 from model import ContextError, InputError, Reply, ask, check_video_budget, load
+from qwen import set_pixel_budget
 
 
 @torch.inference_mode()
@@ -41,6 +42,7 @@ def run(args) -> None:
     if sys.stderr.isatty():  # progress for people; a script reading stderr sees only errors and --stats
         print(f"loading {args.model} on {device} ...", file=sys.stderr)
     model, tokenizer = load(args.model, device, cli.pick_dtype(args.dtype, device))
+    set_pixel_budget(model, args.min_pixels, args.max_pixels)
     if args.probe_layers and max(args.probe_layers) >= model.config.text.num_hidden_layers:
         raise UsageError(f"--probe-layers must be below {model.config.text.num_hidden_layers}, the model's layers")
 
@@ -147,6 +149,18 @@ def flags() -> cli.Parser:
     add("--max-frames", "--frames", type=int, default=20, help="--video: 1 frame per second, at most this many")
     add("--video-newlines", choices=["grid", "none"], help="--video: image_newline after every pooled row, or none")
     add("--pad-to-square", action="store_true", help="LLaVA-1.5: pad to a square of the mean colour, not crop")
+    add(
+        "--min-pixels",
+        type=int,
+        metavar="N",
+        help="Qwen2.5-VL: smallest image area in pixels (default: the checkpoint's)",
+    )
+    add(
+        "--max-pixels",
+        type=int,
+        metavar="N",
+        help="Qwen2.5-VL: largest image area in pixels (default: the checkpoint's)",
+    )
     add("--transparency", choices=["stored", "white"], default="stored", help="transparent pixels: stored or white")
     add("--prompt", required=True, help="the question")
     add("--model", default=DEFAULT_MODEL, help="Hub id or local checkpoint directory")
@@ -187,6 +201,8 @@ def parse_args(argv):
     check_number("--max-frames", args.max_frames, 1, 10_000)
     check_number("--seed", args.seed, 0, 2**64 - 1)
     check_number("--pivot-seed", args.pivot_seed, 0, 2**63 - 1)
+    check_number("--min-pixels", args.min_pixels, 1, 2**40)
+    check_number("--max-pixels", args.max_pixels, 1, 2**40)
     if args.pivot_seed is not None and args.pivot != "random":
         raise UsageError("--pivot-seed seeds a random pivot: add --pivot random")
     if args.probe_layers is not None:

@@ -31,6 +31,7 @@ from evaluation import batched, configs, tables
 from media import MediaError, open_image_bytes, open_video
 from model import InputError, check_generation, check_video_budget, generate, load, placement, prompt_ids
 from prompt import PromptFormat
+from qwen import QwenVL, set_pixel_budget
 
 try:
     from lmms_eval.api.model import lmms as LMMsModel
@@ -45,13 +46,19 @@ TABLE2 = {  # the paper's Table 2 columns: lmms-eval task -> its score in the re
 }
 
 
-def cut(text: str, request) -> str:
-    """The answer up to the first of the request's `until` strings, stripped as lmms-eval's llava does."""
+# lmms-eval's own qwen2_5_vl model: its image size range (model args min_pixels, max_pixels).
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 256 * 28 * 28, 1605632
+
+
+def cut(text: str, request, qwen: bool = False) -> str:
+    """The answer up to the first of the request's `until` strings, stripped as lmms-eval's llava does;
+    for Qwen2.5-VL as lmms-eval's qwen2_5_vl does: "\n\n" is no stop (it would cut answers short)
+    and nothing is stripped."""
     until = dict(request.args[1]).get("until") or []
     for stop in [until] if isinstance(until, str) else list(until):
-        if stop and stop in text:
+        if stop and stop in text and not (qwen and stop == "\n\n"):
             text = text[: text.index(stop)]
-    return text.strip()
+    return text if qwen else text.strip()
 
 
 class ToDRE(LMMsModel):
@@ -61,7 +68,9 @@ class ToDRE(LMMsModel):
     todre-0.10, keep-64, todre-0.10-v2, ...), device, dtype, max_frames (video: one frame a second,
     at most this many; 20, the paper's), video_newlines (grid, the paper's, or none), pad_to_square
     (LLaVA-1.5), conv (vicuna, mistral, chatml or llama3: the built-in format instead of the
-    checkpoint's own).
+    checkpoint's own), min_pixels and max_pixels (Qwen2.5-VL's image size range; lmms-eval's
+    qwen2_5_vl defaults, 200704 and 1605632). On Qwen2.5-VL the requests are read as lmms-eval's
+    qwen2_5_vl reads them: "<image>" removed from the context, the images before it.
     """
 
     def __init__(
@@ -75,6 +84,8 @@ class ToDRE(LMMsModel):
         pad_to_square: bool = False,
         conv: str | None = None,
         batch_size: int = 1,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
         **unknown,
     ):
         super().__init__()
@@ -98,6 +109,9 @@ class ToDRE(LMMsModel):
                 raise UsageError(f"model argument {name} must be one of {shown}, got {value!r}")
         if not str(max_frames).isdigit() or not 1 <= int(max_frames) <= 10_000:
             raise UsageError(f"model argument max_frames must be a whole number from 1 to 10000, got {max_frames!r}")
+        for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+            if value is not None and (not str(value).isdigit() or int(value) < 1):
+                raise UsageError(f"model argument {name} must be a whole number of pixels, got {value!r}")
         if not isinstance(pretrained, str) or not pretrained:
             raise UsageError(f"model argument pretrained must be a Hub id or a directory, got {pretrained!r}")
         self._rank, self._world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -106,6 +120,13 @@ class ToDRE(LMMsModel):
             self._device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self._device)
         self.model, self.tokenizer = load(pretrained, self._device, cli.pick_dtype(dtype, self._device))
+        self.qwen = isinstance(self.model, QwenVL)
+        if self.qwen:
+            low = int(min_pixels) if min_pixels is not None else QWEN_MIN_PIXELS
+            high = int(max_pixels) if max_pixels is not None else QWEN_MAX_PIXELS
+            set_pixel_budget(self.model, low, high)
+        elif min_pixels is not None or max_pixels is not None:
+            raise UsageError("model arguments min_pixels and max_pixels apply to Qwen2.5-VL checkpoints")
         if conv is not None:
             self.tokenizer.format = PromptFormat(conv, None, self.tokenizer.format.special_tokens)
         self.max_frames, self.video_newlines = int(max_frames), video_newlines
@@ -126,6 +147,11 @@ class ToDRE(LMMsModel):
         return self._world_size
 
     # -- requests -------------------------------------------------------------------------------
+
+    def context(self, request) -> str:
+        """The request's text. Qwen2.5-VL: without "<image>" (lmms-eval's qwen2_5_vl removes it and
+        puts every image first)."""
+        return request.args[0].replace("<image>", "") if self.qwen else request.args[0]
 
     def visuals(self, request) -> tuple[list, bool]:
         """The request's images (PIL) or video (a path), as the task's doc_to_visual gives them."""
@@ -172,7 +198,7 @@ class ToDRE(LMMsModel):
         for group in self.same_image_groups(requests):
             texts = self.answer_together(group) if len(group) > 1 and self.batch_size > 1 else None
             for index, request in group:
-                answers[index] = self.answer_one(request) if texts is None else cut(texts[index], request)
+                answers[index] = self.answer_one(request) if texts is None else cut(texts[index], request, self.qwen)
                 self.cache_hook.add_partial("generate_until", request.args[:2], answers[index])
         return [answers[i] for i in range(len(requests))]
 
@@ -192,7 +218,7 @@ class ToDRE(LMMsModel):
         return list(groups.values())
 
     def answer_one(self, request) -> str:
-        question, gen_kwargs = request.args[0], dict(request.args[1])
+        question, gen_kwargs = self.context(request), dict(request.args[1])
         max_new_tokens = int(gen_kwargs.get("max_new_tokens", 1024))
         temperature = float(gen_kwargs.get("temperature", 0) or 0)
         ids, embeds, where = self.inputs(question, request)
@@ -202,7 +228,7 @@ class ToDRE(LMMsModel):
         )
         self.visual_tokens.append({"visual_tokens": 0 if embeds is None else len(embeds)})
         self.visual_tokens[-1]["evict_layer"] = result.info.evict_layer
-        return cut(self.tokenizer.decode(result.token_ids), request)
+        return cut(self.tokenizer.decode(result.token_ids), request, self.qwen)
 
     def answer_together(self, group) -> dict[int, str] | None:
         """Greedy answers to requests about one image on one shared prefix, by index; None where
@@ -214,7 +240,7 @@ class ToDRE(LMMsModel):
         image = image if hasattr(image, "size") else open_image_bytes(image, "an image of the request")
         visual = self.model.encode_image(image.convert("RGB"), self.pad_to_square)
         kept = self.model.select(visual, self.settings)
-        prompts = [prompt_ids(self.tokenizer, request.args[0], len(kept)).to(self.device) for _, request in group]
+        prompts = [prompt_ids(self.tokenizer, self.context(request), len(kept)).to(self.device) for _, request in group]
         p = batched.shared_prefix(prompts, self.model.is_visual)
         if p is None:
             return None
@@ -238,7 +264,7 @@ class ToDRE(LMMsModel):
         whether greedy decoding would produce it, with both pruning stages as in generation."""
         results = []
         for request in requests:
-            context, target = request.args[0], request.args[1]
+            context, target = self.context(request), request.args[1]
             _, _, doc_to_visual, doc_id, task, split = request.args[:6]
             continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
             ids, embeds, where = self.inputs(context, request)

@@ -59,6 +59,7 @@ class VisualTokens:
     tokens: torch.Tensor  # (n, d) packed tokens, in sequence order
     sources: torch.Tensor  # (n,) index into cls_attn.flatten() (crop * t + patch), or anyres.NEWLINE
     cls_attn: torch.Tensor  # (crops or frames, t) [CLS] -> patch attention of the feature layer
+    # (Qwen2.5-VL, which has no [CLS]: (1, t) the attention each merged token receives, the pivot score)
     layout: anyres.Layout | None  # AnyRes packing geometry; None for square crops (video frames)
     framings: list[anyres.Framing] | None = None  # how each square crop was cut from its image or frame
     grid: tuple[int, int, int] | None = None  # Qwen2.5-VL: (frames, rows, columns) of LLM tokens; tokens row-major

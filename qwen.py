@@ -120,6 +120,15 @@ class QwenVL(nn.Module):
         sources = torch.arange(len(tokens), device=tokens.device)
         return VisualTokens(tokens, sources, received[None], None, None, grid=(frames, rows, cols))
 
+    def set_pixel_budget(self, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
+        """The pixel range smart_resize keeps images within, in place of the checkpoint's (what
+        transformers' processor takes as min_pixels and max_pixels; None keeps the current one)."""
+        low = self.config.min_pixels if min_pixels is None else min_pixels
+        high = self.config.max_pixels if max_pixels is None else max_pixels
+        if not (todre.is_count(low) and todre.is_count(high) and 0 < low <= high):
+            raise InputError(f"the pixel budget needs 0 < min_pixels <= max_pixels, got {low!r} and {high!r}")
+        self.config.min_pixels, self.config.max_pixels = low, high
+
     def encode_video(self, frames, newlines=None) -> VisualTokens:
         raise InputError(VIDEO_REFUSAL)
 
@@ -366,3 +375,13 @@ def load_with_tokenizer(directory: Path, device, dtype: torch.dtype) -> tuple[Qw
     model.stop_ids = stop_ids(directory, cfg, tokenizer)
     model.repetition_penalty = repetition_penalty(directory)
     return model, tokenizer
+
+
+def set_pixel_budget(model, min_pixels: int | None, max_pixels: int | None) -> None:
+    """The programs' --min-pixels/--max-pixels: QwenVL.set_pixel_budget when either is given; an
+    InputError for a LLaVA checkpoint, whose image sizes are fixed by its crops."""
+    if min_pixels is None and max_pixels is None:
+        return
+    if not isinstance(model, QwenVL):
+        raise InputError("min_pixels and max_pixels apply to Qwen2.5-VL checkpoints; LLaVA's crops are fixed")
+    model.set_pixel_budget(min_pixels, max_pixels)

@@ -182,6 +182,8 @@ def image_digest(question: Question, embedded: EmbeddedImages) -> str | None:
 def fingerprint(checkpoint: dict, model: Llava, tokenizer, settings: todre.Settings, **run) -> dict:
     """Everything that changes an answer of one configuration."""
     settings_fields = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
+    if settings.pivot == "attention":  # the default pivot: absent, as before the option existed (runs resume)
+        del settings_fields["pivot"], settings_fields["pivot_seed"]
     return {
         "checkpoint": checkpoint,
         "dtype": str(model.dtype).removeprefix("torch."),

@@ -1022,3 +1022,14 @@ def test_prompts_without_a_shared_prefix_are_answered_one_at_a_time(mha, tmp_pat
     assert [{k: v for k, v in r.items() if k not in drop} for r in predictions(tmp_path / "a" / "todre-0.10")] == [
         {k: v for k, v in r.items() if k not in drop} for r in predictions(tmp_path / "b" / "todre-0.10")
     ]
+
+
+def test_a_fingerprint_names_the_pivot_only_when_it_is_not_the_default(mha):
+    """Runs fingerprinted before the pivot option existed resume: the default pivot is not in the
+    fingerprint's settings; a random one is, with its seed."""
+    default = runner.fingerprint({}, mha.model, mha.tokenizer, todre.Settings())["settings"]
+    assert set(default) == {
+        "retain", "keep_tokens", "select", "newlines", "tau", "probe_fractions", "probe_layers", "evict_layer",
+    }  # fmt: skip
+    random = runner.fingerprint({}, mha.model, mha.tokenizer, todre.Settings(pivot="random", pivot_seed=3))
+    assert (random["settings"]["pivot"], random["settings"]["pivot_seed"]) == ("random", 3)

@@ -390,45 +390,59 @@ def test_requests_about_one_image_answered_together_equal_one_at_a_time(mha):
 
 
 def test_qwen_runs_in_lmms_eval_with_asks_answers_and_transformers_loglikelihood(qwen_ckpt, tasks, tmp_path):
-    """pretrained=<a Qwen2.5-VL checkpoint>: lmms-eval's POPE logs model.ask's answers, and a
-    loglikelihood request with an image equals transformers' log-probability of the continuation
-    at the unpruned M-RoPE positions."""
+    """pretrained=<a Qwen2.5-VL checkpoint>: lmms-eval's POPE logs model.ask's answers at lmms-eval's
+    qwen2_5_vl image sizes (200704 to 1605632 pixels), read as that model reads them (no "\n\n"
+    stop, nothing stripped), and a loglikelihood request with an image equals transformers'
+    log-probability of the continuation at the unpruned M-RoPE positions."""
+    from conftest import QWEN_PIXELS, noise_image
+
     results, samples = run_lmms_eval(qwen_ckpt, tasks, tmp_path / "out", "full", "pope_tiny")
     assert "pope_f1_score,none" in results["results"]["pope_tiny"]
     rows = pq.read_table(tasks / "pope.parquet").to_pylist()
-    for sample in samples["pope_tiny"][:3]:
-        row = rows[sample["doc_id"]]
-        image = media.open_image_bytes(row["image"]["bytes"], "row")
-        visual = qwen_ckpt.model.encode_image(image)
-        reply = model.ask(
-            qwen_ckpt.model,
-            qwen_ckpt.tokenizer,
-            row["question"].strip() + SHORT,
-            visual,
-            configs.parse_config("full"),
-            128,
-        )
-        logged = sample["filtered_resps"]
-        assert (logged[0] if isinstance(logged, list) else logged) == reply.text.strip()
-
-    from conftest import noise_image
+    ours = qwen_ckpt.model
+    try:
+        ours.set_pixel_budget(lmms_todre.QWEN_MIN_PIXELS, lmms_todre.QWEN_MAX_PIXELS)
+        for sample in samples["pope_tiny"][:3]:
+            row = rows[sample["doc_id"]]
+            visual = ours.encode_image(media.open_image_bytes(row["image"]["bytes"], "row"))
+            assert len(visual.tokens) >= 256  # the minimum: 200704 pixels, 784 a token
+            question = row["question"].strip() + SHORT
+            reply = model.ask(ours, qwen_ckpt.tokenizer, question, visual, configs.parse_config("full"), 128)
+            logged = sample["filtered_resps"]
+            assert (logged[0] if isinstance(logged, list) else logged) == reply.text.strip()  # as lmms-eval logs it
+    finally:
+        ours.set_pixel_budget(*QWEN_PIXELS)
 
     image = noise_image(200, 150)
 
     class Request:
-        args = ("Is it red?", "yes", lambda doc: [image], 0, "t", "s")
+        args = ("<image>\nIs it red?", "yes", lambda doc: [image], 0, "t", "s")
 
-    lmm = lmms_todre.ToDRE.create_from_arg_string(f"pretrained={qwen_ckpt.directory},config=full,dtype=float32")
+    low, high = QWEN_PIXELS
+    arguments = f"pretrained={qwen_ckpt.directory},config=full,dtype=float32,min_pixels={low},max_pixels={high}"
+    lmm = lmms_todre.ToDRE.create_from_arg_string(arguments)
     lmm.task_dict = {"t": {"s": {0: {}}}}
     ((logprob, greedy),) = lmm.loglikelihood([Request()])
-    inputs = qwen_ckpt.hf_inputs(image, "Is it red?")
+    inputs = qwen_ckpt.hf_inputs(image, "\nIs it red?")  # "<image>" removed, the image first
     cont = torch.tensor(qwen_ckpt.tokenizer.encode("yes", add_special_tokens=False).ids)
     n = inputs["input_ids"].shape[1]
     inputs["input_ids"] = torch.cat([inputs["input_ids"], cont[None]], dim=1)
-    inputs["mm_token_type_ids"] = torch.cat(
-        [inputs["mm_token_type_ids"], torch.zeros(1, len(cont), dtype=torch.int)], 1
-    )
+    no_image = torch.zeros(1, len(cont), dtype=torch.int)
+    inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], no_image], 1)
     with torch.inference_mode():
         logits = qwen_ckpt.hf(**inputs).logits[0, n - 1 : -1].log_softmax(-1)
     assert logprob == pytest.approx(float(logits.gather(-1, cont[:, None]).sum()), abs=1e-4)
     assert greedy == bool((logits.argmax(-1) == cont).all())
+
+
+def test_qwen_only_arguments_and_answers_cut_as_lmms_evals_qwen(mha):
+    with pytest.raises(lmms_todre.UsageError, match="min_pixels and max_pixels apply to Qwen2.5-VL"):
+        lmms_todre.ToDRE.create_from_arg_string(f"pretrained={mha.directory},config=full,max_pixels=100000")
+    with pytest.raises(lmms_todre.UsageError, match="max_pixels must be a whole number of pixels"):
+        lmms_todre.ToDRE.create_from_arg_string(f"pretrained={mha.directory},config=full,max_pixels=1e6")
+
+    class Request:
+        args = ("q", {"until": ["\n\n", "STOP"]})
+
+    assert lmms_todre.cut(" A\n\nB STOP C", Request()) == "A"  # llava: cut at the first stop, stripped
+    assert lmms_todre.cut(" A\n\nB STOP C", Request(), qwen=True) == " A\n\nB "  # qwen2_5_vl: "\n\n" is not one

@@ -239,3 +239,83 @@ def test_a_damaged_config_is_one_checkpoint_error_naming_the_field(pair, tmp_pat
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(pre))
     with pytest.raises(CheckpointError, match=message):
         qwen.read_config(tmp_path)
+
+
+RELEASE_7B = {  # Qwen/Qwen2.5-VL-7B-Instruct's config.json, as Qwen released it (flat, rope_scaling "mrope")
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "model_type": "qwen2_5_vl",
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_token_id": 151654,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "hidden_act": "silu",
+    "hidden_size": 3584,
+    "initializer_range": 0.02,
+    "intermediate_size": 18944,
+    "max_position_embeddings": 128000,
+    "max_window_layers": 28,
+    "num_attention_heads": 28,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 32768,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vision_config": {
+        "depth": 32,
+        "hidden_act": "silu",
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "in_chans": 3,
+        "out_hidden_size": 3584,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "spatial_patch_size": 14,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "tokens_per_second": 2,
+        "temporal_patch_size": 2,
+    },
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vocab_size": 152064,
+}
+
+
+@pytest.mark.parametrize("size", ["7B", "3B"])
+def test_the_released_configs_build_every_tensor_transformers_builds(tmp_path, size):
+    """Qwen's own 7B config.json (and the 3B's: 36 layers, tied embeddings) read by read_config give
+    a model whose every tensor has the name (after qwen_key) and shape of transformers' model built
+    from the same file, on the meta device: 8.29B parameters for the 7B."""
+    import json
+
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = dict(RELEASE_7B)
+    if size == "3B":
+        config.update(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16)
+        config.update(num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151936, max_window_layers=70)
+        config["vision_config"] = {**config["vision_config"], "out_hidden_size": 2048}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cfg = qwen.read_config(tmp_path)
+    assert (cfg.text.sliding_window, cfg.text.rope_theta, cfg.mrope_section) == (None, 1e6, [16, 24, 24])
+    with torch.device("meta"):
+        ours = qwen.QwenVL(cfg)
+        hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_pretrained(tmp_path))
+    expected = {qwen.qwen_key(k): tuple(v.shape) for k, v in hf.state_dict().items()}
+    if cfg.text.tie_word_embeddings:
+        expected.pop("language_model.lm_head.weight")  # read from the embeddings (checkpoint.read_weights' tied)
+        ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items() if k != "language_model.lm_head.weight"}
+    else:
+        ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert ours_shapes == expected
+    if size == "7B":
+        assert round(sum(v.numel() for v in ours.parameters()) / 1e9, 2) == 8.29
+        assert todre.probe_layers(cfg.text.num_hidden_layers) == [13, 16, 20, 23]

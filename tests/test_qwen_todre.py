@@ -273,3 +273,33 @@ def test_evaluate_runs_every_table1_benchmark_on_qwen(qwen_ckpt, tmp_path, capsy
     assert len(table["columns"]) == 8
     results = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "out").rglob("results.json")}
     assert len(results) == 8 and all(r["configs"]["todre-0.10"]["samples"] > 0 for r in results.values())
+
+
+def test_the_pixel_budget_flags_resize_qwen_images_and_are_refused_elsewhere(qwen_ckpt, mha, tmp_path, capsys):
+    """--max-pixels / --min-pixels set Qwen2.5-VL's smart_resize range (transformers' processor's
+    min_pixels/max_pixels); LLaVA refuses them; evaluate.py records the range in the fingerprint."""
+    import json
+
+    from test_evaluate import make_pope, pope
+
+    import evaluate
+    from conftest import QWEN_PIXELS
+
+    image = tmp_path / "photo.png"
+    noise_image(500, 300).save(image)
+    args = ["--model", str(qwen_ckpt.directory), "--image", str(image), "--prompt", QUESTION, "--max-new-tokens", "2"]
+    code, _, err = run_cli(capsys, *args, "--stats", "--max-pixels", str(28 * 28 * 16), "--no-todre")
+    assert code == 0 and "visual tokens: 15 merged (3x5)" in err, err  # smart_resize(300, 500) within 16 tokens
+    one_line_error(capsys, [*args, "--min-pixels", "5000", "--max-pixels", "4000"], "0 < min_pixels <= max_pixels")
+    llava = ["--model", str(mha.directory), "--image", str(image), "--prompt", QUESTION, "--max-pixels", "9000"]
+    one_line_error(capsys, llava, "min_pixels and max_pixels apply to Qwen2.5-VL checkpoints")
+
+    data, images = make_pope(tmp_path, questions=1)
+    flags = ["--model", str(qwen_ckpt.directory), "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "2"]
+    out = tmp_path / "out"
+    argv = [*pope(data, images), "--configs", "full", "--out", str(out), *flags]
+    assert evaluate.main([*argv, "--max-pixels", "20000"]) == 0
+    fingerprint = json.loads((out / "full" / "fingerprint.json").read_text())
+    assert fingerprint["pixels"] == [QWEN_PIXELS[0], 20000]
+    assert evaluate.main([*argv, "--max-pixels", "30000"]) == 2  # another image size: not the same answers
+    assert "pixels" in capsys.readouterr().err
