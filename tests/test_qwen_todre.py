@@ -128,17 +128,44 @@ def test_the_pivot_is_the_most_attended_token_or_a_seeded_random_one(qwen_ckpt):
 
 
 def test_stage2_evicts_on_qwen_and_the_answer_is_the_masked_runs(qwen_ckpt):
-    """Forced eviction after layer 3 through model.ask: the generation equals greedy decoding by a
-    brute-force run that masks the visual keys from layer 4 on (prefill) and layer 3 on (decode)."""
+    """Stage 1 at 50%, Stage 2 forced after layer 3, through model.ask: the generated tokens equal
+    greedy decoding by brute force, a whole-sequence run per token in which the text stops seeing
+    the image from layer 4 on and each generated token from layer 3 on, at the unpruned prompt's
+    3-D positions, with the checkpoint's repetition penalty."""
+    from test_qwen import masked_layer
+
     c = qwen_ckpt
     visual = c.model.encode_image(noise_image(300, 300))
     settings = todre.Settings(retain=0.5, tau=0.0, evict_layer=3)
     with torch.inference_mode():
-        reply = model.ask(c.model, c.tokenizer, QUESTION, visual, settings, max_new_tokens=4)
-        unpruned_tau = model.ask(c.model, c.tokenizer, QUESTION, visual, todre.Settings(retain=0.5, tau=0.0), 4)
-    assert reply.info.evict_layer == 3 and unpruned_tau.info.evict_layer is None
-    assert reply.kv_cache_bytes < unpruned_tau.kv_cache_bytes
-    assert len(reply.info.positions[0]) == len(reply.prompt_ids) - len(reply.kept)
+        reply = model.ask(c.model, c.tokenizer, QUESTION, visual, settings, max_new_tokens=6)
+        ids, where = reply.prompt_ids, model.placement([visual], [reply.kept])
+        lm, n = c.model.language_model, len(reply.prompt_ids)
+        is_image = c.model.is_visual(ids)
+        prompt_positions = c.model.positions(ids, where)
+        expected, seen = [], set(ids.tolist())
+        for _ in range(6):
+            all_ids = torch.cat([ids, torch.tensor(expected, dtype=torch.long)])
+            after = torch.arange(len(expected)) + int(prompt_positions.max()) + 1
+            cos, sin = c.model.rope(torch.cat([prompt_positions, after.expand(3, -1)], dim=1), torch.float32)
+            x = lm.embed_tokens(all_ids)
+            x[:n][is_image] = visual.tokens[reply.kept]
+            image_key = torch.cat([is_image, torch.zeros(len(expected), dtype=torch.bool)])
+            for i, layer in enumerate(lm.layers):
+                blocked = torch.zeros(len(all_ids), dtype=torch.bool)
+                blocked[:n] = ~is_image if i > 3 else False  # the prompt's text: from the layer after the eviction
+                blocked[n:] = i >= 3  # generated tokens: from the evicting layer on
+                mask = torch.ones(len(all_ids), len(all_ids), dtype=torch.bool).tril()
+                x = masked_layer(layer, x, cos, sin, mask & ~(blocked[:, None] & image_key[None, :]))
+            logits = model.penalize(lm.logits(x[-1:][None])[0, -1], seen, c.model.repetition_penalty)
+            token = int(logits.argmax())
+            if token in c.model.stop_ids:
+                break
+            expected.append(token)
+            seen.add(token)
+    assert reply.info.evict_layer == 3 and len(reply.kept) == todre.token_budget(len(visual.tokens), 0.5)
+    assert reply.token_ids == expected and len(expected) > 1
+    assert reply.info.positions.shape[1] == len(reply.prompt_ids) - len(reply.kept)
 
 
 def test_generate_cli_runs_qwen_with_stats_and_a_selection_picture(qwen_ckpt, tmp_path, capsys):
