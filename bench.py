@@ -29,7 +29,7 @@ import todre
 from clip import CLIPVisionConfig
 from evaluation import configs, flops
 from llama import LlamaConfig
-from model import Llava, LlavaConfig, generate, placement
+from model import Llava, LlavaConfig, auto_dtype, generate, placement
 from qwen import QwenVL, QwenVLConfig
 from qwen_vision import QwenVisionConfig
 
@@ -444,7 +444,8 @@ def parse_args(argv=None):
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.dtype == "auto":
-        args.dtype = str(cli.pick_dtype("auto", torch.device(args.device))).removeprefix("torch.")
+        kind = "qwen2_5_vl" if args.preset in QWEN_PRESETS else "llava_next"  # as generate.py's auto
+        args.dtype = str(auto_dtype(torch.device(args.device), kind)).removeprefix("torch.")
     if args.evict_layer is None:
         args.evict_layer = todre.probe_layers(PRESETS[args.preset]["text"]["num_hidden_layers"])[0]
     return args

@@ -317,7 +317,7 @@ def evaluate(args) -> list[dict] | None:
         shard.barrier()  # nothing is written before rank 0 holds the folders
         device = shard.device(args.device)
         directory = resolve_checkpoint(args.model)
-        model, tokenizer = load(str(directory), device, cli.pick_dtype(args.dtype, device))
+        model, tokenizer = load(str(directory), device, args.dtype)  # auto: model.auto_dtype
         set_pixel_budget(model, args.min_pixels, args.max_pixels)
         identity = checkpoint_identity(directory)
         results = []

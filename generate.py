@@ -41,7 +41,7 @@ def run(args) -> None:
     media = open_image(args.image, args.transparency) if args.image else clip.frames if clip else None
     if sys.stderr.isatty():  # progress for people; a script reading stderr sees only errors and --stats
         print(f"loading {args.model} on {device} ...", file=sys.stderr)
-    model, tokenizer = load(args.model, device, cli.pick_dtype(args.dtype, device))
+    model, tokenizer = load(args.model, device, args.dtype)  # auto: model.auto_dtype
     set_pixel_budget(model, args.min_pixels, args.max_pixels)
     if args.probe_layers and max(args.probe_layers) >= model.config.text.num_hidden_layers:
         raise UsageError(f"--probe-layers must be below {model.config.text.num_hidden_layers}, the model's layers")

@@ -119,7 +119,7 @@ class ToDRE(LMMsModel):
         if self._device.type == "cuda" and self._world_size > 1:  # one GPU per process, as lmms-eval launches
             self._device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self._device)
-        self.model, self.tokenizer = load(pretrained, self._device, cli.pick_dtype(dtype, self._device))
+        self.model, self.tokenizer = load(pretrained, self._device, dtype)  # auto: model.auto_dtype
         self.qwen = isinstance(self.model, QwenVL)
         if self.qwen:
             low = int(min_pixels) if min_pixels is not None else QWEN_MIN_PIXELS

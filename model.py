@@ -556,12 +556,15 @@ FLOAT_DTYPES = {
 
 
 def load(model_id: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a Hub id or a local directory; dtype a torch dtype or its name.
-    A LLaVA checkpoint gives a Llava, a Qwen2.5-VL one (model_type qwen2_5_vl) a qwen.QwenVL."""
-    dtype = FLOAT_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    if dtype not in FLOAT_DTYPES.values():
-        raise InputError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+    """(model, tokenizer) from a Hub id or a local directory; dtype a torch dtype, its name, or
+    "auto" (auto_dtype). A LLaVA checkpoint gives a Llava, a Qwen2.5-VL one (model_type qwen2_5_vl)
+    a qwen.QwenVL."""
+    if dtype != "auto":
+        dtype = FLOAT_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if dtype not in FLOAT_DTYPES.values():
+            raise InputError(f"dtype must be one of auto, {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
     directory = resolve_checkpoint(model_id)
+    dtype = auto_dtype(torch.device(device), model_type(directory)) if dtype == "auto" else dtype
     if model_type(directory) == "qwen2_5_vl":
         import qwen  # Qwen2.5-VL is its own file beside this one and builds on its types, so it is imported here
 
@@ -582,6 +585,18 @@ def load(model_id: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtyp
     model.stop_ids = stop_ids(directory, cfg, tokenizer)
     model.repetition_penalty = repetition_penalty(directory)
     return model.eval(), tokenizer
+
+
+def auto_dtype(device: torch.device, checkpoint_type: str) -> torch.dtype:
+    """What dtype "auto" runs in: bfloat16 on a CPU (fast on current CPUs; float16 arithmetic is slow
+    or missing on many); on a GPU float16, except for Qwen2.5-VL: released in bfloat16, its
+    activations overflow float16's range (transformers' and vLLM's trackers show the resulting NaN
+    and "!!!!" answers), so it gets bfloat16 wherever the device has it."""
+    if device.type == "cpu":
+        return torch.bfloat16
+    if checkpoint_type == "qwen2_5_vl" and (device.type != "cuda" or torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
 
 
 # ---------------------------------------------------------------------------------------------

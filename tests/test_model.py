@@ -331,7 +331,7 @@ def test_python_api_validates_at_the_entry_point(mha):
         with pytest.raises(ValueError, match="probe_layers|evict_layer|probe_fractions"):
             todre.Settings(**bad)
     with pytest.raises(
-        model.InputError, match="dtype must be one of float16, bfloat16, float32, float64, got 'float8'"
+        model.InputError, match="dtype must be one of auto, float16, bfloat16, float32, float64, got 'float8'"
     ):
         model.load(str(mha.directory), "cpu", "float8")
     with pytest.raises(

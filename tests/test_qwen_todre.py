@@ -330,3 +330,17 @@ def test_the_pixel_budget_flags_resize_qwen_images_and_are_refused_elsewhere(qwe
     assert fingerprint["pixels"] == [QWEN_PIXELS[0], 20000]
     assert evaluate.main([*argv, "--max-pixels", "30000"]) == 2  # another image size: not the same answers
     assert "pixels" in capsys.readouterr().err
+
+
+def test_auto_dtype_is_bfloat16_for_qwen_on_a_gpu_where_float16_overflows(qwen_ckpt, monkeypatch):
+    """--dtype auto: bfloat16 on a CPU; on a GPU float16 for LLaVA and bfloat16 for Qwen2.5-VL (its
+    float16 activations overflow), float16 where the GPU has no bfloat16."""
+    cuda, mps, cpu = torch.device("cuda"), torch.device("mps"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert model.auto_dtype(cpu, "qwen2_5_vl") == model.auto_dtype(cpu, "llava_next") == torch.bfloat16
+    assert model.auto_dtype(cuda, "llava_next") == model.auto_dtype(mps, "llava") == torch.float16
+    assert model.auto_dtype(cuda, "qwen2_5_vl") == model.auto_dtype(mps, "qwen2_5_vl") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert model.auto_dtype(cuda, "qwen2_5_vl") == torch.float16
+    loaded, _ = model.load(str(qwen_ckpt.directory), "cpu", "auto")
+    assert loaded.dtype == torch.bfloat16
