@@ -36,7 +36,7 @@ def smart_resize(
     as close as it can. ValueError for an aspect ratio over 200."""
     if max(height, width) / min(height, width) > MAX_SIDE_RATIO:
         raise ValueError(
-            f"a {width}x{height} image is more than {MAX_SIDE_RATIO} times longer than it is wide, "
+            f"a {width}x{height} image has one side more than {MAX_SIDE_RATIO} times the other, "
             "which Qwen2.5-VL's processor refuses"
         )
     h, w = round(height / factor) * factor, round(width / factor) * factor

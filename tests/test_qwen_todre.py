@@ -203,6 +203,9 @@ def test_qwen_refuses_video_and_llava_only_flags_in_one_line(qwen_ckpt, tmp_path
     one_line_error(capsys, [*base, "--image", str(image), "--pad-to-square"], "pad_to_square applies to LLaVA-1.5")
     one_line_error(capsys, [*base, "--image", str(image), "--max-new-tokens", "5000"], "4096-token context")
     one_line_error(capsys, [*base, "--image", str(image), "--pivot-seed", "2"], "--pivot-seed seeds a random pivot")
+    sliver = tmp_path / "sliver.png"
+    noise_image(1000, 4).save(sliver)
+    one_line_error(capsys, [*base, "--image", str(sliver)], "has one side more than 200 times the other")
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen3_vl", "idefics3"])
