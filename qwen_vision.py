@@ -140,10 +140,31 @@ class VisionAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(n, 3, self.heads, d // self.heads).permute(1, 2, 0, 3)  # (heads, n, hd) each
         dtype = q.dtype
         q, k = apply_rope(q.float(), cos, sin).to(dtype), apply_rope(k.float(), cos, sin).to(dtype)  # in float32, as HF
-        parts = list(zip(q.split(spans, 1), k.split(spans, 1), v.split(spans, 1), strict=True))
-        out = torch.cat([F.scaled_dot_product_attention(q_, k_, v_) for q_, k_, v_ in parts], dim=1)  # (heads, n, hd)
-        attention = torch.cat([received_attention(q_, k_) for q_, k_, _ in parts]) if received else None
+        out = attend_within(q, k, v, spans)  # (heads, n, hd)
+        attention = None
+        if received:
+            pairs = zip(q.split(spans, 1), k.split(spans, 1), strict=True)
+            attention = torch.cat([received_attention(q_, k_) for q_, k_ in pairs])
         return self.proj(out.transpose(0, 1).reshape(n, d)), attention
+
+
+def attend_within(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: list[int]) -> torch.Tensor:
+    """Attention (heads, n, head_dim) with each token seeing only its own span (consecutive runs of
+    `spans` tokens). Spans of one length go through one batched call: an image's windows are all
+    the same size but for its last row and column, so a block takes a few calls, not one a window."""
+    heads, n, head_dim = q.shape
+    out = torch.empty_like(q)
+    starts = torch.tensor([0, *spans[:-1]]).cumsum(0).tolist()
+    by_length: dict[int, list[int]] = {}
+    for start, length in zip(starts, spans, strict=True):
+        by_length.setdefault(length, []).append(start)
+    for length, firsts in by_length.items():
+        index = (torch.tensor(firsts)[:, None] + torch.arange(length)).flatten().to(q.device)  # (g * length,)
+        # (heads, g * length, hd) -> (g, heads, length, hd): the windows of this length side by side
+        q_, k_, v_ = (x[:, index].unflatten(1, (len(firsts), length)).transpose(0, 1) for x in (q, k, v))
+        attended = F.scaled_dot_product_attention(q_, k_, v_)  # (g, heads, length, hd)
+        out[:, index] = attended.transpose(0, 1).flatten(1, 2)
+    return out
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
