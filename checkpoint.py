@@ -79,6 +79,23 @@ def read_config(directory: Path) -> dict:
     return settings
 
 
+def peek_model_type(model: str) -> str | None:
+    """The model_type of a local directory or a Hub id, from config.json alone (for the Hub, a
+    download of that one file), before the weights are fetched; None where it cannot be read now
+    (the full load then says why)."""
+    path = Path(model).expanduser()
+    try:
+        if path.is_dir():
+            return model_type(path)
+        if model.startswith((".", "/", "~")) or model.count("/") != 1:
+            return None
+        from huggingface_hub import hf_hub_download
+
+        return model_type(Path(hf_hub_download(repo_id=model, filename="config.json")).parent)
+    except Exception:  # offline, no such repo, a bad file: load() reports it properly
+        return None
+
+
 def model_type(directory: Path) -> str:
     """config.json's model_type: which file builds the model (model.load dispatches on it)."""
     found = read_json(directory / "config.json").get("model_type")

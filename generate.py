@@ -22,11 +22,11 @@ import anyres
 import files
 import picture
 import todre
-from checkpoint import DEFAULT_MODEL, CheckpointError
+from checkpoint import DEFAULT_MODEL, CheckpointError, peek_model_type
 from cli import OutputError, UsageError, check_not_empty, check_number
 from media import MediaError, open_image, open_video
 from model import ContextError, InputError, Reply, ask, check_video_budget, load
-from qwen import set_pixel_budget
+from qwen import VIDEO_REFUSAL, set_pixel_budget
 
 
 @torch.inference_mode()
@@ -36,6 +36,8 @@ def run(args) -> None:
     if sys.stdout is None:  # started with stdout closed (`>&-`): file descriptor 1 may become any file
         raise UsageError("stdout is closed: the answer would have nowhere to go")
     settings = settings_from(args)
+    if args.video and peek_model_type(args.model) == "qwen2_5_vl":  # said now, not after minutes of loading
+        raise InputError(VIDEO_REFUSAL)
     device = cli.pick_device(args.device)
     clip = open_video(args.video, args.max_frames, args.transparency) if args.video else None
     media = open_image(args.image, args.transparency) if args.image else clip.frames if clip else None

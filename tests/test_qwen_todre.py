@@ -199,7 +199,9 @@ def test_qwen_refuses_video_and_llava_only_flags_in_one_line(qwen_ckpt, tmp_path
     image = tmp_path / "photo.png"
     noise_image(64, 48).save(image)
     base = ["--model", str(c.directory), "--prompt", QUESTION]
-    one_line_error(capsys, [*base, "--video", str(frames)], "video on Qwen2.5-VL is not supported yet")
+    with pytest.MonkeyPatch.context() as patch:  # refused from config.json alone, before the weights load
+        patch.setattr("generate.load", lambda *a, **k: pytest.fail("loaded the model"))
+        one_line_error(capsys, [*base, "--video", str(frames)], "video on Qwen2.5-VL is not supported yet")
     one_line_error(capsys, [*base, "--image", str(image), "--pad-to-square"], "pad_to_square applies to LLaVA-1.5")
     one_line_error(capsys, [*base, "--image", str(image), "--max-new-tokens", "5000"], "4096-token context")
     one_line_error(capsys, [*base, "--image", str(image), "--pivot-seed", "2"], "--pivot-seed seeds a random pivot")
