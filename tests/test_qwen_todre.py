@@ -37,6 +37,8 @@ def test_ask_unpruned_equals_transformers_greedy_generation(qwen_ckpt, size):
 
 
 def test_text_only_and_two_images_equal_transformers(qwen_ckpt):
+    """Text only: prompt ids and greedy tokens. Two images in one user turn: prompt ids, logits at
+    every position and 8 greedy tokens, each image's text positions counting on after its grid."""
     c = qwen_ckpt
     with torch.inference_mode():
         inputs = c.hf_inputs(None)
@@ -58,6 +60,13 @@ def test_text_only_and_two_images_equal_transformers(qwen_ckpt):
         hf = two_image_inputs(c, images)
         assert ids.tolist() == hf["input_ids"][0].tolist()
         assert (logits[0] - c.hf(**hf).logits[0]).abs().max() < 1e-4
+        ours = model.generate(
+            c.model, ids, torch.cat([v.tokens for v in visuals]), todre.NO_PRUNING, 8,
+            placement=model.placement(visuals, kept),
+        )  # fmt: skip
+        theirs = c.hf.generate(**hf, max_new_tokens=8, do_sample=False, eos_token_id=None)[0, len(ids) :].tolist()
+        stop = next((i for i, t in enumerate(theirs) if t in c.model.stop_ids), len(theirs))
+        assert ours.token_ids == theirs[:stop] and len(theirs) == 8
 
 
 def two_image_inputs(c, images) -> dict:
