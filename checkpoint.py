@@ -80,19 +80,20 @@ def read_config(directory: Path) -> dict:
 
 
 def peek_model_type(model: str) -> str | None:
-    """The model_type of a local directory or a Hub id, from config.json alone (for the Hub, a
-    download of that one file), before the weights are fetched; None where it cannot be read now
-    (the full load then says why)."""
+    """The model_type of a local directory or of a Hub id already in the local cache, from its
+    config.json alone, without touching the network or the weights; None where it cannot be known
+    that way (the full load then finds out)."""
     path = Path(model).expanduser()
     try:
         if path.is_dir():
             return model_type(path)
         if model.startswith((".", "/", "~")) or model.count("/") != 1:
             return None
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import try_to_load_from_cache
 
-        return model_type(Path(hf_hub_download(repo_id=model, filename="config.json")).parent)
-    except Exception:  # offline, no such repo, a bad file: load() reports it properly
+        cached = try_to_load_from_cache(repo_id=model, filename="config.json")
+        return model_type(Path(cached).parent) if isinstance(cached, str) else None
+    except Exception:  # a bad id or file: load() reports it properly
         return None
 
 

@@ -36,10 +36,10 @@ def run(args) -> None:
     if sys.stdout is None:  # started with stdout closed (`>&-`): file descriptor 1 may become any file
         raise UsageError("stdout is closed: the answer would have nowhere to go")
     settings = settings_from(args)
-    if args.video and peek_model_type(args.model) == "qwen2_5_vl":  # said now, not after minutes of loading
-        raise InputError(VIDEO_REFUSAL)
     device = cli.pick_device(args.device)
     clip = open_video(args.video, args.max_frames, args.transparency) if args.video else None
+    if clip is not None and peek_model_type(args.model) == "qwen2_5_vl":  # said now, not after minutes of loading
+        raise InputError(VIDEO_REFUSAL)
     media = open_image(args.image, args.transparency) if args.image else clip.frames if clip else None
     if sys.stderr.isatty():  # progress for people; a script reading stderr sees only errors and --stats
         print(f"loading {args.model} on {device} ...", file=sys.stderr)

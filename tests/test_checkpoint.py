@@ -504,28 +504,21 @@ def test_a_checkpoint_saved_with_processor_config_only_loads(mha, tmp_path):
 
 
 def test_peek_model_type_reads_config_json_alone_or_says_nothing(tmp_path, monkeypatch):
-    """What generate.py asks before loading: a directory's or a Hub id's model_type from config.json
-    alone (one file downloaded), None when that cannot be had now (offline, not a model id)."""
+    """What generate.py asks before loading: a directory's model_type, or a Hub id's when its
+    config.json is already in the local cache; never the network: None otherwise."""
     import huggingface_hub
 
     (tmp_path / "local").mkdir()
     (tmp_path / "local" / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
     assert checkpoint.peek_model_type(str(tmp_path / "local")) == "qwen2_5_vl"
-    (tmp_path / "hub").mkdir()
-    (tmp_path / "hub" / "config.json").write_text(json.dumps({"model_type": "llava_next"}))
-    asked = []
-
-    def one_file(repo_id, filename):
-        asked.append((repo_id, filename))
-        return str(tmp_path / "hub" / filename)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", one_file)
-    assert checkpoint.peek_model_type("org/model") == "llava_next" and asked == [("org/model", "config.json")]
-
-    def offline(repo_id, filename):
-        raise huggingface_hub.errors.LocalEntryNotFoundError("offline")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    assert checkpoint.peek_model_type("org/model") is None
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "config.json").write_text(json.dumps({"model_type": "llava_next"}))
+    cached = {("org/model", "config.json"): str(tmp_path / "cache" / "config.json")}
+    monkeypatch.setattr(
+        huggingface_hub, "try_to_load_from_cache", lambda repo_id, filename: cached.get((repo_id, filename))
+    )
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("went to the network"))
+    assert checkpoint.peek_model_type("org/model") == "llava_next"
+    assert checkpoint.peek_model_type("org/other") is None  # not cached: no download
     assert checkpoint.peek_model_type(str(tmp_path / "missing" / "dir")) is None
     assert checkpoint.peek_model_type("a/b/c") is None
