@@ -146,7 +146,57 @@ class LlavaConfig:
         return self.model_type != "llava"
 
 
-class Llava(nn.Module):
+class VisionLanguageModel(nn.Module):
+    """What both model families (Llava here, qwen.QwenVL) share around their `language_model`: where
+    it lives, a fresh KV cache, and the decoding loop over the family's own decode_step. Each sets
+    stop_ids and repetition_penalty (load() fills them from the checkpoint)."""
+
+    language_model: Llama
+    stop_ids: set[int]
+    repetition_penalty: float
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.embed_tokens.weight.dtype
+
+    def new_kv_cache(self, max_new_tokens: int) -> KVCache:
+        """An empty cache for one prefill and up to max_new_tokens decoded tokens."""
+        return KVCache(len(self.language_model.layers), room=max_new_tokens)
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        logits: torch.Tensor,
+        position: int,
+        kv_cache: KVCache,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+        prompt_ids: torch.Tensor | None = None,
+    ) -> Iterator[int]:
+        """Yield up to max_new_tokens ids, the first picked from the prefill's last `logits`, stopping
+        before a stop id (which is not yielded). `position`: where the first new token goes (the
+        prefill length: evicted visual tokens keep their positions). Greedy when temperature == 0.
+        With the checkpoint's repetition_penalty (generation_config.json; Qwen2.5-VL's is 1.05) every
+        token of prompt_ids and of the answer so far is penalised first, as transformers' generate does."""
+        seen = set(prompt_ids.tolist()) if prompt_ids is not None else set()
+        for step in range(max_new_tokens):
+            if self.repetition_penalty != 1.0 and seen:
+                logits = penalize(logits, seen, self.repetition_penalty)
+            token = sample(logits, temperature, generator)
+            if token in self.stop_ids:
+                return
+            seen.add(token)
+            yield token
+            if step < max_new_tokens - 1:
+                logits = self.decode_step(token, position + step, kv_cache)
+
+
+class Llava(VisionLanguageModel):
     """LLaVA-1.5, LLaVA-NeXT and LLaVA-NeXT-Video: CLIP tower, projector, Llama-family decoder."""
 
     def __init__(self, cfg: LlavaConfig):
@@ -162,18 +212,6 @@ class Llava(nn.Module):
         self.language_model = Llama(cfg.text)
         self.stop_ids = set(cfg.text.eos_token_ids)  # load() adds the checkpoint's end-of-turn token
         self.repetition_penalty = 1.0  # load() reads generation_config.json's
-
-    @property
-    def device(self) -> torch.device:
-        return self.language_model.embed_tokens.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.language_model.embed_tokens.weight.dtype
-
-    def new_kv_cache(self, max_new_tokens: int) -> KVCache:
-        """An empty cache for one prefill and up to max_new_tokens decoded tokens."""
-        return KVCache(len(self.language_model.layers), room=max_new_tokens)
 
     # -- vision ---------------------------------------------------------------------------------
 
@@ -379,34 +417,6 @@ class Llava(nn.Module):
         x = self.language_model.embed_tokens(torch.tensor([[token]], device=self.device))
         return self.language_model(x, torch.tensor([position], device=self.device), kv_cache)[0, -1]
 
-    @torch.inference_mode()
-    def decode(
-        self,
-        logits: torch.Tensor,
-        position: int,
-        kv_cache: KVCache,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        generator: torch.Generator | None = None,
-        prompt_ids: torch.Tensor | None = None,
-    ) -> Iterator[int]:
-        """Yield up to max_new_tokens ids, the first picked from the prefill's last `logits`, stopping
-        before a stop id (which is not yielded). `position`: where the first new token goes (the
-        prefill length: evicted visual tokens keep their positions). Greedy when temperature == 0.
-        With the checkpoint's repetition_penalty (generation_config.json; Qwen2.5-VL's is 1.05) every
-        token of prompt_ids and of the answer so far is penalised first, as transformers' generate does."""
-        seen = set(prompt_ids.tolist()) if prompt_ids is not None else set()
-        for step in range(max_new_tokens):
-            if self.repetition_penalty != 1.0 and seen:
-                logits = penalize(logits, seen, self.repetition_penalty)
-            token = sample(logits, temperature, generator)
-            if token in self.stop_ids:
-                return
-            seen.add(token)
-            yield token
-            if step < max_new_tokens - 1:
-                logits = self.decode_step(token, position + step, kv_cache)
-
 
 def penalize(logits: torch.Tensor, seen: set[int], penalty: float) -> torch.Tensor:
     """transformers' RepetitionPenaltyLogitsProcessor: the logit of every token already seen is
@@ -564,8 +574,9 @@ def load(model_id: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtyp
         if dtype not in FLOAT_DTYPES.values():
             raise InputError(f"dtype must be one of auto, {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
     directory = resolve_checkpoint(model_id)
-    dtype = auto_dtype(torch.device(device), model_type(directory)) if dtype == "auto" else dtype
-    if model_type(directory) == "qwen2_5_vl":
+    kind = model_type(directory)
+    dtype = auto_dtype(torch.device(device), kind) if dtype == "auto" else dtype
+    if kind == "qwen2_5_vl":
         import qwen  # Qwen2.5-VL is its own file beside this one and builds on its types, so it is imported here
 
         return qwen.load_with_tokenizer(directory, device, dtype)

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch import nn
 
 import anyres
 import prompt
@@ -44,7 +43,7 @@ from checkpoint import (
     stop_ids,
 )
 from llama import KVCache, Llama, LlamaConfig
-from model import InputError, Llava, Placement, PrefillInfo, VisualTokens, check_prefill, describe
+from model import InputError, Placement, PrefillInfo, VisionLanguageModel, VisualTokens, check_prefill, describe
 from qwen_vision import QwenVisionConfig, VisionTower
 
 
@@ -67,7 +66,7 @@ class QwenVLConfig:
         return ("<|video_pad|>", self.video_token_id) if video else ("<|image_pad|>", self.image_token_id)
 
 
-class QwenVL(nn.Module):
+class QwenVL(VisionLanguageModel):
     def __init__(self, cfg: QwenVLConfig):
         super().__init__()
         self.config = cfg
@@ -75,18 +74,6 @@ class QwenVL(nn.Module):
         self.language_model = Llama(cfg.text)
         self.stop_ids = set(cfg.text.eos_token_ids)  # load() adds generation_config.json's and <|im_end|>
         self.repetition_penalty = 1.0  # load() reads generation_config.json's (1.05 in Qwen's releases)
-
-    @property
-    def device(self) -> torch.device:
-        return self.language_model.embed_tokens.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.language_model.embed_tokens.weight.dtype
-
-    def new_kv_cache(self, max_new_tokens: int) -> KVCache:
-        """An empty cache for one prefill and up to max_new_tokens decoded tokens."""
-        return KVCache(len(self.language_model.layers), room=max_new_tokens)
 
     # -- vision ---------------------------------------------------------------------------------
 
@@ -252,8 +239,6 @@ class QwenVL(nn.Module):
             x, _ = layer(x, cos, sin, kv_cache, i)
         return self.language_model.logits(x)[0, -1]
 
-    decode = Llava.decode  # the same loop: pick a token, stop at a stop id, decode_step
-
 
 VIDEO_REFUSAL = "video on Qwen2.5-VL is not supported yet: give it an image, or use a LLaVA-NeXT checkpoint for video"
 
@@ -346,11 +331,13 @@ def qwen_key(key: str) -> str:
     return key if key.startswith(("visual.", "language_model.")) else "language_model." + key
 
 
-def load(directory, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> QwenVL:
-    """A Qwen2.5-VL model from a local checkpoint directory (config.json, *.safetensors); the
-    programs load through model.load, which adds the tokenizer."""
+def load(
+    directory, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, cfg: QwenVLConfig | None = None
+) -> QwenVL:
+    """A Qwen2.5-VL model from a local checkpoint directory (config.json, *.safetensors; cfg: its
+    read_config, if already read); the programs load through model.load, which adds the tokenizer."""
     directory = Path(directory)
-    cfg = read_config(directory)
+    cfg = cfg or read_config(directory)
     with torch.device("meta"):
         model = QwenVL(cfg)
     expected = {name: p.shape for name, p in model.state_dict().items()}
@@ -371,7 +358,7 @@ def load_with_tokenizer(directory: Path, device, dtype: torch.dtype) -> tuple[Qw
     tokenizer.json checked against the config, the chat template, the stop ids."""
     cfg = read_config(directory)
     tokenizer = load_tokenizer(directory, cfg)
-    model = load(directory, device, dtype)
+    model = load(directory, device, dtype, cfg)
     model.stop_ids = stop_ids(directory, cfg, tokenizer)
     model.repetition_penalty = repetition_penalty(directory)
     return model, tokenizer
