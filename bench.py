@@ -14,6 +14,7 @@ L/2 (index L/2 - 1, --evict-layer); everywhere else the real decision rule (eq. 
 import argparse
 import importlib.util
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -59,6 +60,17 @@ PRESETS = {
     "small": dict(
         vision=CLIP_L_336,
         text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16),
+    ),
+    # the exact CLIP ViT-L/14-336 tower and a TinyLlama-1.1B-shaped decoder (TinyLLaVA's smallest LLM)
+    "1b": dict(
+        vision=CLIP_L_336,
+        text=dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+        ),
     ),
     # the exact LLaVA-NeXT Vicuna-7B shapes
     "7b": dict(
@@ -301,6 +313,21 @@ class SyntheticTokenizer:
         return " ".join(map(str, ids))
 
 
+def synthetic_questions(folder, images: int, per_image: int) -> list:
+    """A POPE-shaped set: `images` noisy copies of the synthetic image saved in folder, `per_image`
+    questions about each (question ids "image-question")."""
+    from evaluation.benchmarks import Question
+
+    questions = []
+    for i in range(images):
+        path = folder / f"image{i}.png"
+        noisy = np.asarray(synthetic_image()).astype(int) + np.random.default_rng(i).integers(-16, 16, (672, 672, 3))
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path)
+        for q in range(per_image):
+            questions.append(Question(f"{i}-{q}", "random", f"Is there a thing {q} in the image?", str(path), "bench"))
+    return questions
+
+
 def run_reuse(args) -> dict:
     """A POPE-shaped set (--images images x --questions each) answered under each configuration
     with the runner evaluate.py uses: once with one encode and one Stage 1 per image, once encoding
@@ -309,19 +336,12 @@ def run_reuse(args) -> dict:
     import tempfile
     from pathlib import Path
 
-    from evaluation.benchmarks import Question
     from evaluation.runner import Answerer, Job, Predictions, image_groups
 
     device = torch.device(args.device)
     model = build_model(model_config(args.preset), device, getattr(torch, args.dtype), seed=0)
     folder = Path(tempfile.mkdtemp(prefix="bench-reuse-"))
-    questions = []
-    for i in range(args.images):
-        path = folder / f"image{i}.png"
-        noisy = np.asarray(synthetic_image()).astype(int) + np.random.default_rng(i).integers(-16, 16, (672, 672, 3))
-        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path)
-        for q in range(args.questions):
-            questions.append(Question(f"{i}-{q}", "random", f"Is there a thing {q} in the image?", str(path), "bench"))
+    questions = synthetic_questions(folder, args.images, args.questions)
     anew = [q for q in questions if int(q.question_id.split("-")[1]) < args.anew]
     warm = Job({"full": todre.NO_PRUNING}, {"full": Predictions(folder / "warm-up")}, args.new_tokens)
     Answerer(model, SyntheticTokenizer(), warm).group(questions[:1])  # first-call costs out of the timings
@@ -355,6 +375,11 @@ def run_reuse(args) -> dict:
             same = sum(answers["reuse"][k] == v for k, v in answers[mode].items())
             row[f"{mode}_same_answers"] = f"{same}/{len(answers[mode])}"
         row["same_answers"] = all(answers["reuse"][k] == v for mode in answers for k, v in answers[mode].items())
+        if "batched" in answers and not row["same_answers"]:
+            differing = {k for k, v in answers["batched"].items() if answers["reuse"][k] != v}
+            ties = rounding_ties(model, questions, differing, settings, args)
+            row["batched_differ_at_ties"] = f"{sum(tie for tie, _ in ties)}/{len(ties)}"
+            row["batched_logit_steps"] = max(steps for _, steps in ties)  # how far apart, in rounding steps
         runs.append(row)
     return {
         "preset": args.preset,
@@ -367,6 +392,60 @@ def run_reuse(args) -> dict:
         "new_tokens": args.new_tokens,
         "runs": runs,
     }
+
+
+@torch.inference_mode()
+def rounding_ties(model, questions, differing: set[str], settings: todre.Settings, args) -> list[tuple[bool, float]]:
+    """For each question (by id in `differing`) whose batched answer differs from its answer alone:
+    (tie, steps). tie: the two parted at a rounding tie, i.e. at the first step where their tokens
+    differ, the token chosen alone led the batched path's choice by no more than the largest
+    difference between the two paths' logits at that step; steps: that largest difference in units
+    of the model dtype's rounding step at the best logit's size (so a broken batch, whose logits are
+    far off, shows as many steps rather than as ties). In 16 bits the two paths round differently
+    (other kernels, other matrix shapes); on random weights the best two of 32k logits are often
+    equal in bfloat16, so such ties decide answers there. The batch is re-run as the runner ran it
+    (same chunks, so the same answers)."""
+    from evaluation import batched
+    from evaluation.runner import image_groups
+    from media import open_image
+    from model import prompt_ids
+
+    tokenizer, verdicts = SyntheticTokenizer(), []
+    for group in image_groups(questions):
+        if not any(q.question_id in differing for q in group):
+            continue
+        visual = model.encode_image(open_image(group[0].image))
+        kept = model.select(visual, settings)
+        embeds = visual.tokens[kept]
+        prompts = [prompt_ids(tokenizer, q.text, len(kept)).to(model.device) for q in group]
+        p = batched.shared_prefix(prompts, model.is_visual)
+        prefix = batched.prefill_prefix(model, prompts[0][:p], embeds)
+        for first in range(0, len(group), args.batch_size):
+            chunk = prompts[first : first + args.batch_size]
+            rows = batched.answer_batch(model, chunk, p, prefix, settings, args.new_tokens, keep_logits=True)
+            for q, ids, row in zip(group[first : first + args.batch_size], chunk, rows, strict=True):
+                if q.question_id not in differing:
+                    continue
+                cache = model.new_kv_cache(args.new_tokens)
+                logits, info = model.prefill(ids, embeds, settings, cache)
+                logits, alone = logits[0, -1], []
+                for step in range(args.new_tokens):  # greedy alone, as model.generate (no stop: eos is -1 here)
+                    alone.append(int(logits.argmax()))
+                    if step < len(row.token_ids) - 1 and alone[-1] == row.token_ids[step]:
+                        logits = model.decode_step(alone[-1], info.next_position + step, cache)
+                        continue
+                    break
+                step = len(alone) - 1
+                if step >= len(row.token_ids) or alone[step] == row.token_ids[step]:
+                    verdicts.append((False, 0.0))  # they do not part where this replay says: not a tie
+                    continue
+                lead = float(logits[alone[step]] - logits[row.token_ids[step]])
+                apart = float((logits - row.logits[step]).abs().max())
+                rounding_step = torch.finfo(model.dtype).eps * 2 ** math.floor(
+                    math.log2(max(float(logits.abs().max()), 1e-30))
+                )
+                verdicts.append((lead <= apart, apart / rounding_step))
+    return verdicts
 
 
 def print_reuse(result: dict) -> None:
@@ -387,7 +466,13 @@ def print_reuse(result: dict) -> None:
             line += f" {r['batched_s_per_question']:>24.3f} {r['batched_ratio']:>6.2f}"
         if result["anew_questions_per_image"]:
             line += f" {r['anew_s_per_question']:>17.3f} {r['ratio']:>6.2f}"
-        print(line + "  " + (", ".join(r[f"{m}_same_answers"] for m in same) or "-"))
+        ties = ""
+        if "batched_differ_at_ties" in r:
+            ties = (
+                f" ({r['batched_differ_at_ties']} of the differing ones part at a rounding tie; there the paths'"
+                f" logits are up to {r['batched_logit_steps']:.1f} rounding steps apart)"
+            )
+        print(line + "  " + (", ".join(r[f"{m}_same_answers"] for m in same) or "-") + ties)
 
 
 def parse_args(argv=None):

@@ -5,7 +5,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+import todre
 from conftest import (
     HERE,
 )
@@ -71,3 +73,50 @@ def test_bench_qwen_preset_reports_the_same_fields(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert refused.returncode == 2 and "hf-full runs transformers' LLaVA-NeXT" in refused.stderr
+
+
+def test_bench_reuse_times_both_paths_and_their_answers_are_the_same_in_float32(tmp_path):
+    """--reuse --batch-size: per-question times of one encode per image, of the prefix + batch path
+    and of encoding anew, and in float32 every answer the same all three ways."""
+    out = tmp_path / "reuse.json"
+    argv = ["--preset", "tiny", "--reuse", "--batch-size", "4", "--images", "2", "--questions", "5", "--anew", "2"]
+    argv += ["--new-tokens", "3", "--dtype", "float32", "--configs", "full,todre-0.10", "--json", str(out)]
+    done = subprocess.run([sys.executable, str(HERE / "bench.py"), *argv], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert (result["batch_size"], result["questions_per_image"], result["dtype"]) == (4, 5, "float32")
+    for run in result["runs"]:
+        assert run["reuse_s_per_question"] > 0 and run["batched_s_per_question"] > 0 and run["anew_s_per_question"] > 0
+        assert run["batched_ratio"] == pytest.approx(run["batched_s_per_question"] / run["reuse_s_per_question"])
+        assert (run["batched_same_answers"], run["anew_same_answers"], run["same_answers"]) == ("10/10", "4/4", True)
+        assert "batched_differ_at_ties" not in run
+    assert [r["name"] for r in result["runs"]] == ["full", "todre-0.10"]
+
+
+@torch.inference_mode()
+def test_rounding_ties_tells_a_tie_from_an_agreement_and_from_a_broken_batch(tmp_path, monkeypatch):
+    """bench.rounding_ties, which explains bfloat16 answers that differ between the batched path and
+    one question at a time: a question whose answers agree is not a tie; one that differs parts
+    where its best two logits were within the paths' rounding difference, a few rounding steps; a
+    batch computed with other settings (a broken batch) is many steps away."""
+    import bench
+    from evaluation import batched
+
+    model = bench.build_model(bench.model_config("tiny"), torch.device("cpu"), torch.bfloat16, seed=0)
+    questions = bench.synthetic_questions(tmp_path, 1, 8)
+    args = bench.parse_args(["--preset", "tiny", "--reuse", "--batch-size", "4", "--new-tokens", "4"])
+    settings = bench.settings_for("todre-0.25", args.evict_layer)
+    verdicts = dict(zip([q.question_id for q in questions], bench.rounding_ties(
+        model, questions, {q.question_id for q in questions}, settings, args
+    ), strict=True))  # fmt: skip
+    agree = [v for v in verdicts.values() if v == (False, 0.0)]
+    differ = [v for v in verdicts.values() if v != (False, 0.0)]
+    assert agree and differ, verdicts  # both kinds occur on these random weights
+    assert all(tie and steps <= 8 for tie, steps in differ)
+
+    answer_batch = batched.answer_batch
+    monkeypatch.setattr(batched, "answer_batch", lambda m, c, p, prefix, s, *a, **k: answer_batch(
+        m, c, p, prefix, todre.NO_PRUNING, *a, **k
+    ))  # fmt: skip
+    broken = bench.rounding_ties(model, questions, {q.question_id for q in questions}, settings, args)
+    assert max(steps for _, steps in broken) > 50
