@@ -3,6 +3,7 @@
     python bench.py --preset small --json results.json
     python bench.py --preset qwen7b                          # Qwen2.5-VL-7B's shapes
     python bench.py --preset small --reuse --new-tokens 4   # evaluation: one encode per image vs one per question
+    python bench.py --preset 1b --batch-size 18 --new-tokens 4  # evaluation: the prefix once, 18 questions together
 
 Every configuration runs in a fresh subprocess (so CPU peak RSS is its own) on the same seeded
 random weights and the same synthetic 672x672 image (LLaVA-NeXT: 2880 patch tokens; Qwen2.5-VL at
@@ -10,6 +11,10 @@ its native resolution: 576 merged tokens) and question.
 Random weights give meaningless attention ratios, so Stage 2 is forced after the paper's layer
 L/2 (index L/2 - 1, --evict-layer); everywhere else the real decision rule (eq. 7 < tau) is the default.
 """
+
+import cli
+
+CTRL_C_HANDLED = cli.quiet_ctrl_c(__name__)  # before the slow imports (torch)
 
 import argparse
 import importlib.util
@@ -19,13 +24,13 @@ import statistics
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 import anyres
-import cli
 import todre
 from clip import CLIPVisionConfig
 from evaluation import configs, flops
@@ -366,6 +371,7 @@ def run_reuse(args) -> dict:
             for group in image_groups(subset):  # as evaluate.py answers: one group per image
                 answerer.group(group)
             row[f"{mode}_s_per_question"] = (cli.now(device) - start) / len(subset)
+            row[f"{mode}_samples_per_s"] = 1 / row[f"{mode}_s_per_question"]
             answers[mode] = {(r["question_id"]): r["answer"] for r in predictions.records}
         if anew:
             row["ratio"] = row["reuse_s_per_question"] / row["anew_s_per_question"]
@@ -476,7 +482,7 @@ def print_reuse(result: dict) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
         description=__doc__.split("\n")[0],
         epilog=configs.CONFIG_NAMES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -526,6 +532,16 @@ def parse_args(argv=None):
     )
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     args = p.parse_args(argv)
+    counts = [("--new-tokens", args.new_tokens, 1), ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0)]
+    counts += [("--batch-size", args.batch_size, 1), ("--images", args.images, 1)]
+    counts += [("--questions", args.questions, 1), ("--anew", args.anew, 0)]
+    for flag, value, least in counts:
+        cli.check_number(flag, value, least, math.inf)
+    if args.json and not Path(args.json).resolve().parent.is_dir():  # found out now, not after the runs
+        raise cli.UsageError(f"--json {args.json}: no such folder")
+    if args.batch_size > 1 and not args.reuse:  # batches exist only in the evaluation mode
+        print("--batch-size: timing evaluation per question (--reuse)", file=sys.stderr)
+        args.reuse = True
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.dtype == "auto":
@@ -587,7 +603,26 @@ def expand(names: list[str], variants: list[str]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    """A bad flag is one `error:` line and exit code 2; a results file that cannot be written one
+    line and 1; a configuration's failed run prints its error and gives 1; Ctrl-C a quiet 130."""
+    code = 0
+
+    def work():
+        nonlocal code
+        code = bench(parse_args(argv))
+
+    return cli.exit_code(work, ()) or code
+
+
+def write_json(path: str, result: dict) -> None:
+    try:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    except OSError as e:
+        raise cli.OutputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def bench(args) -> int:
     if args.one:
         print(json.dumps(run_one(args)))
         return 0
@@ -597,8 +632,7 @@ def main(argv=None) -> int:
         result = run_reuse(args)
         print_reuse(result)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1)
+            write_json(args.json, result)
         return 0
     variants = args.variant.split(",")
     if unknown := set(variants) - set(todre.VARIANTS):
@@ -654,10 +688,9 @@ def main(argv=None) -> int:
     }
     print_table(result, args.evict_layer)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, CTRL_C_HANDLED)

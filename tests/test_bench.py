@@ -54,6 +54,24 @@ def test_bench_refuses_unknown_configurations_before_running_any(configs, messag
     assert done.returncode == 2 and done.stderr.startswith("error: ") and message in done.stderr
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-size", "0"], "--batch-size must be an integer in [1, inf), got 0"),
+        (["--repeats", "0"], "--repeats must be an integer in [1, inf)"),
+        (["--anew", "-1"], "--anew must be an integer in [0, inf)"),
+        (["--preset", "huge"], "invalid choice: 'huge'"),
+        (["--json", "no/such/folder/out.json"], "--json no/such/folder/out.json: no such folder"),
+    ],
+)
+def test_bench_says_what_is_wrong_with_a_flag_in_one_line(argv, message, tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(HERE / "bench.py"), *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not done.stdout
+
+
 def test_bench_qwen_preset_reports_the_same_fields(tmp_path):
     """A Qwen2.5-VL-shaped preset: 576 merged tokens for the 672x672 image at native resolution, the
     same JSON fields, Stage 1's budgets and Stage 2's eviction; transformers' run is LLaVA-NeXT's."""
@@ -79,7 +97,18 @@ def test_bench_reuse_times_both_paths_and_their_answers_are_the_same_in_float32(
     """--reuse --batch-size: per-question times of one encode per image, of the prefix + batch path
     and of encoding anew, and in float32 every answer the same all three ways."""
     out = tmp_path / "reuse.json"
-    argv = ["--preset", "tiny", "--reuse", "--batch-size", "4", "--images", "2", "--questions", "5", "--anew", "2"]
+    argv = [
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--images",
+        "2",
+        "--questions",
+        "5",
+        "--anew",
+        "2",
+    ]  # implies --reuse
     argv += ["--new-tokens", "3", "--dtype", "float32", "--configs", "full,todre-0.10", "--json", str(out)]
     done = subprocess.run([sys.executable, str(HERE / "bench.py"), *argv], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -88,6 +117,7 @@ def test_bench_reuse_times_both_paths_and_their_answers_are_the_same_in_float32(
     for run in result["runs"]:
         assert run["reuse_s_per_question"] > 0 and run["batched_s_per_question"] > 0 and run["anew_s_per_question"] > 0
         assert run["batched_ratio"] == pytest.approx(run["batched_s_per_question"] / run["reuse_s_per_question"])
+        assert run["batched_samples_per_s"] == pytest.approx(1 / run["batched_s_per_question"])
         assert (run["batched_same_answers"], run["anew_same_answers"], run["same_answers"]) == ("10/10", "4/4", True)
         assert "batched_differ_at_ties" not in run
     assert [r["name"] for r in result["runs"]] == ["full", "todre-0.10"]
