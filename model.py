@@ -167,6 +167,34 @@ class VisionLanguageModel(nn.Module):
         """An empty cache for one prefill and up to max_new_tokens decoded tokens."""
         return KVCache(len(self.language_model.layers), room=max_new_tokens)
 
+    def embed(self, input_ids: torch.Tensor, visual_embeds: torch.Tensor | None) -> torch.Tensor:
+        """(n,) ids -> (1, n, d) embeddings with the visual tokens scattered into the image positions."""
+        x = self.language_model.embed_tokens(input_ids)
+        is_visual = self.is_visual(input_ids)
+        count = 0 if visual_embeds is None else len(visual_embeds)
+        if int(is_visual.sum()) != count:
+            raise InputError(f"the prompt has {int(is_visual.sum())} image tokens for {count} visual tokens")
+        if visual_embeds is not None:
+            x[is_visual] = visual_embeds.to(x.dtype)
+        return x[None]
+
+    def decoder_with_stage2(self, x, cos, sin, positions, input_ids, settings, kv_cache: KVCache, every_layer_ratios):
+        """The prompt's embeddings x (1, n, d) through every decoder layer, filling kv_cache, with
+        ToDRE Stage 2 after each layer. positions (n,) or (3, n) (M-RoPE), cos/sin their rotations.
+        Returns (x, positions, stage2) for the tokens still there after the last layer."""
+        lm = self.language_model
+        visual, text = todre.token_sets(self.is_visual(input_ids))  # eq. 7's V and T
+        stage2 = todre.Stage2(settings, len(lm.layers), visual, text, every_layer=every_layer_ratios)
+        for i, layer in enumerate(lm.layers):
+            x, q = layer(x, cos, sin, kv_cache, i)
+            keep = stage2.after_layer(i, q[0], kv_cache.get(i)[0][0])
+            if keep is not None:
+                # The visual tokens leave the residual stream and this layer's cache; later layers
+                # never see them. The rest keep their original positions (paper §4.2).
+                x, cos, sin, positions = x[:, keep], cos[keep], sin[keep], positions[..., keep]
+                kv_cache.keep(i, keep)
+        return x, positions, stage2
+
     @torch.inference_mode()
     def decode(
         self,
@@ -363,17 +391,6 @@ class Llava(VisionLanguageModel):
         cfg = self.config
         return (input_ids == cfg.image_token_index) | (input_ids == cfg.video_token_index)
 
-    def embed(self, input_ids: torch.Tensor, visual_embeds: torch.Tensor | None) -> torch.Tensor:
-        """(n,) ids -> (1, n, d) embeddings with the visual tokens scattered into the image positions."""
-        x = self.language_model.embed_tokens(input_ids)
-        is_visual = self.is_visual(input_ids)
-        count = 0 if visual_embeds is None else len(visual_embeds)
-        if int(is_visual.sum()) != count:
-            raise InputError(f"the prompt has {int(is_visual.sum())} image tokens for {count} visual tokens")
-        if visual_embeds is not None:
-            x[is_visual] = visual_embeds.to(x.dtype)
-        return x[None]
-
     @torch.inference_mode()
     def prefill(
         self,
@@ -398,17 +415,9 @@ class Llava(VisionLanguageModel):
         x = self.embed(input_ids, visual_embeds)
         positions = torch.arange(len(input_ids), device=input_ids.device)
         cos, sin = lm.rope(positions, x.dtype)
-        visual, text = todre.token_sets(self.is_visual(input_ids))  # eq. 7's V and T
-        stage2 = todre.Stage2(settings, len(lm.layers), visual, text, every_layer=every_layer_ratios)
-
-        for i, layer in enumerate(lm.layers):
-            x, q = layer(x, cos, sin, kv_cache, i)
-            keep = stage2.after_layer(i, q[0], kv_cache.get(i)[0][0])
-            if keep is not None:
-                # The visual tokens leave the residual stream and this layer's cache; later layers
-                # never see them. The rest keep their original positions (paper §4.2).
-                x, cos, sin, positions = x[:, keep], cos[keep], sin[keep], positions[keep]
-                kv_cache.keep(i, keep)
+        x, positions, stage2 = self.decoder_with_stage2(
+            x, cos, sin, positions, input_ids, settings, kv_cache, every_layer_ratios
+        )
         info = PrefillInfo(stage2.ratios, stage2.evict_layer, positions, next_position=len(input_ids))
         return lm.logits(x if all_logits else x[:, -1:]), info
 

@@ -205,30 +205,19 @@ class QwenVL(VisionLanguageModel):
         """As model.Llava.prefill, with M-RoPE positions from `placement` (model.placement of the
         images and the tokens Stage 1 kept): Stage 2 in the layer loop; evicted visual tokens leave
         with their positions, the rest keep theirs."""
-        lm = self.language_model
         check_prefill(self, input_ids, visual_embeds, settings, kv_cache)
-        is_image = self.is_visual(input_ids)
-        if int(is_image.sum()) != (0 if visual_embeds is None else len(visual_embeds)):
-            raise InputError(f"the prompt has {int(is_image.sum())} image tokens for {describe(visual_embeds)}")
+        x = self.embed(input_ids, visual_embeds)
         if visual_embeds is not None and placement is None:
             raise InputError("Qwen2.5-VL's prefill needs the placement of its visual tokens (model.placement)")
-        x = lm.embed_tokens(input_ids)
-        if visual_embeds is not None:
-            x[is_image] = visual_embeds.to(x.dtype)
-        x = x[None]
         positions = self.positions(input_ids, placement)
         cos, sin = self.rope(positions, x.dtype)
         next_position = int(positions.max()) + 1  # where decoding continues (transformers' rope_deltas)
-        visual, text = todre.token_sets(is_image)
-        stage2 = todre.Stage2(settings, len(lm.layers), visual, text, every_layer=every_layer_ratios)
-        for i, layer in enumerate(lm.layers):
-            x, q = layer(x, cos, sin, kv_cache, i)
-            keep = stage2.after_layer(i, q[0], kv_cache.get(i)[0][0])
-            if keep is not None:  # the image leaves; every other token keeps its 3-D position (paper §4.2)
-                x, cos, sin, positions = x[:, keep], cos[keep], sin[keep], positions[:, keep]
-                kv_cache.keep(i, keep)
+        # Evicted visual tokens leave with their positions; every other token keeps its 3-D one.
+        x, positions, stage2 = self.decoder_with_stage2(
+            x, cos, sin, positions, input_ids, settings, kv_cache, every_layer_ratios
+        )
         info = PrefillInfo(stage2.ratios, stage2.evict_layer, positions, next_position)
-        return lm.logits(x if all_logits else x[:, -1:]), info
+        return self.language_model.logits(x if all_logits else x[:, -1:]), info
 
     @torch.inference_mode()
     def decode_step(self, token: int, position: int, kv_cache: KVCache) -> torch.Tensor:
